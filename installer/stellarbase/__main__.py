@@ -1,0 +1,3 @@
+from stellarbase.cli import main
+
+main()

@@ -1,0 +1,278 @@
+"""The executor: the only code that changes the host. Every step checks first, then acts."""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import os
+import shutil
+import signal
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from stellarbase import __version__, facts, health, state, systemd
+from stellarbase.errors import StellarError
+from stellarbase.files import copy_atomic, file_digest, symlink_atomic, write_atomic
+from stellarbase.paths import HostPaths
+from stellarbase.plan import (
+    CopyFile,
+    DaemonReload,
+    EnsureDir,
+    EnsureUser,
+    Plan,
+    RemoveStale,
+    StartUnit,
+    Step,
+    StopUnits,
+    Symlink,
+    WaitHealthy,
+    WriteFile,
+    describe,
+)
+from stellarbase.run import run
+
+log = structlog.get_logger()
+
+# Test-only hook: SIGKILL ourselves right after step N, to prove a re-run converges.
+STOP_AFTER_ENV = "STELLARBASE_STOP_AFTER_STEP"
+
+
+class Status(enum.StrEnum):
+    CHANGED = "changed"
+    UNCHANGED = "unchanged"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: str
+    status: Status
+    detail: str = ""
+    diff: str = ""
+
+
+@dataclass
+class Executor:
+    paths: HostPaths
+    dry_run: bool = False
+    config_source: str = ""
+    results: list[StepResult] = field(default_factory=list)
+    _changed_units: set[str] = field(default_factory=set)
+
+    def apply(self, plan: Plan) -> list[StepResult]:
+        current = state.load(self.paths.state_file)
+        stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
+        for index, step in enumerate(plan.steps, start=1):
+            name = describe(step)
+            try:
+                detail, diff = self._do(step, current, plan)
+            except StellarError as exc:
+                self.results.append(StepResult(name, Status.FAILED, exc.message))
+                raise
+            status = Status.CHANGED if detail else Status.UNCHANGED
+            self.results.append(StepResult(name, status, detail or "", diff))
+            if detail and not self.dry_run:
+                log.info("step", step=name, changed=detail)
+            if index == stop_after and not self.dry_run:
+                os.kill(os.getpid(), signal.SIGKILL)
+        if not self.dry_run:
+            current.files = list(plan.owned)
+            self._save(current)
+        return self.results
+
+    def _do(self, step: Step, current: state.State, plan: Plan) -> tuple[str | None, str]:
+        handlers: dict[type, Callable[..., tuple[str | None, str]]] = {
+            EnsureUser: self._ensure_user,
+            EnsureDir: self._ensure_dir,
+            WriteFile: self._write_file,
+            CopyFile: self._copy_file,
+            Symlink: self._symlink,
+            RemoveStale: self._remove_stale,
+            StopUnits: self._stop_units,
+            DaemonReload: self._daemon_reload,
+            StartUnit: self._start_unit,
+            WaitHealthy: self._wait_healthy,
+        }
+        result = handlers[type(step)](step, current)
+        # Record ownership as soon as the state dir exists, before the files themselves,
+        # so that uninstall after a crash still knows them.
+        if (
+            isinstance(step, EnsureDir)
+            and step.path == self.paths.state_dir
+            and not self.dry_run
+            and not set(plan.owned) <= set(current.files)
+        ):
+            current.files = list(dict.fromkeys([*current.files, *plan.owned]))
+            self._save(current)
+        return result
+
+    def _save(self, current: state.State) -> None:
+        if self.paths.state_dir.is_dir():
+            current.version = __version__
+            current.config_source = self.config_source or current.config_source
+            state.save(self.paths.state_file, current)
+
+    # --- files ------------------------------------------------------------------------------
+
+    def _ids(self, owner: str, group: str) -> tuple[int, int]:
+        try:
+            return facts.lookup_ids(self.paths, owner, group)
+        except KeyError:
+            if self.dry_run:
+                return -1, -1  # the user is created by an earlier step of the same plan
+            raise
+
+    def _ensure_user(self, step: EnsureUser, _: state.State) -> tuple[str | None, str]:
+        if facts.user_exists(self.paths, step.user):
+            return None, ""
+        if not self.dry_run:
+            argv = ["systemd-sysusers", str(step.sysusers)]
+            if not self.paths.live:
+                argv = ["systemd-sysusers", f"--root={self.paths.root}", str(step.sysusers)]
+            run(argv)
+        return f"created system user {step.user}", ""
+
+    def _ensure_dir(self, step: EnsureDir, _: state.State) -> tuple[str | None, str]:
+        uid, gid = self._ids(step.owner, step.group)
+        try:
+            st = step.path.stat()
+        except FileNotFoundError:
+            if not self.dry_run:
+                step.path.mkdir(mode=step.mode, parents=True)
+                os.chmod(step.path, step.mode)  # mkdir's mode is masked by the umask
+                os.chown(step.path, uid, gid)
+            return "created", ""
+        if _same_meta(st, step.mode, uid, gid):
+            return None, ""
+        if not self.dry_run:
+            os.chmod(step.path, step.mode)
+            os.chown(step.path, uid, gid)
+        return f"owner/mode set to {step.owner}:{step.group} {step.mode:04o}", ""
+
+    def _write_file(self, step: WriteFile, _: state.State) -> tuple[str | None, str]:
+        uid, gid = self._ids(step.owner, step.group)
+        old = _read(step.path)
+        if old == step.content and _same_meta(step.path.stat(), step.mode, uid, gid):
+            return None, ""
+        if old != step.content:
+            diff = _diff(step.path, old, step.content, secret=step.secret)
+            detail = "created" if old is None else "content changed"
+        else:
+            diff, detail = "", f"owner/mode set to {step.owner}:{step.group} {step.mode:04o}"
+        if not self.dry_run:
+            write_atomic(step.path, step.content, mode=step.mode, uid=uid, gid=gid)
+        return detail, diff
+
+    def _copy_file(self, step: CopyFile, _: state.State) -> tuple[str | None, str]:
+        uid, gid = self._ids(step.owner, step.group)
+        exists = step.path.exists()
+        if (
+            exists
+            and _same_meta(step.path.stat(), step.mode, uid, gid)
+            and file_digest(step.path) == step.digest
+        ):
+            return None, ""
+        if not self.dry_run:
+            copy_atomic(step.path, step.source, mode=step.mode, uid=uid, gid=gid)
+        return ("replaced" if exists else "created"), ""
+
+    def _symlink(self, step: Symlink, _: state.State) -> tuple[str | None, str]:
+        if step.path.is_symlink() and os.readlink(step.path) == step.target:
+            return None, ""
+        if not self.dry_run:
+            symlink_atomic(step.path, step.target)
+        return f"now points to {step.target}", ""
+
+    def _remove_stale(self, step: RemoveStale, _: state.State) -> tuple[str | None, str]:
+        present = [p for p in step.paths if p.exists() or p.is_symlink()]
+        if not present:
+            return None, ""
+        if not self.dry_run:
+            for path in sorted(present, key=lambda p: len(p.parts), reverse=True):
+                remove_path(path)
+        return "removed " + ", ".join(p.name for p in present), ""
+
+    # --- units ------------------------------------------------------------------------------
+
+    def _stop_units(self, step: StopUnits, current: state.State) -> tuple[str | None, str]:
+        running = [
+            u for u, s in systemd.show(list(step.units)).items() if s.active_state != "inactive"
+        ]
+        known = [u for u in step.units if u in current.units]
+        if not running and not known:
+            return None, ""
+        if not self.dry_run:
+            systemd.stop(running)
+            systemd.reset_failed(list(step.units))
+            for unit in step.units:
+                current.units.pop(unit, None)
+                current.ports.pop(unit, None)
+            self._save(current)
+        return "stopped " + ", ".join(step.units), ""
+
+    def _daemon_reload(self, step: DaemonReload, _: state.State) -> tuple[str | None, str]:
+        stale = [u for u, s in systemd.show(list(step.units)).items() if s.need_daemon_reload]
+        if not stale:
+            return None, ""
+        if not self.dry_run:
+            systemd.daemon_reload()
+        return "units changed on disk: " + ", ".join(stale), ""
+
+    def _start_unit(self, step: StartUnit, current: state.State) -> tuple[str | None, str]:
+        status = systemd.show([step.unit])[step.unit]
+        running = status.active_state in ("active", "activating", "reloading")
+        recorded = current.units.get(step.unit)
+        if running and (recorded == step.digest or not step.restart_on_change):
+            return None, ""
+        if self.dry_run:
+            return ("restart: inputs changed" if running else "start"), ""
+        if running:
+            systemd.restart(step.unit)
+            detail = "restarted: inputs changed"
+        else:
+            systemd.reset_failed([step.unit])
+            systemd.start(step.unit)
+            detail = "started"
+        current.units[step.unit] = step.digest
+        if step.port:
+            current.ports[step.unit] = step.port
+        self._save(current)
+        return detail, ""
+
+    def _wait_healthy(self, step: WaitHealthy, _: state.State) -> tuple[str | None, str]:
+        if self.dry_run:
+            return None, ""
+        health.wait_healthy(list(step.units), list(step.ready_urls), step.timeout)
+        return None, ""
+
+
+def remove_path(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _same_meta(st: os.stat_result, mode: int, uid: int, gid: int) -> bool:
+    return stat.S_IMODE(st.st_mode) == mode and (uid, gid) in ((st.st_uid, st.st_gid), (-1, -1))
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _diff(path: Path, old: bytes | None, new: bytes, *, secret: bool) -> str:
+    if secret:
+        return f"--- {path}\n+++ {path}\n(secret content not shown)\n"
+    before = (old or b"").decode(errors="replace").splitlines(keepends=True)
+    after = new.decode(errors="replace").splitlines(keepends=True)
+    return "".join(
+        difflib.unified_diff(before, after, f"{path} (current)" if old else "/dev/null", str(path))
+    )

@@ -1,0 +1,125 @@
+"""Dependency checks (PostgreSQL, Redis, S3): each returns a result, never raises.
+
+Used by the services' /readyz and by install before it changes anything.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from stellarbase.config import PostgresConfig, RedisConfig, S3Config
+
+
+class CheckStatus(enum.StrEnum):
+    PASS = "pass"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    status: CheckStatus
+    message: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status == CheckStatus.PASS
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status.value,
+            "message": self.message,
+            "seconds": round(self.seconds, 4),
+        }
+
+
+def check_postgres(dep: PostgresConfig, timeout: float) -> str:
+    import psycopg
+
+    password = dep.password.get_secret_value() if dep.password else None
+    with psycopg.connect(
+        dep.url, password=password, connect_timeout=max(1, round(timeout)), autocommit=True
+    ) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    return f"PostgreSQL {row[0] if row else '?'}"
+
+
+def check_redis(dep: RedisConfig, timeout: float) -> str:
+    import redis
+
+    password = dep.password.get_secret_value() if dep.password else None
+    client = redis.Redis.from_url(
+        dep.url, password=password, socket_timeout=timeout, socket_connect_timeout=timeout
+    )
+    try:
+        info = client.info("server")
+    finally:
+        client.close()
+    return f"Redis {info.get('redis_version', '?')}"
+
+
+def s3_client(dep: S3Config, timeout: float) -> Any:
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=dep.endpoint,
+        region_name=dep.region,
+        aws_access_key_id=dep.access_key.get_secret_value() if dep.access_key else None,
+        aws_secret_access_key=dep.secret_key.get_secret_value() if dep.secret_key else None,
+        config=BotoConfig(
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            retries={"max_attempts": 1},
+            s3={"addressing_style": dep.addressing},
+            request_checksum_calculation=dep.checksums,
+            response_checksum_validation=dep.checksums,
+        ),
+    )
+
+
+def check_s3(dep: S3Config, timeout: float) -> str:
+    s3_client(dep, timeout).head_bucket(Bucket=dep.bucket)
+    return f"bucket {dep.bucket} reachable"
+
+
+def run_check(name: str, probe: Callable[[], str]) -> CheckResult:
+    start = time.monotonic()
+    try:
+        message = probe()
+    except Exception as exc:  # a check reports any failure as its result
+        return CheckResult(name, CheckStatus.FAIL, _one_line(exc), time.monotonic() - start)
+    return CheckResult(name, CheckStatus.PASS, message, time.monotonic() - start)
+
+
+def dependency_checks(
+    postgres: PostgresConfig | None,
+    redis: RedisConfig | None,
+    s3: S3Config | None,
+    timeout: float,
+) -> list[CheckResult]:
+    """Check every configured dependency at once, so one dead one costs one timeout."""
+    probes: list[tuple[str, Callable[[], str]]] = []
+    if postgres is not None:
+        probes.append(("postgres", lambda: check_postgres(postgres, timeout)))
+    if redis is not None:
+        probes.append(("redis", lambda: check_redis(redis, timeout)))
+    if s3 is not None:
+        probes.append(("s3", lambda: check_s3(s3, timeout)))
+    if not probes:
+        return []
+    with ThreadPoolExecutor(max_workers=len(probes)) as pool:
+        return list(pool.map(lambda p: run_check(*p), probes))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    return text[:300]

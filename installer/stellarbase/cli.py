@@ -1,0 +1,206 @@
+"""The command line: parse arguments and dispatch; no logic here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import click
+import typer
+import yaml
+
+from stellarbase import __version__, operations
+from stellarbase import config as cfg
+from stellarbase import log as logsetup
+from stellarbase.errors import ExitCode, StellarError
+from stellarbase.output import Format, emit, emit_error
+from stellarbase.paths import HostPaths
+
+app = typer.Typer(
+    name="stellarbase",
+    help="Install and supervise the StellarBase AI platform on a systemd host.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Show the merged configuration or its JSON Schema.")
+app.add_typer(config_app, name="config")
+
+
+class _Session:
+    output: Format = Format.TEXT
+    debug: bool = False
+
+
+_session = _Session()
+
+Root = Annotated[
+    Path, typer.Option("--root", help="Host root all paths hang off (a test dir; / is live).")
+]
+Output = Annotated[Format, typer.Option("--output", "-o", help="text for people, json for tools.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Debug logs and tracebacks.")]
+Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="Site config file (YAML).")]
+Sets = Annotated[
+    list[str] | None, typer.Option("--set", help="Override one key: --set worker.instances=3.")
+]
+TierOpt = Annotated[str | None, typer.Option("--tier", help="pilot, department or enterprise.")]
+Binary = Annotated[
+    Path | None,
+    typer.Option("--binary", help="Binary to install (default: this packaged binary)."),
+]
+
+
+def _begin(output: Format, debug: bool) -> None:
+    _session.output, _session.debug = output, debug
+    logsetup.setup("debug" if debug else "warning")
+    logsetup.bind_correlation_id()
+
+
+def _load(config: Path | None, sets: list[str] | None, tier: str | None) -> cfg.LoadedConfig:
+    return cfg.load_config(site_file=config, sets=sets or [], tier=tier)
+
+
+@app.command()
+def install(
+    tier: TierOpt = None,
+    config: ConfigFile = None,
+    set_: Sets = None,
+    root: Root = Path("/"),
+    binary: Binary = None,
+    output: Output = Format.TEXT,
+    yes: Yes = False,
+    debug: Debug = False,
+) -> None:
+    """Converge this host to healthy StellarBase services (a re-run changes nothing)."""
+    _begin(output, debug)
+    loaded = _load(config, set_, tier)
+    emit(operations.install(loaded, HostPaths(root), binary), output)
+
+
+@app.command()
+def plan(
+    tier: TierOpt = None,
+    config: ConfigFile = None,
+    set_: Sets = None,
+    root: Root = Path("/"),
+    binary: Binary = None,
+    output: Output = Format.TEXT,
+    debug: Debug = False,
+) -> None:
+    """Show what install would change, with a diff for every file."""
+    _begin(output, debug)
+    loaded = _load(config, set_, tier)
+    emit(operations.dry_run(loaded, HostPaths(root), binary), output, show_diff=True)
+
+
+@app.command()
+def status(root: Root = Path("/"), output: Output = Format.TEXT, debug: Debug = False) -> None:
+    """Units (state, PID, restarts), readiness, version and config source."""
+    _begin(output, debug)
+    emit(operations.status(HostPaths(root)), output)
+
+
+@app.command()
+def uninstall(
+    purge: Annotated[bool, typer.Option("--purge", help="Also remove config and data.")] = False,
+    root: Root = Path("/"),
+    output: Output = Format.TEXT,
+    yes: Yes = False,
+    debug: Debug = False,
+) -> None:
+    """Stop and remove every unit and file the installer owns (config and data stay)."""
+    _begin(output, debug)
+    if not yes:
+        what = "everything, config and data included" if purge else "units and binaries"
+        if not sys.stdin.isatty():
+            raise StellarError(
+                f"uninstall would remove {what}; refusing without confirmation",
+                hint="add --yes to run it non-interactively",
+                code=ExitCode.USAGE,
+            )
+        typer.confirm(f"Remove {what}?", abort=True)
+    emit(operations.uninstall(HostPaths(root), purge=purge), output)
+
+
+@config_app.command("show")
+def config_show(
+    tier: TierOpt = None,
+    config: ConfigFile = None,
+    set_: Sets = None,
+    output: Output = Format.TEXT,
+    debug: Debug = False,
+) -> None:
+    """The merged configuration (secrets left out) and where each key came from."""
+    _begin(output, debug)
+    loaded = _load(config, set_, tier)
+    data = cfg.public_dict(loaded.config)
+    if output == Format.JSON:
+        print(json.dumps({"config": data, "sources": loaded.sources}, indent=2))
+    else:
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """JSON Schema of the site config file, for editors and CI linting."""
+    print(json.dumps(cfg.json_schema(), indent=2))
+
+
+@app.command("run")
+def run_service(
+    service: Annotated[
+        Literal["api", "worker", "agent"], typer.Argument(help="api, worker, agent")
+    ],
+    settings: Annotated[
+        Path | None,
+        typer.Option("--settings", help="Settings file (default /etc/stellarbase/services/…)."),
+    ] = None,
+    instance: Annotated[int | None, typer.Option("--instance", min=1)] = None,
+    debug: Debug = False,
+) -> None:
+    """Run one StellarBase service in the foreground (what the systemd units start)."""
+    from stellarbase.service import run_service as serve
+
+    _session.debug = debug
+    path = settings or HostPaths().service_settings_dir / f"{service}.json"
+    serve(service, path, instance)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    print(__version__)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except StellarError as exc:
+        if _session.debug:
+            raise
+        emit_error(exc.message, exc.hint, exc.details, _session.output)
+        sys.exit(int(exc.code))
+    except click.exceptions.Abort:
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(int(ExitCode.USAGE))
+    except KeyboardInterrupt:
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except Exception as exc:
+        if _session.debug:
+            raise
+        emit_error(
+            f"unexpected error: {exc.__class__.__name__}: {exc}",
+            "run again with --debug for the traceback, and report it",
+            [],
+            _session.output,
+        )
+        sys.exit(int(ExitCode.FAILURE))
+
+
+if __name__ == "__main__":
+    main()

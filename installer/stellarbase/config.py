@@ -1,0 +1,506 @@
+"""Configuration: tier defaults ⊕ site file ⊕ --set ⊕ STELLARBASE_* env → one frozen model.
+
+Every leaf value remembers which layer gave it, so an error names the file (or flag, or
+variable), the key and a fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from stellarbase import resources
+from stellarbase.errors import ExitCode, StellarError
+
+ENV_PREFIX = "STELLARBASE_"
+# STELLARBASE_* variables that steer the program rather than configure the site.
+NON_CONFIG_ENV = frozenset({"STELLARBASE_DEBUG", "STELLARBASE_STOP_AFTER_STEP"})
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Tier(enum.StrEnum):
+    PILOT = "pilot"
+    DEPARTMENT = "department"
+    ENTERPRISE = "enterprise"
+
+
+class Limits(Model):
+    """systemd resource limits of one service."""
+
+    memory_max: Annotated[str, Field(pattern=r"^(\d+[KMGT]?|infinity)$")] = Field(
+        description="MemoryMax=, e.g. 512M, 2G or infinity"
+    )
+    cpu_quota: Annotated[str, Field(pattern=r"^\d+%$")] = Field(
+        description="CPUQuota=, e.g. 50% or 200%"
+    )
+    tasks_max: Annotated[int, Field(ge=16, le=1_000_000)] = Field(description="TasksMax=")
+
+
+class ServiceConfig(Model):
+    port: Port = Field(description="TCP port of the service's /healthz, /readyz and /metrics")
+    limits: Limits
+
+
+class WorkerConfig(ServiceConfig):
+    port: Port = Field(description="port of worker instance 1; instance N listens on port+N-1")
+    instances: Annotated[int, Field(ge=1, le=64)] = Field(description="stellarbase-worker@N units")
+
+
+class PostgresConfig(Model):
+    url: str = Field(description="postgresql://USER@HOST:PORT/DB (no password here)")
+    password: SecretStr | None = Field(None, description="kept in secrets.env only")
+
+    @model_validator(mode="after")
+    def _check_url(self) -> PostgresConfig:
+        _check_url(self.url, ("postgresql", "postgres"), "postgresql://USER@HOST:5432/DB")
+        return self
+
+
+class RedisConfig(Model):
+    url: str = Field(description="redis://HOST:PORT/DB or rediss:// for TLS (no password here)")
+    password: SecretStr | None = Field(None, description="kept in secrets.env only")
+
+    @model_validator(mode="after")
+    def _check_url(self) -> RedisConfig:
+        _check_url(self.url, ("redis", "rediss"), "redis://HOST:6379/0")
+        return self
+
+
+class S3Config(Model):
+    endpoint: str | None = Field(None, description="S3 endpoint URL; empty for AWS")
+    bucket: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+    region: str = "us-east-1"
+    addressing: Literal["path", "virtual"] = "path"
+    # boto3 >= 1.36 sends checksums some S3-compatible stores reject; keep it switchable.
+    checksums: Literal["when_supported", "when_required"] = "when_required"
+    access_key: SecretStr | None = Field(None, description="kept in secrets.env only")
+    secret_key: SecretStr | None = Field(None, description="kept in secrets.env only")
+
+    @model_validator(mode="after")
+    def _check_endpoint(self) -> S3Config:
+        if self.endpoint:
+            _check_url(self.endpoint, ("http", "https"), "https://s3.example.com")
+        return self
+
+
+class HealthConfig(Model):
+    timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = Field(
+        description="how long install waits for every unit active and every /readyz 200"
+    )
+    watchdog_seconds: Annotated[int, Field(ge=2, le=3600)] = Field(description="WatchdogSec=")
+    check_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = Field(
+        description="timeout of one dependency check (connect, ping, head-bucket)"
+    )
+
+
+class Config(Model):
+    """The validated site configuration."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="StellarBase site configuration")
+
+    tier: Tier
+    bind: ipaddress.IPv4Address | ipaddress.IPv6Address = Field(
+        description="address the services listen on"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    api: ServiceConfig
+    worker: WorkerConfig
+    agent: ServiceConfig
+    health: HealthConfig
+    postgres: PostgresConfig | None = None
+    redis: RedisConfig | None = None
+    s3: S3Config | None = None
+
+    @model_validator(mode="after")
+    def _check_ports_and_secrets(self) -> Config:
+        taken: dict[int, str] = {self.api.port: "api.port", self.agent.port: "agent.port"}
+        if self.api.port == self.agent.port:
+            raise ValueError("api.port and agent.port are the same port")
+        for n in range(self.worker.instances):
+            other = taken.get(self.worker.port + n)
+            if other:
+                raise ValueError(
+                    f"worker.port..worker.port+{self.worker.instances - 1} overlaps {other}"
+                )
+        if self.worker.port + self.worker.instances - 1 > 65535:
+            raise ValueError("worker.port + worker.instances - 1 exceeds 65535")
+        return self
+
+    def worker_ports(self) -> list[int]:
+        return [self.worker.port + n for n in range(self.worker.instances)]
+
+
+# --- secrets: names in secrets.env --------------------------------------------------------
+
+SECRET_KEYS: tuple[tuple[str, str], ...] = (
+    ("postgres", "password"),
+    ("redis", "password"),
+    ("s3", "access_key"),
+    ("s3", "secret_key"),
+)
+
+
+def secret_env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
+
+
+def require_secrets(config: Config, sources: Mapping[str, str]) -> None:
+    """Every configured dependency must come with its credentials."""
+    for section, key in SECRET_KEYS:
+        dep = getattr(config, section)
+        if dep is None or getattr(dep, key) is not None:
+            continue
+        if section == "s3" and dep.endpoint is None:
+            continue  # AWS can use the instance role
+        where = sources.get(section, "the configuration")
+        raise StellarError(
+            f"{where}: {section}.{key} is missing: {section} is configured without credentials",
+            hint=f"set {section}.{key} in the site file or export {secret_env_name(section, key)}",
+            code=ExitCode.CONFIG,
+        )
+
+
+def secrets_env(config: Config) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for section, key in SECRET_KEYS:
+        dep = getattr(config, section)
+        value = getattr(dep, key) if dep is not None else None
+        if value is not None:
+            out[secret_env_name(section, key)] = value.get_secret_value()
+    return out
+
+
+def public_dict(config: Config) -> dict[str, Any]:
+    """The config without secrets, as written to stellarbase.yaml and shown by `config show`."""
+    data = config.model_dump(mode="json")
+    for section, key in SECRET_KEYS:
+        if isinstance(data.get(section), dict):
+            data[section].pop(key, None)
+    return data
+
+
+def _check_url(url: str, schemes: tuple[str, ...], example: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(f"{url!r} is not a {schemes[0]}:// URL like {example}")
+    if parts.password:
+        raise ValueError("the URL carries a password: put it in the password key instead")
+    try:
+        parts.port  # noqa: B018 -- property raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"{url!r} has a bad port") from exc
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One source of settings: a name for messages and a nested mapping."""
+
+    name: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: Config
+    sources: dict[str, str]  # dotted key (and each prefix) → the layer that set it last
+    site_file: Path | None
+
+
+def tier_defaults(tier: str) -> dict[str, Any]:
+    path = resources.config_dir() / "tiers" / f"{tier}.yaml"
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict), path
+    return data
+
+
+def read_site_file(path: Path) -> Layer:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise StellarError(
+            f"{path}: no such file", hint="pass an existing file to --config", code=ExitCode.CONFIG
+        ) from None
+    except (PermissionError, IsADirectoryError, UnicodeDecodeError) as exc:
+        raise StellarError(
+            f"{path}: cannot read the config file ({exc.__class__.__name__})",
+            hint="check the path and its permissions (it must be a readable YAML file)",
+            code=ExitCode.CONFIG,
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise StellarError(
+            f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})",
+            hint="fix the YAML syntax; `stellarbase config schema` shows the expected shape",
+            code=ExitCode.CONFIG,
+        ) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise StellarError(
+            f"{path}: the top level must be a mapping of keys, not {type(data).__name__}",
+            hint="see config/site.example.yaml",
+            code=ExitCode.CONFIG,
+        )
+    return Layer(str(path), data)
+
+
+def parse_sets(items: list[str]) -> Layer:
+    data: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not re.fullmatch(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*", key):
+            raise StellarError(
+                f"--set {item!r}: expected KEY=VALUE with a dotted key",
+                hint="for example --set worker.instances=3",
+                code=ExitCode.CONFIG,
+            )
+        _put(data, key.split("."), _scalar(raw))
+    return Layer("--set", data)
+
+
+def parse_env(env: Mapping[str, str]) -> list[Layer]:
+    layers = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name in NON_CONFIG_ENV:
+            continue
+        key = name[len(ENV_PREFIX) :].lower().split("__")
+        data: dict[str, Any] = {}
+        _put(data, key, _scalar(env[name]))
+        layers.append(Layer(f"environment variable {name}", data))
+    return layers
+
+
+def load_config(
+    *,
+    site_file: Path | None = None,
+    sets: list[str] | None = None,
+    tier: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> LoadedConfig:
+    """Merge every layer and validate; raise StellarError naming the layer and key."""
+    env = os.environ if env is None else env
+    upper: list[Layer] = []
+    if site_file is not None:
+        upper.append(read_site_file(site_file))
+    upper.append(parse_sets(sets or []))
+    upper.extend(parse_env(env))
+    if tier is not None:
+        upper.append(Layer("--tier", {"tier": tier}))
+
+    chosen, chosen_from = Tier.PILOT.value, "the default tier"
+    for layer in upper:
+        if "tier" in layer.data:
+            chosen, chosen_from = layer.data["tier"], layer.name
+    if chosen not in {t.value for t in Tier}:
+        raise StellarError(
+            f"{chosen_from}: tier: unknown tier {chosen!r}",
+            hint="choose one of: " + ", ".join(t.value for t in Tier),
+            code=ExitCode.CONFIG,
+        )
+
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for layer in [Layer(f"tier defaults ({chosen})", tier_defaults(chosen)), *upper]:
+        _merge(merged, layer.data, layer.name, sources, ())
+    try:
+        config = Config.model_validate(merged)
+    except ValidationError as exc:
+        raise _explain(exc, sources) from None
+    require_secrets(config, sources)
+    return LoadedConfig(config, sources, site_file)
+
+
+def _merge(
+    into: dict[str, Any],
+    data: Mapping[str, Any],
+    layer: str,
+    sources: dict[str, str],
+    prefix: tuple[str, ...],
+) -> None:
+    for key, value in data.items():
+        path = (*prefix, str(key))
+        dotted = ".".join(path)
+        sources[dotted] = layer
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value, layer, sources, path)
+        elif isinstance(value, Mapping):
+            into[key] = {}
+            _merge(into[key], value, layer, sources, path)
+        else:
+            into[key] = value
+
+
+def _explain(exc: ValidationError, sources: Mapping[str, str]) -> StellarError:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+    dotted = ".".join(loc)
+    layer = _source_of(dotted, sources)
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"did you mean {'.'.join([*loc[:-1], close[0]])!r}? " if close else ""
+        return StellarError(
+            f"{layer}: {dotted}: unknown key",
+            hint=hint + "`stellarbase config schema` lists every key",
+            code=ExitCode.CONFIG,
+        )
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    msg = err["msg"].removeprefix("Value error, ")
+    key = dotted or "(top level)"
+    return StellarError(
+        f"{layer}: {key}: {msg}{shown}",
+        hint=_hint_for(loc),
+        code=ExitCode.CONFIG,
+    )
+
+
+def _source_of(dotted: str, sources: Mapping[str, str]) -> str:
+    parts = dotted.split(".") if dotted else []
+    while parts:
+        found = sources.get(".".join(parts))
+        if found:
+            return found
+        parts.pop()
+    return "configuration"
+
+
+def _hint_for(loc: list[str]) -> str:
+    leaf = loc[-1] if loc else ""
+    if leaf == "port" or not loc:
+        return "ports are integers 1-65535 and must not overlap; see `stellarbase config schema`"
+    return f"fix {'.'.join(loc)}; `stellarbase config schema` shows its type and allowed values"
+
+
+def _known_keys(loc: list[str]) -> list[str]:
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type)]
+        model = next(
+            (a for a in [ann, *args] if isinstance(a, type) and issubclass(a, BaseModel)), None
+        )
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _put(data: dict[str, Any], path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        data = data.setdefault(part, {})
+    data[path[-1]] = value
+
+
+def _scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return raw
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    # The tier file fills every required key; a site file may set any subset.
+    schema.pop("required", None)
+    for definition in schema.get("$defs", {}).values():
+        definition.pop("required", None)
+    return schema
+
+
+# --- the service catalog and each service's own settings ----------------------------------
+
+Dependency = Literal["postgres", "redis", "s3"]
+ServiceName = Literal["api", "worker", "agent"]
+
+
+class CatalogEntry(Model):
+    description: str
+    unit: str
+    instanced: bool = False
+    deps: tuple[Dependency, ...] = ()
+
+
+class Catalog(Model):
+    services: dict[ServiceName, CatalogEntry]
+
+
+def load_catalog() -> Catalog:
+    data = yaml.safe_load((resources.config_dir() / "catalog.yaml").read_text())
+    return Catalog.model_validate(data)
+
+
+class ServiceSettings(Model):
+    """What one service reads at start (services/<name>.json); secrets come from the env.
+
+    Each service gets only its own settings so that a change elsewhere in the site config
+    does not restart it.
+    """
+
+    service: ServiceName
+    bind: ipaddress.IPv4Address | ipaddress.IPv6Address
+    port: Port
+    log_level: Literal["debug", "info", "warning", "error"]
+    check_timeout_seconds: float
+    postgres: PostgresConfig | None = None
+    redis: RedisConfig | None = None
+    s3: S3Config | None = None
+
+    def port_of(self, instance: int | None) -> int:
+        return self.port + (instance - 1 if instance else 0)
+
+    def with_secrets(self, env: Mapping[str, str]) -> ServiceSettings:
+        update: dict[str, Any] = {}
+        for section, key in SECRET_KEYS:
+            dep = getattr(self, section)
+            value = env.get(secret_env_name(section, key))
+            if dep is not None and value is not None:
+                update[section] = dep.model_copy(update={key: SecretStr(value)})
+                dep = update[section]
+        return self.model_copy(update=update)
+
+
+def service_settings(config: Config, name: ServiceName) -> ServiceSettings:
+    entry = load_catalog().services[name]
+    svc: ServiceConfig = getattr(config, name)
+    deps = {dep: _strip_secrets(getattr(config, dep)) for dep in entry.deps}
+    return ServiceSettings(
+        service=name,
+        bind=config.bind,
+        port=svc.port,
+        log_level=config.log_level,
+        check_timeout_seconds=config.health.check_timeout_seconds,
+        **deps,
+    )
+
+
+def _strip_secrets(dep: BaseModel | None) -> Any:
+    if dep is None:
+        return None
+    keys = [key for section, key in SECRET_KEYS if key in type(dep).model_fields]
+    return dep.model_copy(update=dict.fromkeys(keys))

@@ -1,0 +1,35 @@
+"""The one user-facing error type and the documented exit codes."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes of every `stellarbase` command (documented in README.md)."""
+
+    OK = 0
+    FAILURE = 1  # unexpected internal error (run again with --debug for the traceback)
+    USAGE = 2  # bad command line (unknown option, missing argument)
+    CONFIG = 3  # invalid configuration: file, key or value
+    HOST = 4  # the host cannot take the install: not root, port in use, missing binary
+    DEPENDENCY = 5  # PostgreSQL, Redis or S3 unreachable, refusing or misconfigured
+    APPLY = 6  # a step of the plan failed while changing the host
+    UNHEALTHY = 7  # services did not become healthy before the deadline
+    INTERRUPTED = 130
+
+
+class StellarError(Exception):
+    """An error the user can act on: one line of message, one line of hint."""
+
+    def __init__(self, message: str, *, hint: str = "", code: ExitCode = ExitCode.FAILURE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.code = code
+        self.details: list[str] = []
+
+    def with_details(self, lines: list[str]) -> StellarError:
+        """Attach extra lines (a journal tail, say) shown after the message."""
+        self.details = lines
+        return self

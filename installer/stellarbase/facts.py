@@ -1,0 +1,90 @@
+"""Read-only facts about the host: users, ports, the installed state, the running binary."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import sys
+from pathlib import Path
+
+from stellarbase import __version__, resources, state
+from stellarbase.errors import ExitCode, StellarError
+from stellarbase.files import file_digest
+from stellarbase.paths import HostPaths
+from stellarbase.plan import Facts
+
+
+def gather(paths: HostPaths, binary: Path | None) -> Facts:
+    source = binary or release_binary()
+    previous = state.load(paths.state_file)
+    return Facts(
+        version=__version__,
+        binary=source,
+        binary_digest=file_digest(source),
+        previous_files=tuple(previous.files),
+        previous_units=tuple(previous.units),
+    )
+
+
+def release_binary() -> Path:
+    """The executable to install: this very binary when it is the packaged one."""
+    if resources.is_frozen():
+        return Path(sys.executable)
+    raise StellarError(
+        "install needs the packaged stellarbase binary, not the source tree",
+        hint="build it with packaging/build.sh, or pass --binary PATH to a built binary",
+        code=ExitCode.HOST,
+    )
+
+
+def lookup_ids(paths: HostPaths, user: str, group: str) -> tuple[int, int]:
+    """uid/gid from the root's own passwd/group files (a test root has its own)."""
+    return _lookup(paths.passwd, user), _lookup(paths.group, group)
+
+
+def user_exists(paths: HostPaths, user: str) -> bool:
+    try:
+        _lookup(paths.passwd, user)
+    except KeyError:
+        return False
+    return True
+
+
+def _lookup(table: Path, name: str) -> int:
+    if name == "root":
+        return 0
+    try:
+        lines = table.read_text().splitlines()
+    except FileNotFoundError:
+        raise KeyError(name) from None
+    for line in lines:
+        fields = line.split(":")
+        if len(fields) > 2 and fields[0] == name:
+            return int(fields[2])
+    raise KeyError(name)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+def port_owner(port: int) -> str:
+    """Best effort name of the process listening on a port, for the error message."""
+    import psutil
+
+    try:
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.laddr and conn.laddr.port == port and conn.status == "LISTEN" and conn.pid:
+                return f"pid {conn.pid} ({psutil.Process(conn.pid).name()})"
+    except (psutil.Error, OSError):
+        pass
+    return "another process"

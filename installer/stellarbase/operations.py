@@ -1,0 +1,172 @@
+"""install, plan, status and uninstall: glue between config, facts, plan, apply and output."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from stellarbase import checks, facts, health, plan, render, state, systemd
+from stellarbase.apply import Executor, remove_path
+from stellarbase.config import LoadedConfig
+from stellarbase.errors import ExitCode, StellarError
+from stellarbase.output import Result
+from stellarbase.paths import HostPaths
+
+log = structlog.get_logger()
+
+
+def require_root(paths: HostPaths) -> None:
+    if paths.live and os.geteuid() != 0:
+        raise StellarError(
+            "this command changes the host and must run as root",
+            hint="run it with sudo, or aim it at a test root with --root DIR",
+            code=ExitCode.HOST,
+        )
+
+
+def check_ports(loaded: LoadedConfig, paths: HostPaths) -> None:
+    """Refuse ports held by anything but this installation's own running units."""
+    config = loaded.config
+    ours = set(state.load(paths.state_file).ports.values())
+    wanted = [("api.port", config.api.port), ("agent.port", config.agent.port)]
+    wanted += [(f"worker.port (instance {n})", p) for n, p in enumerate(config.worker_ports(), 1)]
+    host = str(config.bind)
+    for key, port in wanted:
+        if port in ours or not facts.port_in_use(host, port):
+            continue
+        source = loaded.sources.get(key.split(" ")[0], "tier defaults")
+        raise StellarError(
+            f"{source}: {key}: port {port} on {host} is in use by {facts.port_owner(port)}",
+            hint=f"stop that process or choose a free port with --set {key.split(' ')[0]}=PORT",
+            code=ExitCode.HOST,
+        )
+
+
+def check_dependencies(loaded: LoadedConfig) -> list[checks.CheckResult]:
+    c = loaded.config
+    results = checks.dependency_checks(c.postgres, c.redis, c.s3, c.health.check_timeout_seconds)
+    for r in results:
+        if not r.ok:
+            source = loaded.sources.get(r.name, "the configuration")
+            raise StellarError(
+                f"{source}: {r.name}: {r.message}",
+                hint=f"check {r.name}'s address and credentials, and that it is running",
+                code=ExitCode.DEPENDENCY,
+            )
+    return results
+
+
+def make_plan(loaded: LoadedConfig, paths: HostPaths, binary: Path | None) -> plan.Plan:
+    return plan.make_plan(loaded.config, paths, facts.gather(paths, binary))
+
+
+def install(loaded: LoadedConfig, paths: HostPaths, binary: Path | None) -> Result:
+    require_root(paths)
+    the_plan = make_plan(loaded, paths, binary)
+    if paths.live:
+        check_ports(loaded, paths)
+    check_dependencies(loaded)
+    source = str(loaded.site_file.resolve()) if loaded.site_file else "tier defaults"
+    steps = Executor(paths, config_source=f"{source} (tier {loaded.config.tier})").apply(the_plan)
+    result = Result("install", steps, info={"endpoints": dict(the_plan.endpoints)})
+    result.lines.append(f"{result.changed} changed, {len(steps) - result.changed} unchanged")
+    if paths.live:
+        result.lines.append("endpoints (each serves /healthz, /readyz, /metrics):")
+        result.lines += [f"  {unit:<32} {url}" for unit, url in the_plan.endpoints]
+    return result
+
+
+def dry_run(loaded: LoadedConfig, paths: HostPaths, binary: Path | None) -> Result:
+    the_plan = make_plan(loaded, paths, binary)
+    steps = Executor(paths, dry_run=True).apply(the_plan)
+    result = Result("plan", steps)
+    result.lines.append(f"{result.changed} to change, {len(steps) - result.changed} unchanged")
+    return result
+
+
+def status(paths: HostPaths) -> Result:
+    current = state.load(paths.state_file)
+    info: dict[str, Any] = {
+        "installed": bool(current.units or current.files),
+        "version": current.version or None,
+        "config_source": current.config_source or None,
+        "config_file": str(paths.host_view(paths.config_file)),
+        "units": [],
+    }
+    result = Result("status", info=info)
+    if not info["installed"]:
+        result.lines.append("stellarbase is not installed on this host")
+        return result
+    result.lines.append(f"version {current.version}, config from {current.config_source}")
+    if not paths.live:
+        return result
+    units = [*current.units]
+    shown = systemd.show(units)
+    for unit in units:
+        s = shown[unit]
+        port = current.ports.get(unit)
+        ready = None
+        if port:
+            code, _ = health.probe(f"http://127.0.0.1:{port}/readyz")
+            ready = code == 200
+        info["units"].append(
+            {
+                "unit": unit,
+                "active": s.active_state,
+                "sub": s.sub_state,
+                "pid": s.main_pid,
+                "restarts": s.restarts,
+                "ready": ready,
+                "port": port,
+            }
+        )
+        mark = "" if ready is None else ("ready" if ready else "NOT READY")
+        result.lines.append(
+            f"  {unit:<32} {s.active_state}/{s.sub_state:<10} pid {s.main_pid:<7} "
+            f"restarts {s.restarts:<3} {mark}"
+        )
+    return result
+
+
+def uninstall(paths: HostPaths, *, purge: bool) -> Result:
+    require_root(paths)
+    current = state.load(paths.state_file)
+    result = Result("uninstall")
+    if paths.live:
+        units = [u for u in current.units if u != render.TARGET]
+        systemd.stop([render.TARGET, *units])
+        systemd.reset_failed([render.TARGET, *units])
+    keep = {paths.etc, paths.state_dir} if not purge else set()
+    removed: list[str] = []
+    for view in sorted(current.files, key=lambda p: len(Path(p).parts), reverse=True):
+        path = paths.at(view)
+        if any(path == k or k in path.parents for k in keep):
+            continue
+        if path.exists() or path.is_symlink():
+            remove_path(path)
+            removed.append(view)
+    for path in [paths.state_dir, paths.etc] if purge else []:
+        if path.exists():
+            remove_path(path)
+            removed.append(paths.host_view(path))
+    if paths.live:
+        systemd.daemon_reload()
+    if not purge and paths.state_dir.is_dir():
+        kept = [
+            f
+            for f in current.files
+            if any(paths.at(f) == k or k in paths.at(f).parents for k in keep)
+        ]
+        state.save(paths.state_file, state.State(version=current.version, files=kept))
+    result.info = {"removed": removed, "purged": purge}
+    result.lines.append(f"removed {len(removed)} paths")
+    if not purge:
+        result.lines.append(
+            f"kept {paths.host_view(paths.etc)} and {paths.host_view(paths.state_dir)}; "
+            "--purge removes them too"
+        )
+    log.info("uninstalled", removed=len(removed), purge=purge)
+    return result

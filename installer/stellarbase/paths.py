@@ -1,0 +1,79 @@
+"""Every host path the installer touches, hung off one root so tests can aim it elsewhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+USER = "stellarbase"
+GROUP = "stellarbase"
+
+
+@dataclass(frozen=True)
+class HostPaths:
+    root: Path = Path("/")
+
+    @property
+    def live(self) -> bool:
+        """True when the root is the running system, so systemd can be driven."""
+        return self.root == Path("/")
+
+    def at(self, absolute: str | Path) -> Path:
+        """Map an absolute host path (as seen by the running system) under the root."""
+        return self.root / Path(absolute).relative_to("/")
+
+    def host_view(self, path: Path) -> str:
+        """The inverse of `at`: how the running system will see `path`."""
+        return "/" + str(path.relative_to(self.root)) if path != self.root else "/"
+
+    @property
+    def etc(self) -> Path:
+        return self.at("/etc/stellarbase")
+
+    @property
+    def config_file(self) -> Path:
+        return self.etc / "stellarbase.yaml"
+
+    @property
+    def secrets_file(self) -> Path:
+        return self.etc / "secrets.env"
+
+    @property
+    def service_settings_dir(self) -> Path:
+        return self.etc / "services"
+
+    @property
+    def unit_dir(self) -> Path:
+        return self.at("/etc/systemd/system")
+
+    @property
+    def sysusers_file(self) -> Path:
+        return self.at("/etc/sysusers.d/stellarbase.conf")
+
+    @property
+    def opt(self) -> Path:
+        return self.at("/opt/stellarbase")
+
+    @property
+    def releases(self) -> Path:
+        return self.opt / "releases"
+
+    @property
+    def current(self) -> Path:
+        return self.opt / "current"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.at("/var/lib/stellarbase")
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "state.json"
+
+    @property
+    def passwd(self) -> Path:
+        return self.at("/etc/passwd")
+
+    @property
+    def group(self) -> Path:
+        return self.at("/etc/group")

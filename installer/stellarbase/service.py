@@ -1,0 +1,194 @@
+"""`stellarbase run api|worker|agent`: a real service process with health and metrics.
+
+Each serves /healthz (alive), /readyz (its configured dependencies answer) and /metrics
+(Prometheus text), tells systemd when it is ready, pings the watchdog only while its own
+HTTP server answers, and stops cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+
+from stellarbase import __version__, checks, health, notify
+from stellarbase import log as logsetup
+from stellarbase.config import ServiceSettings
+from stellarbase.errors import ExitCode, StellarError
+
+log = structlog.get_logger()
+
+READY_CACHE_SECONDS = 1.0  # scrapers and the health gate may poll fast; dependencies need not
+
+
+class Service:
+    def __init__(self, settings: ServiceSettings, instance: int | None) -> None:
+        self.settings = settings
+        self.instance = instance
+        self.port = settings.port_of(instance)
+        self.name = settings.service + (f"@{instance}" if instance else "")
+        self.registry = CollectorRegistry()
+        self._ready_lock = threading.Lock()
+        self._ready: tuple[float, list[checks.CheckResult]] | None = None
+        self._stop = threading.Event()
+        self._metrics()
+
+    def _metrics(self) -> None:
+        build = Gauge(
+            "stellarbase_build_info",
+            "Version of the running StellarBase service",
+            ["version", "service"],
+            registry=self.registry,
+        )
+        build.labels(__version__, self.settings.service).set(1)
+        self.requests = Counter(
+            "stellarbase_http_requests_total",
+            "HTTP requests served, by path and status code",
+            ["path", "code"],
+            registry=self.registry,
+        )
+        self.check_up = Gauge(
+            "stellarbase_dependency_up",
+            "1 when the last readiness check of the dependency passed",
+            ["dependency"],
+            registry=self.registry,
+        )
+        self.check_seconds = Histogram(
+            "stellarbase_dependency_check_duration_seconds",
+            "Duration of readiness checks, by dependency",
+            ["dependency"],
+            registry=self.registry,
+        )
+
+    # --- readiness --------------------------------------------------------------------------
+
+    def readiness(self) -> list[checks.CheckResult]:
+        with self._ready_lock:
+            now = time.monotonic()
+            if self._ready and now - self._ready[0] < READY_CACHE_SECONDS:
+                return self._ready[1]
+            s = self.settings
+            results = checks.dependency_checks(s.postgres, s.redis, s.s3, s.check_timeout_seconds)
+            for r in results:
+                self.check_up.labels(r.name).set(1 if r.ok else 0)
+                self.check_seconds.labels(r.name).observe(r.seconds)
+                if not r.ok:
+                    log.warning("dependency check failed", check=r.name, error=r.message)
+            self._ready = (time.monotonic(), results)
+            return results
+
+    # --- serving ----------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        server = ThreadingHTTPServer((str(self.settings.bind), self.port), _handler(self))
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        notify.notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS=serving on port {self.port}")
+        log.info("service started", service=self.name, port=self.port, version=__version__)
+        interval = notify.watchdog_interval()
+        while not self._stop.wait(interval or 3600):
+            if interval is not None and self._alive():
+                notify.notify("WATCHDOG=1")
+        notify.notify("STOPPING=1")
+        log.info("service stopping", service=self.name)
+        server.shutdown()
+        server.server_close()
+
+    def _alive(self) -> bool:
+        host = str(self.settings.bind)
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+        host = f"[{host}]" if ":" in host else host
+        code, _ = health.probe(f"http://{host}:{self.port}/healthz", timeout=2.0)
+        return code == 200
+
+
+def _handler(service: Service) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = f"stellarbase/{__version__}"
+
+        def do_GET(self) -> None:
+            cid = self.headers.get("X-Correlation-Id") or uuid.uuid4().hex
+            path = self.path.split("?", 1)[0]
+            if path == "/healthz":
+                self._send(200, {"status": "ok", "service": service.name}, cid)
+            elif path == "/readyz":
+                results = service.readiness()
+                ready = all(r.ok for r in results)
+                body = {
+                    "status": "ready" if ready else "not ready",
+                    "service": service.name,
+                    "checks": [r.as_dict() for r in results],
+                }
+                self._send(200 if ready else 503, body, cid)
+            elif path == "/metrics":
+                self._raw(200, generate_latest(service.registry), CONTENT_TYPE_LATEST, cid)
+            else:
+                self._send(404, {"error": f"no such path {path}"}, cid)
+            known = path if path in ("/healthz", "/readyz", "/metrics") else "other"
+            service.requests.labels(known, str(self._code)).inc()
+
+        def _send(self, code: int, body: dict[str, Any], cid: str) -> None:
+            data = (json.dumps(body) + "\n").encode()
+            self._raw(code, data, "application/json", cid)
+
+        def _raw(self, code: int, data: bytes, ctype: str, cid: str) -> None:
+            self._code = code
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("X-Correlation-Id", cid)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            if self.path.split("?", 1)[0] != "/healthz":  # the watchdog's own probe is noise
+                log.debug("http", request=self.requestline, code=getattr(self, "_code", 0))
+
+    return Handler
+
+
+def load_settings(path: Path) -> ServiceSettings:
+    try:
+        data = json.loads(path.read_text())
+        return ServiceSettings.model_validate(data).with_secrets(os.environ)
+    except FileNotFoundError:
+        raise StellarError(
+            f"{path}: no such settings file",
+            hint="run `stellarbase install` first, or pass --settings",
+            code=ExitCode.CONFIG,
+        ) from None
+    except (OSError, ValueError, ValidationError) as exc:
+        raise StellarError(
+            f"{path}: unreadable service settings ({exc.__class__.__name__})",
+            hint="re-run `stellarbase install` to rewrite it",
+            code=ExitCode.CONFIG,
+        ) from None
+
+
+def run_service(name: str, settings_path: Path, instance: int | None) -> None:
+    settings = load_settings(settings_path)
+    if settings.service != name:
+        raise StellarError(
+            f"{settings_path} holds settings of {settings.service}, not {name}",
+            hint=f"pass --settings with the {name} file",
+            code=ExitCode.CONFIG,
+        )
+    import sys
+
+    logsetup.setup(settings.log_level, sys.stdout)
+    logsetup.bind_correlation_id()
+    Service(settings, instance).serve()
