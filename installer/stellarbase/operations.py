@@ -50,7 +50,8 @@ def check_dependencies(loaded: LoadedConfig) -> list[checks.CheckResult]:
     results = checks.dependency_checks(c.postgres, c.redis, c.s3, c.health.check_timeout_seconds)
     for r in results:
         if not r.ok:
-            source = loaded.sources.get(r.name, "the configuration")
+            key = "s3.endpoint" if r.name == "s3" else f"{r.name}.url"
+            source = loaded.sources.get(key, "the configuration")
             raise StellarError(
                 f"{source}: {r.name}: {r.message}",
                 hint=f"check {r.name}'s address and credentials, and that it is running",
@@ -66,9 +67,9 @@ def make_plan(loaded: LoadedConfig, paths: HostPaths, binary: Path | None) -> pl
 def install(loaded: LoadedConfig, paths: HostPaths, binary: Path | None) -> Result:
     require_root(paths)
     the_plan = make_plan(loaded, paths, binary)
-    if paths.live:
+    if paths.live:  # a --root install prepares files only: nothing listens, nothing connects
         check_ports(loaded, paths)
-    check_dependencies(loaded)
+        check_dependencies(loaded)
     source = str(loaded.site_file.resolve()) if loaded.site_file else "tier defaults"
     steps = Executor(paths, config_source=f"{source} (tier {loaded.config.tier})").apply(the_plan)
     result = Result("install", steps, info={"endpoints": dict(the_plan.endpoints)})

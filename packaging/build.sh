@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Build the single-file stellarbase executable with PyInstaller and smoke-test it.
+#
+# Usage: packaging/build.sh          (from anywhere; needs the project venv in .venv/)
+# Result: dist/stellarbase
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYINSTALLER=.venv/bin/pyinstaller
+BINARY=dist/stellarbase
+
+if [[ ! -x "$PYINSTALLER" ]]; then
+    echo "build.sh: $PYINSTALLER not found; create the venv and install '.[dev]' first" >&2
+    exit 1
+fi
+
+start=$(date +%s)
+"$PYINSTALLER" --noconfirm --clean --distpath dist --workpath build/pyinstaller \
+    packaging/stellarbase.spec
+elapsed=$(( $(date +%s) - start ))
+
+if [[ ! -x "$BINARY" ]]; then
+    echo "build.sh: $BINARY was not produced" >&2
+    exit 1
+fi
+
+size_bytes=$(stat -c %s "$BINARY")
+echo "built $BINARY: $(numfmt --to=iec-i --suffix=B "$size_bytes") ($size_bytes bytes) in ${elapsed}s"
+
+echo "smoke test: $BINARY version"
+"$BINARY" version
+echo "smoke test: $BINARY config schema"
+"$BINARY" config schema >/dev/null
+echo "smoke test: $BINARY config show"
+"$BINARY" config show
+
+echo "build.sh: OK"

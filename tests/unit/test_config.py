@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from stellarbase import resources
+from stellarbase.config import json_schema, load_config, secrets_env
+from stellarbase.errors import ExitCode, StellarError
+
+
+def _fail(**kw: object) -> StellarError:
+    with pytest.raises(StellarError) as info:
+        load_config(env={}, **kw)  # type: ignore[arg-type]
+    assert info.value.code == ExitCode.CONFIG
+    assert info.value.hint
+    assert "\n" not in info.value.message
+    return info.value
+
+
+def test_tiers_set_their_own_defaults() -> None:
+    pilot = load_config(env={}).config
+    enterprise = load_config(tier="enterprise", env={}).config
+    assert pilot.tier == "pilot" and pilot.worker.instances == 1
+    assert enterprise.worker.instances == 4
+    assert enterprise.api.limits.memory_max != pilot.api.limits.memory_max
+
+
+def test_layers_in_order_site_then_set_then_env(tmp_path: Path) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text("worker: {instances: 2}\napi: {port: 9000}\nagent: {port: 9100}\n")
+    loaded = load_config(
+        site_file=site,
+        sets=["api.port=9001"],
+        env={"STELLARBASE_AGENT__PORT": "9102", "UNRELATED": "x"},
+    )
+    c = loaded.config
+    assert (c.worker.instances, c.api.port, c.agent.port) == (2, 9001, 9102)
+    assert loaded.sources["worker.instances"] == str(site)
+    assert loaded.sources["api.port"] == "--set"
+    assert loaded.sources["agent.port"] == "environment variable STELLARBASE_AGENT__PORT"
+
+
+def test_unknown_key_names_the_file_and_suggests(tmp_path: Path) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text("api:\n  prot: 8080\n")
+    err = _fail(site_file=site)
+    assert str(site) in err.message and "api.prot" in err.message
+    assert "api.port" in err.hint
+
+
+def test_wrong_type_names_key_and_value() -> None:
+    err = _fail(sets=["worker.instances=many"])
+    assert err.message.startswith("--set: worker.instances:") and "'many'" in err.message
+
+
+def test_bad_tier_lists_the_tiers() -> None:
+    err = _fail(tier="huge")
+    assert "huge" in err.message and "pilot" in err.hint
+
+
+@pytest.mark.parametrize("port", ["0", "70000", "http"])
+def test_bad_port(port: str) -> None:
+    assert "api.port" in _fail(sets=[f"api.port={port}"]).message
+
+
+def test_overlapping_ports_are_refused() -> None:
+    assert "overlaps" in _fail(sets=["worker.port=8299", "worker.instances=3"]).message
+
+
+def test_missing_secret_names_the_variable() -> None:
+    err = _fail(sets=["postgres.url=postgresql://sb@db:5432/sb"])
+    assert "postgres.password" in err.message
+    assert "STELLARBASE_POSTGRES__PASSWORD" in err.hint
+
+
+def test_password_in_url_is_refused() -> None:
+    assert "password" in _fail(sets=["redis.url=redis://:hunter2@cache:6379/0"]).message
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    assert "no such file" in _fail(site_file=tmp_path / "missing.yaml").message
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("api: [unclosed\n")
+    assert "not valid YAML" in _fail(site_file=bad).message
+    assert "cannot read" in _fail(site_file=tmp_path).message
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
+    assert "mapping" in _fail(site_file=scalar).message
+
+
+def test_secrets_come_from_env_and_stay_out_of_the_dump() -> None:
+    loaded = load_config(
+        sets=["postgres.url=postgresql://sb@db:5432/sb"],
+        env={"STELLARBASE_POSTGRES__PASSWORD": "s3cret"},
+    )
+    assert secrets_env(loaded.config) == {"STELLARBASE_POSTGRES__PASSWORD": "s3cret"}
+    assert "s3cret" not in loaded.config.model_dump_json()  # SecretStr masks it
+
+
+def test_schema_validates_the_example_and_rejects_typos() -> None:
+    schema = json_schema()
+    json.dumps(schema)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    example = yaml.safe_load((resources.config_dir() / "site.example.yaml").read_text())
+    jsonschema.validate(example, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"api": {"prot": 1}}, schema)

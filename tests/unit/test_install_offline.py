@@ -1,0 +1,126 @@
+"""Plan → apply into a temp root: the executor's convergence without a live systemd."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from stellarbase import operations, state
+from stellarbase.apply import Status
+from stellarbase.config import load_config
+from stellarbase.paths import HostPaths
+
+pytestmark = pytest.mark.host_commands  # systemd-sysusers --root=<tmp> creates the user
+
+
+@pytest.fixture
+def binary(tmp_path: Path) -> Path:
+    path = tmp_path / "stellarbase-bin"
+    path.write_bytes(b"#!/bin/sh\necho fake release\n")
+    return path
+
+
+def _install(root: Path, binary: Path, *sets: str, env: dict[str, str] | None = None):
+    loaded = load_config(sets=list(sets), env=env or {})
+    return operations.install(loaded, HostPaths(root), binary)
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int, int, bytes]]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            body = os.readlink(p).encode() if p.is_symlink() else b""
+            if p.is_file() and not p.is_symlink():
+                body = p.read_bytes()
+            out[str(p.relative_to(root))] = (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, body)
+    return out
+
+
+def test_second_install_changes_nothing(tmp_path: Path, binary: Path) -> None:
+    root = tmp_path / "root"
+    first = _install(root, binary)
+    assert first.changed > 10
+    before = _snapshot(root)
+    second = _install(root, binary)
+    assert second.changed == 0
+    assert all(s.status == Status.UNCHANGED for s in second.steps)
+    assert _snapshot(root) == before
+
+
+def test_files_have_owner_and_mode(tmp_path: Path, binary: Path) -> None:
+    root = tmp_path / "root"
+    _install(
+        root,
+        binary,
+        "postgres.url=postgresql://sb@db:5432/sb",
+        env={"STELLARBASE_POSTGRES__PASSWORD": "pw-123"},
+    )
+    paths = HostPaths(root)
+    secrets = paths.secrets_file.stat()
+    group = paths.group.read_text().splitlines()
+    gid = int(next(g for g in group if g.startswith("stellarbase:")).split(":")[2])
+    assert stat.S_IMODE(secrets.st_mode) == 0o640 and (secrets.st_uid, secrets.st_gid) == (0, gid)
+    assert 'STELLARBASE_POSTGRES__PASSWORD="pw-123"' in paths.secrets_file.read_text()
+    for unit in paths.unit_dir.glob("stellarbase*"):
+        assert "pw-123" not in unit.read_text()
+    assert "pw-123" not in paths.config_file.read_text()
+    assert os.readlink(paths.current) == "releases/0.1.0"
+    assert (paths.current / "stellarbase").read_bytes() == binary.read_bytes()
+    assert stat.S_IMODE((paths.current / "stellarbase").stat().st_mode) == 0o755
+
+
+def test_plan_masks_secrets_and_changes_nothing(tmp_path: Path, binary: Path) -> None:
+    root = tmp_path / "root"
+    loaded = load_config(
+        sets=["redis.url=redis://cache:6379/0"], env={"STELLARBASE_REDIS__PASSWORD": "r-pass-9"}
+    )
+    result = operations.dry_run(loaded, HostPaths(root), binary)
+    assert result.changed > 10
+    rendered = repr(result.as_dict())
+    assert "r-pass-9" not in rendered and "secret content not shown" in rendered
+    assert not (root / "etc" / "stellarbase").exists()
+
+
+def test_worker_count_changes_only_what_it_concerns(tmp_path: Path, binary: Path) -> None:
+    root = tmp_path / "root"
+    _install(root, binary)
+    result = _install(root, binary, "worker.instances=3")
+    changed = {s.step.split(" ")[1] for s in result.steps if s.status == Status.CHANGED}
+    assert changed == {
+        str(root / "etc/stellarbase/stellarbase.yaml"),
+        str(root / "etc/systemd/system/stellarbase.target"),
+    }
+    target = (root / "etc/systemd/system/stellarbase.target").read_text()
+    assert "stellarbase-worker@3.service" in target
+
+
+def test_interrupted_write_leaves_no_temp_file(tmp_path: Path, binary: Path) -> None:
+    root = tmp_path / "root"
+    _install(root, binary)
+    paths = HostPaths(root)
+    leftover = paths.etc / ".stellarbase.yaml.abc123"
+    leftover.write_text("half written")
+    paths.config_file.write_text("truncated")
+    result = _install(root, binary)
+    assert result.changed == 1
+    assert not leftover.exists()
+
+
+def test_uninstall_keeps_config_unless_purged(tmp_path: Path, binary: Path) -> None:
+    root = tmp_path / "root"
+    _install(root, binary)
+    paths = HostPaths(root)
+    operations.uninstall(paths, purge=False)
+    assert not list(paths.unit_dir.glob("stellarbase*"))
+    assert not paths.opt.exists()
+    assert paths.config_file.exists() and paths.state_dir.is_dir()
+    assert state.load(paths.state_file).units == {}
+    _install(root, binary)
+    operations.uninstall(paths, purge=True)
+    assert not paths.etc.exists() and not paths.state_dir.exists()
+    assert not paths.sysusers_file.exists()
