@@ -15,6 +15,17 @@ if [[ ! -x "$PYINSTALLER" ]]; then
     exit 1
 fi
 
+# One build at a time per checkout: two concurrent runs share build/ and dist/, and
+# --clean empties PyInstaller's binary cache under the other's feet. The cache is kept in
+# this checkout (not ~/.cache/pyinstaller) so other checkouts on the host do not interfere.
+mkdir -p build
+exec 9>build/.build.lock
+if ! flock -n 9; then
+    echo "build.sh: another build of this checkout is running; waiting for it" >&2
+    flock 9
+fi
+export PYINSTALLER_CONFIG_DIR="$PWD/build/pyinstaller-cache"
+
 start=$(date +%s)
 "$PYINSTALLER" --noconfirm --clean --distpath dist --workpath build/pyinstaller \
     packaging/stellarbase.spec

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -39,6 +40,7 @@ SYSTEMD = "/lib/systemd/systemd"
 DEFAULT_HOSTNAME = "stellarbase-sandbox"
 CONTAINER_NAME = "stellarbase-sandbox"
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_CAP_SYS_ADMIN = 21
 _REQUIRED_TOOLS = ("unshare", "nsenter", "setpriv", "pivot_root", "mount", "umount")
 
 # Units that would act on host-global state (kernel, clock, network configuration, hardware,
@@ -132,6 +134,11 @@ mount -t tmpfs -o mode=0700 stellarbase-sandbox "$base"
 mkdir "$base/upper" "$base/work" "$root"
 mount -t overlay -o "lowerdir=/,upperdir=$base/upper,workdir=$base/work" \
     stellarbase-sandbox "$root"
+# Everything below writes and deletes through $root, so make sure it is the overlay.
+if [ "$(stat -f -c %T "$root")" != overlayfs ]; then
+    echo "stellarbase sandbox: $root is not an overlay, refusing to go on" >&2
+    exit 1
+fi
 
 mount -t proc -o nosuid,nodev,noexec proc "$root/proc"
 for p in sys sysrq-trigger; do
@@ -193,12 +200,33 @@ umount -l .
 cd /
 exec env -i container="$SB_CONTAINER" PATH="$PATH" \
     setpriv --bounding-set="$SB_BOUNDING_SET" -- \
-    /lib/systemd/systemd --system --unit=multi-user.target
+    "$SB_SYSTEMD" --system --unit=multi-user.target
 """
 
 # Moves the launcher into the sandbox cgroup before `unshare --cgroup` makes that cgroup the
 # namespace root; "0" means "the writing process".
 _CGROUP_ENTER = 'echo 0 > "$1/cgroup.procs" && shift && exec "$@"'
+
+
+class SandboxProcess(subprocess.Popen[str]):
+    """A command running inside the sandbox below its nsenter wrapper.
+
+    nsenter forwards no signals, so signals are sent to the command itself; nsenter then reaps
+    it and exits the same way, which keeps `returncode` meaningful (-9 after `kill()`). Were
+    nsenter killed instead, the command would die by its parent-death signal but, orphaned
+    outside the namespace, linger as a zombie until the host's init reaps it, which stalls the
+    sandbox's shutdown.
+    """
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is not None:
+            return
+        commands = _children(self.pid)
+        if not commands:  # not forked yet or already gone: the wrapper is all there is
+            super().send_signal(sig)
+        for pid in commands:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
 
 class SandboxError(RuntimeError):
@@ -225,10 +253,8 @@ def _tail(text: str | bytes | None, lines: int = 40) -> str:
 
 
 def _decode_mountinfo(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal.
-    for code in ("\\040", "\\011", "\\012", "\\134"):
-        field = field.replace(code, chr(int(code[1:], 8)))
-    return field
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _own_cgroup2_dir() -> Path | None:
@@ -256,10 +282,23 @@ def _own_cgroup2_dir() -> Path | None:
     return None
 
 
+def _has_cap_sys_admin() -> bool:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return False
+    effective = next(
+        (line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), "0"
+    )
+    return bool(int(effective, 16) & (1 << _CAP_SYS_ADMIN))
+
+
 def can_boot() -> tuple[bool, str]:
     """Whether this machine can boot a sandbox, and why not if it cannot."""
     if os.geteuid() != 0:
         return False, "booting a systemd sandbox needs root"
+    if not _has_cap_sys_admin():
+        return False, "booting a systemd sandbox needs CAP_SYS_ADMIN (unprivileged container?)"
     if not os.access(SYSTEMD, os.X_OK):
         return False, f"{SYSTEMD} is not installed"
     missing = [tool for tool in _REQUIRED_TOOLS if shutil.which(tool, path=_PATH) is None]
@@ -287,8 +326,11 @@ def _masked_generators() -> list[str]:
 def _children(pid: int) -> list[int]:
     try:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        pass  # a kernel without CONFIG_PROC_CHILDREN, or pid is gone: scan instead
     except (OSError, ValueError):
         return []
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and _ppid(int(e)) == pid]
 
 
 def _ppid(pid: int) -> int | None:
@@ -319,8 +361,13 @@ class SystemdSandbox:
     """A booted systemd (PID 1 of its own PID namespace); see the module docstring."""
 
     pid: int
-    """Host-side PID of systemd, which is PID 1 inside."""
+    """Host-side PID of systemd, which is PID 1 inside; 0 once powered off."""
     hostname: str
+    workdir: Path
+    """Host-side scratch directory (boot script, console log); removed at poweroff."""
+    console_log: Path
+    cgroup: Path
+    """Host path of the sandbox's private cgroup2 subtree (its cgroup namespace root)."""
     boot_seconds: float
     """Wall time from launch until `is-system-running --wait` returned."""
     failed_units: list[str]
@@ -333,7 +380,7 @@ class SystemdSandbox:
         self.pid = 0
         self.boot_seconds = 0.0
         self.failed_units = []
-        self._cgroup = cgroup
+        self.cgroup = cgroup
         self._launcher: subprocess.Popen[bytes] | None = None
         self._closed = False
 
@@ -366,26 +413,30 @@ class SystemdSandbox:
         mount_base = self.workdir / "mnt"
         mount_base.mkdir()
         self.console_log.touch()
-        self._cgroup.mkdir()
+        # A file rather than `sh -c`, so the script does not clutter `ps` of the launcher.
+        boot_script = self.workdir / "boot.sh"
+        boot_script.write_text(_BOOT_SCRIPT)
+        self.cgroup.mkdir()
         env = {
             "PATH": _PATH,
             "SB_BASE": str(mount_base),
             "SB_CONSOLE": str(self.console_log),
             "SB_HOSTNAME": self.hostname,
             "SB_CONTAINER": CONTAINER_NAME,
+            "SB_SYSTEMD": SYSTEMD,
             "SB_BOUNDING_SET": _BOUNDING_SET,
             "SB_MASK_UNITS": " ".join(MASKED_UNITS),
             "SB_MASK_GENERATORS": " ".join(_masked_generators()),
         }
         argv = [
-            "sh", "-c", _CGROUP_ENTER, "stellarbase-sandbox-enter", str(self._cgroup),
+            "sh", "-c", _CGROUP_ENTER, "stellarbase-sandbox-enter", str(self.cgroup),
             # The parent-death signals make a crashed test run take its sandbox along instead
             # of leaving an orphaned systemd behind. Caveat: the signal fires when the *thread*
             # that booted the sandbox exits, so boot from a long-lived thread.
             "setpriv", "--pdeathsig", "KILL", "--",
             "unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--mount", "--uts", "--ipc",
             "--cgroup", "--mount-proc", "--propagation", "private",
-            "--", "/bin/sh", "-c", _BOOT_SCRIPT, "stellarbase-sandbox-boot",
+            "--", "/bin/sh", str(boot_script),
         ]  # fmt: skip
         with self.console_log.open("ab") as console:
             self._launcher = subprocess.Popen(
@@ -456,6 +507,7 @@ class SystemdSandbox:
         try:
             self._stop(timeout)
         finally:
+            self.pid = 0
             self._cleanup()
 
     def _stop(self, timeout: float) -> None:
@@ -492,13 +544,13 @@ class SystemdSandbox:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _remove_cgroup(self) -> None:
-        if not self._cgroup.is_dir():
+        if not self.cgroup.is_dir():
             return
         # Killed processes can take a moment to leave their cgroups.
         deadline = time.monotonic() + 10.0
         while True:
             busy = False
-            for dirpath, _dirnames, _files in os.walk(self._cgroup, topdown=False):
+            for dirpath, _dirnames, _files in os.walk(self.cgroup, topdown=False):
                 try:
                     os.rmdir(dirpath)
                 except FileNotFoundError:
@@ -509,7 +561,7 @@ class SystemdSandbox:
                 break
             time.sleep(0.05)
         if busy:
-            log.error("could not remove sandbox cgroup %s", self._cgroup)
+            log.error("could not remove sandbox cgroup %s", self.cgroup)
 
     def __enter__(self) -> Self:
         return self
@@ -530,8 +582,8 @@ class SystemdSandbox:
         return [
             "nsenter", f"--target={self.pid}", "--mount", "--pid", "--uts", "--ipc",
             "--root", "--wd",
-            # nsenter forks to enter the PID namespace and forwards no signals; the death
-            # signal makes killing the nsenter process (timeouts, Popen.kill) kill the command.
+            # nsenter forks to enter the PID namespace; should the nsenter process die (say, a
+            # test runner killed), the death signal takes the command along.
             "--", "setpriv", "--pdeathsig", "KILL", f"--bounding-set={_BOUNDING_SET}",
             "--", *argv,
         ]  # fmt: skip
@@ -550,34 +602,37 @@ class SystemdSandbox:
         The command's environment is a clean root environment (PATH, HOME, LANG, ...) updated
         with `env`. Its working directory is `/`.
         """
-        result = subprocess.run(
+        with SandboxProcess(
             self._nsenter(argv),
             env=_base_env(env),
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
+            stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            raise SandboxCommandError(result.returncode, argv, result.stdout, result.stderr)
-        return result
+        ) as proc:
+            try:
+                stdout, stderr = proc.communicate(input, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise
+        if check and proc.returncode != 0:
+            raise SandboxCommandError(proc.returncode, argv, stdout, stderr)
+        return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
 
     def popen(self, argv: list[str], **kw: Any) -> subprocess.Popen[str]:
         """Start argv inside the sandbox without waiting (text mode, stdout/stderr piped).
 
-        Keyword arguments go to `subprocess.Popen`; `env` is merged as in `run`. Signals sent
-        to the returned process reach the nsenter wrapper, whose death SIGKILLs the command;
-        the command's own children are left running, as after a real crash.
+        Keyword arguments go to `subprocess.Popen`; `env` is merged as in `run`. The result is
+        a `SandboxProcess`: `kill()`/`terminate()` signal the command itself, whose own
+        children are left running, as after a real crash.
         """
         kw["env"] = _base_env(kw.get("env"))
         kw.setdefault("stdin", subprocess.DEVNULL)
         kw.setdefault("stdout", subprocess.PIPE)
         kw.setdefault("stderr", subprocess.PIPE)
         kw["text"] = True
-        proc: subprocess.Popen[str] = subprocess.Popen(self._nsenter(argv), **kw)
-        return proc
+        return SandboxProcess(self._nsenter(argv), **kw)
 
     def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.run(["systemctl", *args], check=check)

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-import click
 import typer
+from typer.exceptions import TyperException
 import yaml
 
 from stellarbase import __version__, operations
@@ -183,10 +183,14 @@ def main() -> None:
             raise
         emit_error(exc.message, exc.hint, exc.details, _session.output)
         sys.exit(int(exc.code))
-    except click.exceptions.Abort:
+    except typer.Abort:
         sys.exit(int(ExitCode.INTERRUPTED))
-    except click.exceptions.ClickException as exc:
-        exc.show()
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except TyperException as exc:  # bad command line: typer's own usage errors
+        show = getattr(exc, "show", None)
+        if show:
+            show()
         sys.exit(int(ExitCode.USAGE))
     except KeyboardInterrupt:
         sys.exit(int(ExitCode.INTERRUPTED))

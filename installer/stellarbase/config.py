@@ -477,11 +477,10 @@ class ServiceSettings(Model):
     def with_secrets(self, env: Mapping[str, str]) -> ServiceSettings:
         update: dict[str, Any] = {}
         for section, key in SECRET_KEYS:
-            dep = getattr(self, section)
+            dep = update.get(section, getattr(self, section))
             value = env.get(secret_env_name(section, key))
             if dep is not None and value is not None:
                 update[section] = dep.model_copy(update={key: SecretStr(value)})
-                dep = update[section]
         return self.model_copy(update=update)
 
 

@@ -23,8 +23,10 @@ def watchdog_interval() -> float | None:
     """Seconds between WATCHDOG=1 pings (half of WatchdogSec=), or None when not asked for.
 
     WATCHDOG_PID is not compared with our PID on purpose: a one-file binary runs as a
-    bootloader parent (the unit's first MainPID) and this Python child, which takes over
-    as MainPID by sending MAINPID= with READY=1.
+    bootloader parent (the unit's MainPID) and this Python child. The child must not take
+    over with MAINPID=: systemd cannot wait() on a process that is not its child, so a
+    killed child would count as a clean exit and never be restarted. The bootloader
+    instead re-raises the child's fatal signal, which systemd sees on the MainPID.
     """
     usec = os.environ.get("WATCHDOG_USEC")
     if not usec or not usec.isdigit() or int(usec) == 0:

@@ -137,9 +137,10 @@ def uninstall(paths: HostPaths, *, purge: bool) -> Result:
     current = state.load(paths.state_file)
     result = Result("uninstall")
     if paths.live:
-        units = [u for u in current.units if u != render.TARGET]
-        systemd.stop([render.TARGET, *units])
-        systemd.reset_failed([render.TARGET, *units])
+        known = systemd.show([render.TARGET, *(u for u in current.units if u != render.TARGET)])
+        loaded = [u for u, s in known.items() if s.load_state == "loaded"]
+        systemd.stop(loaded)
+        systemd.reset_failed(loaded)
     keep = {paths.etc, paths.state_dir} if not purge else set()
     removed: list[str] = []
     for view in sorted(current.files, key=lambda p: len(Path(p).parts), reverse=True):

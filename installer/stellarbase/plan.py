@@ -181,7 +181,8 @@ def make_plan(config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
         gone = tuple(u for u in facts.previous_units if u not in wanted and u != render.TARGET)
         if gone:
             steps.append(StopUnits(gone))
-        steps.append(DaemonReload((*unit_files, *wanted)))
+        loaded = [u for u in unit_files if not u.endswith("@.service")]  # templates: via instances
+        steps.append(DaemonReload(tuple(dict.fromkeys([*loaded, *wanted]))))
         for unit in instances:
             inputs = b"\0".join(
                 [

@@ -96,7 +96,7 @@ class Service:
         threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
-        notify.notify("READY=1", f"MAINPID={os.getpid()}", f"STATUS=serving on port {self.port}")
+        notify.notify("READY=1", f"STATUS=serving on port {self.port}")
         log.info("service started", service=self.name, port=self.port, version=__version__)
         interval = notify.watchdog_interval()
         while not self._stop.wait(interval or 3600):
