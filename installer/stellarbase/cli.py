@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-from typer.exceptions import TyperException
 import yaml
+from typer.exceptions import TyperException
 
 from stellarbase import __version__, operations
 from stellarbase import config as cfg

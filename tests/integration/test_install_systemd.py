@@ -111,8 +111,10 @@ def test_install_rerun_change_kill_uninstall(host: Host) -> None:
     host.sandbox.run(["kill", "-9", child])
     wait_for(
         "the API to come back after its child died",
-        lambda: host.sandbox.main_pid("stellarbase-api.service") not in (0, main)
-        and ready(f"http://127.0.0.1:{new_port}"),
+        lambda: (
+            host.sandbox.main_pid("stellarbase-api.service") not in (0, main)
+            and ready(f"http://127.0.0.1:{new_port}")
+        ),
     )
 
     # 6. uninstall: no unit file, no process; config stays until --purge
