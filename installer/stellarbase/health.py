@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 from stellarbase import systemd
 from stellarbase.errors import ExitCode, StellarError
@@ -32,8 +33,9 @@ def wait_healthy(units: list[str], ready_urls: list[tuple[str, str]], timeout: f
         for unit in pending_units:
             last[unit] = f"{statuses[unit].active_state}/{statuses[unit].sub_state}"
         still: list[tuple[str, str]] = []
-        for unit, url in pending_urls:
-            code, body = probe(url)
+        with ThreadPoolExecutor(max_workers=max(1, len(pending_urls))) as pool:
+            answers = list(pool.map(lambda item: probe(item[1]), pending_urls))
+        for (unit, url), (code, body) in zip(pending_urls, answers, strict=True):
             if code != 200:
                 still.append((unit, url))
                 last[unit] = f"{url} answered {code or 'nothing'}: {body.strip()[:200]}"

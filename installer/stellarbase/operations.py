@@ -9,7 +9,7 @@ from typing import Any
 import structlog
 
 from stellarbase import checks, facts, health, plan, render, state, systemd
-from stellarbase.apply import Executor, remove_path
+from stellarbase.apply import Executor, Status, remove_path
 from stellarbase.config import LoadedConfig
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.output import Result
@@ -69,7 +69,11 @@ def install(loaded: LoadedConfig, paths: HostPaths, binary: Path | None) -> Resu
     the_plan = make_plan(loaded, paths, binary)
     if paths.live:  # a --root install prepares files only: nothing listens, nothing connects
         check_ports(loaded, paths)
-        check_dependencies(loaded)
+        # The dependency checks guard changes; a converged host has none to make, and its
+        # health gate still proves every dependency through the services' /readyz.
+        pending = Executor(paths, dry_run=True).apply(the_plan)
+        if any(step.status == Status.CHANGED for step in pending):
+            check_dependencies(loaded)
     source = str(loaded.site_file.resolve()) if loaded.site_file else "tier defaults"
     steps = Executor(paths, config_source=f"{source} (tier {loaded.config.tier})").apply(the_plan)
     result = Result("install", steps, info={"endpoints": dict(the_plan.endpoints)})

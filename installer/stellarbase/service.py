@@ -122,6 +122,8 @@ def _handler(service: Service) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             cid = self.headers.get("X-Correlation-Id") or uuid.uuid4().hex
+            # Each request runs in its own thread: its log lines carry the caller's id.
+            structlog.contextvars.bind_contextvars(correlation_id=cid)
             path = self.path.split("?", 1)[0]
             if path == "/healthz":
                 self._send(200, {"status": "ok", "service": service.name}, cid)
