@@ -55,20 +55,7 @@ def main() -> None:
         base = Path(tmp)
         pg, rd, s3 = servers.start_postgres(base), servers.start_redis(base), servers.start_s3(base)
         try:
-            deps = {
-                "postgres": {
-                    "url": f"postgresql://{pg.user}@127.0.0.1:{pg.port}/{pg.database}",
-                    "password": pg.password,
-                },
-                "redis": {"url": f"redis://127.0.0.1:{rd.port}/0", "password": rd.password},
-                "s3": {
-                    "endpoint": s3.endpoint,
-                    "bucket": s3.bucket,
-                    "region": s3.region,
-                    "access_key": s3.access_key,
-                    "secret_key": s3.secret_key,
-                },
-            }
+            deps = servers.site_deps(pg, rd, s3)
             site, secrets = site_config(deps)
             first, rerun, floor = [], [], []
             with SystemdSandbox.boot() as sandbox:

@@ -50,21 +50,7 @@ def site_deps(
     s3_server: servers.S3Server,
 ) -> dict[str, dict[str, Any]]:
     """The dependency section of a site config; passwords kept out of the URLs on purpose."""
-    pg, rd, s3 = postgres_server, redis_server, s3_server
-    return {
-        "postgres": {
-            "url": f"postgresql://{pg.user}@{pg.host}:{pg.port}/{pg.database}",
-            "password": pg.password,
-        },
-        "redis": {"url": f"redis://{rd.host}:{rd.port}/0", "password": rd.password},
-        "s3": {
-            "endpoint": s3.endpoint,
-            "bucket": s3.bucket,
-            "region": s3.region,
-            "access_key": s3.access_key,
-            "secret_key": s3.secret_key,
-        },
-    }
+    return servers.site_deps(postgres_server, redis_server, s3_server)
 
 
 @pytest.fixture

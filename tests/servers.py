@@ -596,3 +596,21 @@ __all__ = [
     "start_s3",
     "stop_all",
 ]
+
+
+def site_deps(pg: PostgresServer, rd: RedisServer, s3: S3Server) -> dict[str, dict[str, Any]]:
+    """The dependency section of a site config; passwords kept out of the URLs on purpose."""
+    return {
+        "postgres": {
+            "url": f"postgresql://{pg.user}@{pg.host}:{pg.port}/{pg.database}",
+            "password": pg.password,
+        },
+        "redis": {"url": f"redis://{rd.host}:{rd.port}/0", "password": rd.password},
+        "s3": {
+            "endpoint": s3.endpoint,
+            "bucket": s3.bucket,
+            "region": s3.region,
+            "access_key": s3.access_key,
+            "secret_key": s3.secret_key,
+        },
+    }
