@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests import servers  # noqa: E402
-from tests.integration.conftest import BINARY, Host, site_config  # noqa: E402
+from tests.integration.conftest import BINARY, Host, copy_binary, site_config  # noqa: E402
 from tests.systemd_sandbox import SystemdSandbox  # noqa: E402
 
 from stellarbase.health import probe  # noqa: E402
@@ -59,7 +59,7 @@ def main() -> None:
             site, secrets = site_config(deps)
             first, rerun, floor = [], [], []
             with SystemdSandbox.boot() as sandbox:
-                host = Host(sandbox, BINARY, site, secrets)
+                host = Host(sandbox, copy_binary(sandbox, BINARY), site, secrets)
                 for _ in range(args.runs):
                     first.append(timed(host))
                     rerun.append(timed(host))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -109,12 +110,20 @@ def site_config(site_deps: dict[str, Any]) -> tuple[dict[str, Any], dict[str, st
     return site, secrets
 
 
+def copy_binary(sandbox: SystemdSandbox, binary: Path) -> Path:
+    """Put the binary into the sandbox's own root: a checkout under the host's /tmp (a CI
+    clone, say) is hidden there behind the sandbox's private /tmp."""
+    inside = Path("/usr/local/bin/stellarbase-under-test")
+    shutil.copy2(binary, sandbox.path(str(inside)))
+    return inside
+
+
 @pytest.fixture
 def host(
     systemd_sandbox: SystemdSandbox, binary: Path, site_deps: dict[str, Any]
 ) -> Iterator[Host]:
     site, secrets = site_config(site_deps)
-    yield Host(systemd_sandbox, binary, site, secrets)
+    yield Host(systemd_sandbox, copy_binary(systemd_sandbox, binary), site, secrets)
 
 
 def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
