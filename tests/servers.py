@@ -234,6 +234,7 @@ class PostgresServer:
     database: str
     data_dir: Path
     pid: int
+    admin_password: str  # of the superuser PG_SUPERUSER, for tests that create databases
 
     def url(self) -> str:
         return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{self.database}"
@@ -437,7 +438,30 @@ def start_postgres(base: Path) -> PostgresServer:
         database=PG_APP_NAME,
         data_dir=data_dir,
         pid=proc.pid,
+        admin_password=superuser_password,
     )
+
+
+def create_database(server: PostgresServer, name: str) -> str:
+    """A new empty database owned by the app role; its URL, without a password."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(
+        host=server.host,
+        port=server.port,
+        user=PG_SUPERUSER,
+        password=server.admin_password,
+        dbname="postgres",
+        connect_timeout=5,
+        autocommit=True,
+    ) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                sql.Identifier(name), sql.Identifier(server.user)
+            )
+        )
+    return f"postgresql://{server.user}@{server.host}:{server.port}/{name}"
 
 
 # --------------------------------------------------------------------------- Redis
@@ -589,6 +613,7 @@ __all__ = [
     "RedisServer",
     "S3Server",
     "ServerStartError",
+    "create_database",
     "free_port",
     "s3_client",
     "start_postgres",

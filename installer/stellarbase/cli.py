@@ -175,6 +175,85 @@ def version() -> None:
     print(__version__)
 
 
+migrate_app = typer.Typer(help="Apply or show the versioned PostgreSQL schema migrations.")
+app.add_typer(migrate_app, name="migrate")
+
+ToVersion = Annotated[
+    int | None, typer.Option("--to", min=1, help="Stop after this migration version.")
+]
+Since = Annotated[
+    str | None,
+    typer.Option("--since", help="Rows at or after: ISO 8601 time or an age like 30m, 2h, 3d."),
+]
+Limit = Annotated[int, typer.Option("--limit", min=1, help="At most this many (newest) rows.")]
+
+
+def _postgres(
+    root: Path, config: Path | None, sets: list[str] | None, tier: str | None
+) -> tuple[str, str | None]:
+    from stellarbase import installed
+
+    paths = HostPaths(root)
+    return installed.postgres_target(installed.load_site(paths, config, sets, tier), paths)
+
+
+@migrate_app.command("up")
+def migrate_up(
+    to: ToVersion = None,
+    tier: TierOpt = None,
+    config: ConfigFile = None,
+    set_: Sets = None,
+    root: Root = Path("/"),
+    output: Output = Format.TEXT,
+    debug: Debug = False,
+) -> None:
+    """Apply the pending migrations (config: --config, else the installed one)."""
+    from stellarbase import audit, dbcommands
+
+    _begin(output, debug)
+    conninfo, password = _postgres(root, config, set_, tier)
+    cid = audit.current_correlation_id()
+    emit(dbcommands.migrate_up_command(conninfo, password, to=to, correlation_id=cid), output)
+
+
+@migrate_app.command("status")
+def migrate_status(
+    tier: TierOpt = None,
+    config: ConfigFile = None,
+    set_: Sets = None,
+    root: Root = Path("/"),
+    output: Output = Format.TEXT,
+    debug: Debug = False,
+) -> None:
+    """Every migration: applied (and when), pending, or changed since it was applied."""
+    from stellarbase import audit, dbcommands
+
+    _begin(output, debug)
+    conninfo, password = _postgres(root, config, set_, tier)
+    cid = audit.current_correlation_id()
+    emit(dbcommands.migrate_status_command(conninfo, password, correlation_id=cid), output)
+
+
+@app.command("audit")
+def audit_show(
+    since: Since = None,
+    limit: Limit = 1000,
+    tier: TierOpt = None,
+    config: ConfigFile = None,
+    set_: Sets = None,
+    root: Root = Path("/"),
+    output: Output = Format.TEXT,
+    debug: Debug = False,
+) -> None:
+    """The audit log: who ran what on which host, and whether it worked."""
+    from stellarbase import audit, dbcommands
+
+    _begin(output, debug)
+    start = audit.parse_since(since) if since is not None else None
+    conninfo, password = _postgres(root, config, set_, tier)
+    emit(dbcommands.audit_command(conninfo, password, since=start, limit=limit), output)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -16,6 +16,7 @@ class ExitCode(enum.IntEnum):
     DEPENDENCY = 5  # PostgreSQL, Redis or S3 unreachable, refusing or misconfigured
     APPLY = 6  # a step of the plan failed while changing the host
     UNHEALTHY = 7  # services did not become healthy before the deadline
+    MIGRATION = 8  # a schema migration was refused or failed (a failed one leaves nothing behind)
     INTERRUPTED = 130
 
 

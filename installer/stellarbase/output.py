@@ -8,7 +8,19 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from stellarbase.apply import Status, StepResult
+
+class Status(enum.StrEnum):
+    CHANGED = "changed"
+    UNCHANGED = "unchanged"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: str
+    status: Status
+    detail: str = ""
+    diff: str = ""
 
 
 class Format(enum.StrEnum):

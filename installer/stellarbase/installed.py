@@ -1,0 +1,145 @@
+"""The configuration of the installed site: stellarbase.yaml plus the secrets in secrets.env.
+
+Commands that act on a running site (migrate, audit) read it back from here when no
+--config is given, so they need the same credentials as the services and nothing more.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from stellarbase import config as cfg
+from stellarbase import state
+from stellarbase.errors import ExitCode, StellarError
+from stellarbase.paths import HostPaths
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Inside double quotes systemd unescapes only these; any other backslash stays as it is.
+_DOUBLE_QUOTE_ESCAPES = '"\\`$'
+
+
+def load_site(
+    paths: HostPaths, site_file: Path | None, sets: list[str] | None, tier: str | None
+) -> cfg.LoadedConfig:
+    """The site file given with --config (secrets from the environment), else the installed one."""
+    if site_file is not None:
+        return cfg.load_config(site_file=site_file, sets=sets or [], tier=tier)
+    return load_installed(paths, sets, tier)
+
+
+def load_installed(paths: HostPaths, sets: list[str] | None, tier: str | None) -> cfg.LoadedConfig:
+    """stellarbase.yaml as the site file, with secrets.env layered over the environment."""
+    if not paths.config_file.is_file():
+        raise StellarError(
+            f"{paths.config_file}: no installed configuration",
+            hint="run `stellarbase install` first, or pass the site file with --config",
+            code=ExitCode.CONFIG,
+        )
+    site = cfg.read_site_file(paths.config_file).data
+    secrets = _for_site(read_env_file(paths.secrets_file), site)
+    return cfg.load_config(
+        site_file=paths.config_file, sets=sets or [], tier=tier, env={**os.environ, **secrets}
+    )
+
+
+def postgres_target(loaded: cfg.LoadedConfig, paths: HostPaths) -> tuple[str, str | None]:
+    """The URL (no password in it) and the password of the site's PostgreSQL."""
+    pg = loaded.config.postgres
+    if pg is not None:
+        return pg.url, pg.password.get_secret_value() if pg.password else None
+    # A PostgreSQL the installer runs itself is not in the site file; install recorded it.
+    url = _installed_database_url(paths)
+    if url:
+        name = cfg.secret_env_name("postgres", "password")
+        return url, read_env_file(paths.secrets_file).get(name) or os.environ.get(name)
+    where = loaded.site_file or "the configuration"
+    raise StellarError(
+        f"{where}: postgres is not configured",
+        hint="set postgres.url in the site file and export STELLARBASE_POSTGRES__PASSWORD",
+        code=ExitCode.CONFIG,
+    )
+
+
+def _for_site(secrets: dict[str, str], site: dict[str, object]) -> dict[str, str]:
+    """The secrets of the sections the site file configures.
+
+    secrets.env also holds the passwords of the servers the installer runs locally, whose
+    sections the site file leaves empty: loaded as config they would be half a section.
+    """
+    section_of = {cfg.secret_env_name(s, k): s for s, k in cfg.SECRET_KEYS}
+    return {
+        name: value
+        for name, value in secrets.items()
+        if name not in section_of or site.get(section_of[name]) is not None
+    }
+
+
+def _installed_database_url(paths: HostPaths) -> str:
+    try:
+        return state.load(paths.state_file).database_url
+    except (OSError, ValueError, TypeError):
+        return ""  # no readable state: nothing installed here to fall back on
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=value pairs of a systemd EnvironmentFile; a missing file has none."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except (PermissionError, UnicodeDecodeError) as exc:
+        raise StellarError(
+            f"{path}: cannot read the secrets ({exc.__class__.__name__})",
+            hint="run as root: the file is readable by root and the stellarbase group only",
+            code=ExitCode.CONFIG,
+        ) from None
+    return parse_env_file(text, str(path))
+
+
+def parse_env_file(text: str, name: str) -> dict[str, str]:
+    """systemd EnvironmentFile= syntax, one assignment a line.
+
+    Values are bare, 'single quoted' (taken literally) or "double quoted" (a backslash
+    escapes " \\ ` $). Errors name the line, never its value: it may be a secret.
+    """
+    values: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        key, sep, raw = stripped.partition("=")
+        key = key.strip()
+        value = _unquote(raw.strip()) if sep else None
+        if value is None or not _ENV_NAME.fullmatch(key):
+            raise StellarError(
+                f"{name}: line {number} is not KEY=value",
+                hint="fix the line, or run `stellarbase install` again to rewrite the file",
+                code=ExitCode.CONFIG,
+            )
+        values[key] = value
+    return values
+
+
+def _unquote(raw: str) -> str | None:
+    """The value of one assignment, or None when its quotes do not close."""
+    if raw[:1] == "'":
+        end = raw.find("'", 1)
+        return raw[1:end] if end != -1 and not raw[end + 1 :].strip() else None
+    if raw[:1] != '"':
+        return re.sub(r"\\(.)", r"\1", raw)
+    out: list[str] = []
+    i = 1
+    while i < len(raw):
+        char = raw[i]
+        if char == "\\" and i + 1 < len(raw):
+            follower = raw[i + 1]
+            out.append(follower if follower in _DOUBLE_QUOTE_ESCAPES else char + follower)
+            i += 2
+            continue
+        if char == '"':
+            return "".join(out) if not raw[i + 1 :].strip() else None
+        out.append(char)
+        i += 1
+    return None
