@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import enum
 import os
 import shutil
 import signal
@@ -14,15 +13,19 @@ from pathlib import Path
 
 import structlog
 
-from stellarbase import __version__, facts, health, state, systemd
+from stellarbase import __version__, facts, health, localdeps, migrate, state, systemd
 from stellarbase.errors import StellarError
 from stellarbase.files import copy_atomic, file_digest, symlink_atomic, write_atomic
-from stellarbase.paths import HostPaths
+from stellarbase.output import Status, StepResult
+from stellarbase.paths import USER, HostPaths
 from stellarbase.plan import (
     CopyFile,
     DaemonReload,
+    EnsureDatabase,
     EnsureDir,
     EnsureUser,
+    InitPostgres,
+    Migrate,
     Plan,
     RemoveStale,
     StartUnit,
@@ -39,20 +42,7 @@ log = structlog.get_logger()
 
 # Test-only hook: SIGKILL ourselves right after step N, to prove a re-run converges.
 STOP_AFTER_ENV = "STELLARBASE_STOP_AFTER_STEP"
-
-
-class Status(enum.StrEnum):
-    CHANGED = "changed"
-    UNCHANGED = "unchanged"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class StepResult:
-    step: str
-    status: Status
-    detail: str = ""
-    diff: str = ""
+MIGRATIONS_ENV = "STELLARBASE_MIGRATIONS_DIR"
 
 
 @dataclass
@@ -60,6 +50,7 @@ class Executor:
     paths: HostPaths
     dry_run: bool = False
     config_source: str = ""
+    database_url: str = ""
     results: list[StepResult] = field(default_factory=list)
     _changed_units: set[str] = field(default_factory=set)
 
@@ -95,6 +86,9 @@ class Executor:
             StopUnits: self._stop_units,
             DaemonReload: self._daemon_reload,
             StartUnit: self._start_unit,
+            InitPostgres: self._init_postgres,
+            EnsureDatabase: self._ensure_database,
+            Migrate: self._migrate,
             WaitHealthy: self._wait_healthy,
         }
         result = handlers[type(step)](step, current)
@@ -114,6 +108,7 @@ class Executor:
         if self.paths.state_dir.is_dir():
             current.version = __version__
             current.config_source = self.config_source or current.config_source
+            current.database_url = self.database_url or current.database_url
             state.save(self.paths.state_file, current)
 
     # --- files ------------------------------------------------------------------------------
@@ -242,6 +237,45 @@ class Executor:
             current.ports[step.unit] = step.port
         self._save(current)
         return detail, ""
+
+    # --- local dependencies and the schema -------------------------------------------------
+
+    def _init_postgres(self, step: InitPostgres, _: state.State) -> tuple[str | None, str]:
+        if localdeps.cluster_ready(step.data_dir):
+            return None, ""
+        if not self.dry_run:
+            localdeps.init_cluster(step.bindir, step.data_dir, USER, step.admin_password)
+        return "initdb with data checksums and scram-sha-256", ""
+
+    def _ensure_database(
+        self, step: EnsureDatabase, current: state.State
+    ) -> tuple[str | None, str]:
+        if self.dry_run:
+            return None, ""  # needs the server running; the real run reports what it made
+        changed, vector = localdeps.ensure_database(
+            step.port, step.admin_password, step.app_password, step.timeout
+        )
+        if current.features.get("vector") != vector:
+            current.features["vector"] = vector
+            self._save(current)
+        return (", ".join(changed) or None), ""
+
+    def _migrate(self, step: Migrate, _: state.State) -> tuple[str | None, str]:
+        # Test-only: a directory of migrations other than the shipped ones.
+        directory = Path(os.environ.get(MIGRATIONS_ENV) or migrate.BUILTIN_DIR)
+        try:
+            states = migrate.migration_status(step.url, step.password, directory=directory)
+        except StellarError:
+            if self.dry_run:  # a local server not started yet: everything is pending
+                return "all migrations pending", ""
+            raise
+        pending = [m for m in states if not m.applied_at]
+        # An edited or unknown applied migration goes to migrate_up too, which refuses it.
+        if not pending and all(m.checksum_matches and m.shipped for m in states):
+            return None, ""
+        if not self.dry_run:
+            migrate.migrate_up(step.url, step.password, directory=directory)
+        return "applied " + ", ".join(f"{m.version:04d}_{m.name}" for m in pending), ""
 
     def _wait_healthy(self, step: WaitHealthy, _: state.State) -> tuple[str | None, str]:
         if self.dry_run:

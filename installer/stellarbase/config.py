@@ -25,7 +25,9 @@ from stellarbase.errors import ExitCode, StellarError
 
 ENV_PREFIX = "STELLARBASE_"
 # STELLARBASE_* variables that steer the program rather than configure the site.
-NON_CONFIG_ENV = frozenset({"STELLARBASE_DEBUG", "STELLARBASE_STOP_AFTER_STEP"})
+NON_CONFIG_ENV = frozenset(
+    {"STELLARBASE_DEBUG", "STELLARBASE_STOP_AFTER_STEP", "STELLARBASE_MIGRATIONS_DIR"}
+)
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -109,6 +111,28 @@ class HealthConfig(Model):
     )
 
 
+class DependencyMode(enum.StrEnum):
+    LOCAL = "local"  # the installer runs it on this host from the distribution's packages
+    EXTERNAL = "external"  # a managed or self-run server given by URL
+
+
+class DependenciesConfig(Model):
+    mode: DependencyMode = Field(description="local or external, for PostgreSQL and Redis")
+    postgres: DependencyMode | None = Field(None, description="overrides mode for PostgreSQL")
+    redis: DependencyMode | None = Field(None, description="overrides mode for Redis")
+
+
+class LocalServer(Model):
+    port: Port = Field(description="loopback port of the local server")
+
+
+class LocalConfig(Model):
+    """The servers the installer runs itself when a dependency is local."""
+
+    postgres: LocalServer
+    redis: LocalServer
+
+
 class Config(Model):
     """The validated site configuration."""
 
@@ -123,15 +147,19 @@ class Config(Model):
     worker: WorkerConfig
     agent: ServiceConfig
     health: HealthConfig
+    dependencies: DependenciesConfig
+    local: LocalConfig
     postgres: PostgresConfig | None = None
     redis: RedisConfig | None = None
     s3: S3Config | None = None
 
     @model_validator(mode="after")
     def _check_ports_and_secrets(self) -> Config:
-        taken: dict[int, str] = {self.api.port: "api.port", self.agent.port: "agent.port"}
-        if self.api.port == self.agent.port:
-            raise ValueError("api.port and agent.port are the same port")
+        taken: dict[int, str] = {}
+        for key, port in self.fixed_ports():
+            if port in taken:
+                raise ValueError(f"{key} and {taken[port]} are the same port")
+            taken[port] = key
         for n in range(self.worker.instances):
             other = taken.get(self.worker.port + n)
             if other:
@@ -140,7 +168,24 @@ class Config(Model):
                 )
         if self.worker.port + self.worker.instances - 1 > 65535:
             raise ValueError("worker.port + worker.instances - 1 exceeds 65535")
+        for dep in ("postgres", "redis"):
+            if self.mode_of(dep) == DependencyMode.LOCAL and getattr(self, dep) is not None:
+                raise ValueError(
+                    f"{dep} is configured by URL but dependencies make it local: "
+                    f"set dependencies.{dep}=external to use that server"
+                )
         return self
+
+    def mode_of(self, dep: Literal["postgres", "redis"]) -> DependencyMode:
+        return getattr(self.dependencies, dep) or self.dependencies.mode
+
+    def fixed_ports(self) -> list[tuple[str, int]]:
+        """Every single port this config listens on (workers' range aside)."""
+        ports = [("api.port", self.api.port), ("agent.port", self.agent.port)]
+        for dep in ("postgres", "redis"):
+            if self.mode_of(dep) == DependencyMode.LOCAL:
+                ports.append((f"local.{dep}.port", getattr(self.local, dep).port))
+        return ports
 
     def worker_ports(self) -> list[int]:
         return [self.worker.port + n for n in range(self.worker.instances)]
@@ -161,10 +206,17 @@ def secret_env_name(section: str, key: str) -> str:
 
 
 def require_secrets(config: Config, sources: Mapping[str, str]) -> None:
-    """Every configured dependency must come with its credentials."""
+    """Every configured dependency must come with its credentials, each on one line."""
     for section, key in SECRET_KEYS:
         dep = getattr(config, section)
-        if dep is None or getattr(dep, key) is not None:
+        value = getattr(dep, key) if dep is not None else None
+        if value is not None and "\n" in value.get_secret_value():
+            raise StellarError(
+                f"{sources.get(section, 'the configuration')}: {section}.{key} has a line break",
+                hint="secrets are written to an EnvironmentFile: use a single-line value",
+                code=ExitCode.CONFIG,
+            )
+        if dep is None or value is not None:
             continue
         if section == "s3" and dep.endpoint is None:
             continue  # AWS can use the instance role
@@ -369,7 +421,18 @@ def _explain(exc: ValidationError, sources: Mapping[str, str]) -> StellarError:
     got = err.get("input")
     shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
     msg = err["msg"].removeprefix("Value error, ")
-    key = dotted or "(top level)"
+    if not loc:  # a rule across keys: name the layer of the first key the message mentions
+        keys = re.findall(r"\b(?:api|agent|worker|local|postgres|redis)(?:\.[a-z_]+)*", msg)
+        named = [sources[k] for k in keys if k in sources]
+        # The user's own layer is the likelier culprit than the tier defaults.
+        named.sort(key=lambda name: name.startswith("tier defaults"))
+        layer = named[0] if named else "configuration"
+        return StellarError(
+            f"{layer}: {msg}",
+            hint="`stellarbase config show -o json` shows where each key comes from",
+            code=ExitCode.CONFIG,
+        )
+    key = dotted
     return StellarError(
         f"{layer}: {key}: {msg}{shown}",
         hint=_hint_for(loc),

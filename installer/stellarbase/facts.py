@@ -7,23 +7,47 @@ import socket
 import sys
 from pathlib import Path
 
-from stellarbase import __version__, resources, state
+from stellarbase import __version__, localdeps, resources, state
+from stellarbase.config import Config, DependencyMode
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import file_digest
+from stellarbase.installed import read_env_file
+from stellarbase.localdeps import ServerBinary
 from stellarbase.paths import HostPaths
-from stellarbase.plan import Facts
+from stellarbase.plan import ADMIN_PASSWORD, POSTGRES_PASSWORD, REDIS_PASSWORD, Facts
+from stellarbase.render import LocalServers
 
 
-def gather(paths: HostPaths, binary: Path | None) -> Facts:
+def gather(paths: HostPaths, binary: Path | None, config: Config) -> Facts:
     source = binary or release_binary()
     previous = state.load(paths.state_file)
+    postgres = redis = None
+    found: dict[str, tuple[ServerBinary, ...]] = {}
+    if config.mode_of("postgres") == DependencyMode.LOCAL:
+        postgres, seen = localdeps.find_postgres()
+        found["postgres"] = tuple(seen)
+    if config.mode_of("redis") == DependencyMode.LOCAL:
+        redis, seen = localdeps.find_redis()
+        found["redis"] = tuple(seen)
     return Facts(
         version=__version__,
         binary=source,
         binary_digest=file_digest(source),
         previous_files=tuple(previous.files),
         previous_units=tuple(previous.units),
+        local=LocalServers(postgres, redis),
+        found=tuple(found.items()),
+        generated=tuple(generated_secrets(paths).items()),
     )
+
+
+def generated_secrets(paths: HostPaths) -> dict[str, str]:
+    """Passwords of the local servers: the installed ones, or new ones on a first install."""
+    existing: dict[str, str] = {}
+    for path in (paths.secrets_file, paths.admin_secrets_file):
+        existing |= read_env_file(path)
+    names = (ADMIN_PASSWORD, POSTGRES_PASSWORD, REDIS_PASSWORD)
+    return {name: existing.get(name) or localdeps.new_password() for name in names}
 
 
 def release_binary() -> Path:

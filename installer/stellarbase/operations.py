@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
-from stellarbase import checks, facts, health, plan, render, state, systemd
-from stellarbase.apply import Executor, Status, remove_path
+from stellarbase import audit, checks, facts, health, plan, render, state, systemd
+from stellarbase.apply import Executor, remove_path
 from stellarbase.config import LoadedConfig
 from stellarbase.errors import ExitCode, StellarError
-from stellarbase.output import Result
+from stellarbase.output import Result, Status
 from stellarbase.paths import HostPaths
 
 log = structlog.get_logger()
@@ -61,7 +61,7 @@ def check_dependencies(loaded: LoadedConfig) -> list[checks.CheckResult]:
 
 
 def make_plan(loaded: LoadedConfig, paths: HostPaths, binary: Path | None) -> plan.Plan:
-    return plan.make_plan(loaded.config, paths, facts.gather(paths, binary))
+    return plan.make_plan(loaded.config, paths, facts.gather(paths, binary, loaded.config))
 
 
 def install(loaded: LoadedConfig, paths: HostPaths, binary: Path | None) -> Result:
@@ -75,13 +75,48 @@ def install(loaded: LoadedConfig, paths: HostPaths, binary: Path | None) -> Resu
         if any(step.status == Status.CHANGED for step in pending):
             check_dependencies(loaded)
     source = str(loaded.site_file.resolve()) if loaded.site_file else "tier defaults"
-    steps = Executor(paths, config_source=f"{source} (tier {loaded.config.tier})").apply(the_plan)
+    executor = Executor(
+        paths,
+        config_source=f"{source} (tier {loaded.config.tier})",
+        database_url=the_plan.database[0] if the_plan.database else "",
+    )
+    try:
+        steps = executor.apply(the_plan)
+    except StellarError as exc:
+        if paths.live:
+            record_audit(the_plan.database, "install", "failure", {"error": exc.message})
+        raise
+    changed = [s.step for s in steps if s.status == Status.CHANGED]
+    if paths.live:
+        record_audit(the_plan.database, "install", "success", {"changed": changed})
     result = Result("install", steps, info={"endpoints": dict(the_plan.endpoints)})
     result.lines.append(f"{result.changed} changed, {len(steps) - result.changed} unchanged")
     if paths.live:
         result.lines.append("endpoints (each serves /healthz, /readyz, /metrics):")
         result.lines += [f"  {unit:<32} {url}" for unit, url in the_plan.endpoints]
     return result
+
+
+def record_audit(
+    database: tuple[str, str | None] | None,
+    action: str,
+    outcome: Literal["success", "failure"],
+    details: dict[str, Any],
+) -> None:
+    """One audit row per operation; a database that cannot take it is logged, not fatal."""
+    if database is None:
+        return
+    try:
+        audit.record(
+            database[0],
+            database[1],
+            action=action,
+            outcome=outcome,
+            details=details,
+            correlation_id=str(structlog.contextvars.get_contextvars().get("correlation_id", "")),
+        )
+    except StellarError as exc:
+        log.warning("audit row not written", action=action, error=exc.message)
 
 
 def dry_run(loaded: LoadedConfig, paths: HostPaths, binary: Path | None) -> Result:
@@ -99,6 +134,7 @@ def status(paths: HostPaths) -> Result:
         "version": current.version or None,
         "config_source": current.config_source or None,
         "config_file": str(paths.host_view(paths.config_file)),
+        "features": current.features,
         "units": [],
     }
     result = Result("status", info=info)
@@ -106,6 +142,11 @@ def status(paths: HostPaths) -> Result:
         result.lines.append("stellarbase is not installed on this host")
         return result
     result.lines.append(f"version {current.version}, config from {current.config_source}")
+    if current.features.get("vector") is False:
+        result.lines.append(
+            "semantic search: off (the local PostgreSQL has no pgvector; install the "
+            "pgvector package for its version and re-run install)"
+        )
     if not paths.live:
         return result
     units = [*current.units]
@@ -143,6 +184,10 @@ def uninstall(paths: HostPaths, *, purge: bool) -> Result:
     if paths.live:
         known = systemd.show([render.TARGET, *(u for u in current.units if u != render.TARGET)])
         loaded = [u for u, s in known.items() if s.load_state == "loaded"]
+        if current.database_url:  # written while a local PostgreSQL still runs
+            password = facts.generated_secrets(paths).get(plan.POSTGRES_PASSWORD)
+            details = {"purge": purge, "units": loaded}
+            record_audit((current.database_url, password), "uninstall", "success", details)
         systemd.stop(loaded)
         systemd.reset_failed(loaded)
     keep = {paths.etc, paths.state_dir} if not purge else set()

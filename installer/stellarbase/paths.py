@@ -71,6 +71,27 @@ class HostPaths:
         return self.state_dir / "state.json"
 
     @property
+    def admin_secrets_file(self) -> Path:
+        """The local PostgreSQL superuser's password: root only, never given to services."""
+        return self.etc / "postgres-admin.env"
+
+    @property
+    def postgres_data(self) -> Path:
+        return self.state_dir / "postgres"
+
+    @property
+    def redis_data(self) -> Path:
+        return self.state_dir / "redis"
+
+    @property
+    def redis_conf(self) -> Path:
+        return self.etc / "redis.conf"
+
+    @property
+    def redis_auth(self) -> Path:
+        return self.etc / "redis-auth.conf"
+
+    @property
     def passwd(self) -> Path:
         return self.at("/etc/passwd")
 

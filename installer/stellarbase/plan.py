@@ -6,10 +6,15 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from stellarbase import config as cfg
 from stellarbase import render
 from stellarbase.files import digest
+from stellarbase.localdeps import MIN_POSTGRES, MIN_REDIS, ServerBinary, missing_error
 from stellarbase.paths import GROUP, USER, HostPaths
+
+NO_LOCAL_SERVERS = render.LocalServers()
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,13 @@ class Facts:
     binary_digest: str
     previous_files: tuple[str, ...] = ()  # host paths an earlier install owns
     previous_units: tuple[str, ...] = ()  # units an earlier install started
+    local: render.LocalServers = NO_LOCAL_SERVERS  # binaries of local dependencies
+    found: tuple[tuple[str, tuple[ServerBinary, ...]], ...] = ()  # all servers seen, by dep
+    # Passwords the installer generates (local servers), reused from the last install.
+    generated: tuple[tuple[str, str], ...] = ()
+
+    def secret(self, name: str) -> str:
+        return dict(self.generated)[name]
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,28 @@ class StartUnit:
 
 
 @dataclass(frozen=True)
+class InitPostgres:
+    bindir: Path
+    data_dir: Path
+    admin_password: str  # never shown: describe() leaves it out
+
+
+@dataclass(frozen=True)
+class EnsureDatabase:
+    port: int
+    admin_password: str
+    app_password: str
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Migrate:
+    url: str
+    password: str | None
+    timeout: float
+
+
+@dataclass(frozen=True)
 class WaitHealthy:
     units: tuple[str, ...]
     ready_urls: tuple[tuple[str, str], ...]  # (unit, url of its /readyz)
@@ -105,8 +139,41 @@ Step = (
     | StopUnits
     | DaemonReload
     | StartUnit
+    | InitPostgres
+    | EnsureDatabase
+    | Migrate
     | WaitHealthy
 )
+
+ADMIN_PASSWORD = "STELLARBASE_LOCAL_POSTGRES_ADMIN_PASSWORD"
+POSTGRES_PASSWORD = cfg.secret_env_name("postgres", "password")
+REDIS_PASSWORD = cfg.secret_env_name("redis", "password")
+
+
+def with_local_servers(config: cfg.Config, facts: Facts) -> cfg.Config:
+    """The config as the services see it: local dependencies filled in as loopback URLs."""
+    update: dict[str, object] = {}
+    if facts.local.postgres:
+        update["postgres"] = cfg.PostgresConfig(
+            url=f"postgresql://stellarbase@127.0.0.1:{config.local.postgres.port}/stellarbase",
+            password=SecretStr(facts.secret(POSTGRES_PASSWORD)),
+        )
+    if facts.local.redis:
+        update["redis"] = cfg.RedisConfig(
+            url=f"redis://127.0.0.1:{config.local.redis.port}/0",
+            password=SecretStr(facts.secret(REDIS_PASSWORD)),
+        )
+    return config.model_copy(update=update)
+
+
+def require_local_servers(config: cfg.Config, facts: Facts) -> None:
+    found = dict(facts.found)
+    for dep, have, minimum in (
+        ("postgres", facts.local.postgres, MIN_POSTGRES),
+        ("redis", facts.local.redis, MIN_REDIS),
+    ):
+        if config.mode_of(dep) == cfg.DependencyMode.LOCAL and have is None:  # type: ignore[arg-type]
+            raise missing_error(dep, list(found.get(dep, ())), minimum)
 
 
 @dataclass(frozen=True)
@@ -114,9 +181,13 @@ class Plan:
     steps: tuple[Step, ...]
     owned: tuple[str, ...]  # host paths the installer owns once applied (for uninstall)
     endpoints: tuple[tuple[str, str], ...]  # (unit, base URL)
+    database: tuple[str, str | None] | None = None  # (url, password) for the audit log
 
 
-def make_plan(config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
+def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
+    require_local_servers(site_config, facts)
+    config = with_local_servers(site_config, facts)
+    local = facts.local
     steps: list[Step] = []
     owned: list[Path] = []
 
@@ -135,6 +206,10 @@ def make_plan(config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
     steps.append(EnsureUser(USER, paths.sysusers_file))
 
     mine(EnsureDir(paths.state_dir, "root", GROUP, 0o750))
+    if local.postgres:
+        mine(EnsureDir(paths.postgres_data, USER, GROUP, 0o700))  # initdb insists on 0700
+    if local.redis:
+        mine(EnsureDir(paths.redis_data, USER, GROUP, 0o750))
     mine(EnsureDir(paths.etc, "root", GROUP, 0o750))
     mine(EnsureDir(paths.service_settings_dir, "root", GROUP, 0o750))
     mine(EnsureDir(paths.opt, "root", "root", 0o755))
@@ -145,10 +220,24 @@ def make_plan(config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
     mine(CopyFile(binary, facts.binary, facts.binary_digest, "root", "root", 0o755))
     mine(Symlink(paths.current, f"releases/{facts.version}"))
 
-    site = render.render_site_config(config).encode()
+    site = render.render_site_config(site_config).encode()  # as given: local stays local
     secrets = render.render_secrets(config).encode()
     mine(WriteFile(paths.config_file, site, "root", GROUP, 0o640))
     mine(WriteFile(paths.secrets_file, secrets, "root", GROUP, 0o640, secret=True))
+    local_inputs = b""
+    if local.postgres:
+        admin = {ADMIN_PASSWORD: facts.secret(ADMIN_PASSWORD)}
+        admin_env = render.render_env_file(admin, "Local PostgreSQL superuser; root only.")
+        mine(WriteFile(paths.admin_secrets_file, admin_env.encode(), "root", "root", 0o600, True))
+        if paths.live:
+            pw = facts.secret(ADMIN_PASSWORD)
+            steps.append(InitPostgres(local.postgres.path, paths.postgres_data, pw))
+    if local.redis:
+        redis_conf = render.render_redis_conf(config, paths).encode()
+        redis_auth = render.render_redis_auth(facts.secret(REDIS_PASSWORD)).encode()
+        mine(WriteFile(paths.redis_conf, redis_conf, "root", GROUP, 0o640))
+        mine(WriteFile(paths.redis_auth, redis_auth, "root", GROUP, 0o640, secret=True))
+        local_inputs = redis_conf + b"\0" + redis_auth
     settings: dict[str, bytes] = {}
     for name in cfg.load_catalog().services:
         settings[name] = render.render_service_settings(config, name).encode()
@@ -158,7 +247,7 @@ def make_plan(config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
             )
         )
 
-    unit_files = render.render_units(config, paths)
+    unit_files = render.render_units(config, paths, local)
     for unit_name, content in unit_files.items():
         mine(WriteFile(paths.unit_dir / unit_name, content.encode(), "root", "root", 0o644))
     wants = paths.unit_dir / "multi-user.target.wants"
@@ -174,15 +263,34 @@ def make_plan(config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
     if stale:
         steps.append(RemoveStale(tuple(stale)))
 
+    database = None
+    if config.postgres:
+        secret = config.postgres.password
+        database = (config.postgres.url, secret.get_secret_value() if secret else None)
     instances = render.unit_instances(config)
     endpoints = tuple((u.name, _base_url(config.bind, u.port)) for u in instances)
     if paths.live:
-        wanted = {u.name for u in instances}
+        wanted = {*local.units(), *(u.name for u in instances)}
         gone = tuple(u for u in facts.previous_units if u not in wanted and u != render.TARGET)
         if gone:
             steps.append(StopUnits(gone))
         loaded = [u for u in unit_files if not u.endswith("@.service")]  # templates: via instances
         steps.append(DaemonReload(tuple(dict.fromkeys([*loaded, *wanted]))))
+        for unit_name in local.units():
+            inputs = unit_files[unit_name].encode() + b"\0" + local_inputs
+            steps.append(StartUnit(unit_name, digest(inputs)))
+        timeout = config.health.timeout_seconds
+        if local.postgres:
+            steps.append(
+                EnsureDatabase(
+                    config.local.postgres.port,
+                    facts.secret(ADMIN_PASSWORD),
+                    facts.secret(POSTGRES_PASSWORD),
+                    timeout,
+                )
+            )
+        if database:
+            steps.append(Migrate(*database, timeout))
         for unit in instances:
             inputs = b"\0".join(
                 [
@@ -197,12 +305,12 @@ def make_plan(config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
         steps.append(StartUnit(render.TARGET, "", restart_on_change=False))
         steps.append(
             WaitHealthy(
-                units=(*(u.name for u in instances), render.TARGET),
+                units=(*local.units(), *(u.name for u in instances), render.TARGET),
                 ready_urls=tuple((name, f"{url}/readyz") for name, url in endpoints),
                 timeout=config.health.timeout_seconds,
             )
         )
-    return Plan(tuple(steps), owned_views, endpoints)
+    return Plan(tuple(steps), owned_views, endpoints, database)
 
 
 def _base_url(bind: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str:
@@ -231,5 +339,11 @@ def describe(step: Step) -> str:
             return "systemctl daemon-reload"
         case StartUnit():
             return f"start {step.unit}"
+        case InitPostgres():
+            return f"initialise the local PostgreSQL cluster in {step.data_dir}"
+        case EnsureDatabase():
+            return "ensure the local database, role and extensions"
+        case Migrate():
+            return "apply database migrations"
         case WaitHealthy():
             return f"wait until {len(step.units)} units are active and ready"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import jinja2
@@ -10,9 +11,23 @@ import yaml
 
 from stellarbase import config as cfg
 from stellarbase import resources
+from stellarbase.localdeps import ServerBinary
 from stellarbase.paths import GROUP, USER, HostPaths
 
 TARGET = "stellarbase.target"
+POSTGRES_UNIT = "stellarbase-postgres.service"
+REDIS_UNIT = "stellarbase-redis.service"
+
+
+@dataclass(frozen=True)
+class LocalServers:
+    """The host's server binaries for the dependencies that run locally (None: external)."""
+
+    postgres: ServerBinary | None = None
+    redis: ServerBinary | None = None
+
+    def units(self) -> list[str]:
+        return [u for u, b in ((POSTGRES_UNIT, self.postgres), (REDIS_UNIT, self.redis)) if b]
 
 
 @dataclass(frozen=True)
@@ -45,12 +60,30 @@ def unit_instances(config: cfg.Config) -> list[UnitInstance]:
     return out
 
 
-def render_units(config: cfg.Config, paths: HostPaths) -> dict[str, str]:
-    """Unit file name → content, for the target and every service template."""
+def render_units(config: cfg.Config, paths: HostPaths, local: LocalServers) -> dict[str, str]:
+    """Unit file name → content, for the target, the local servers and every service."""
     env = environment()
+    out: dict[str, str] = {}
+    if local.postgres:
+        out[POSTGRES_UNIT] = env.get_template(f"{POSTGRES_UNIT}.j2").render(
+            version=local.postgres.version_text,
+            bindir=local.postgres.path,
+            data_dir=paths.host_view(paths.postgres_data),
+            port=config.local.postgres.port,
+            user=USER,
+            group=GROUP,
+        )
+    if local.redis:
+        out[REDIS_UNIT] = env.get_template(f"{REDIS_UNIT}.j2").render(
+            version=local.redis.version_text,
+            binary=local.redis.path,
+            config_file=paths.host_view(paths.redis_conf),
+            data_dir=paths.host_view(paths.redis_data),
+            user=USER,
+            group=GROUP,
+        )
     catalog = cfg.load_catalog().services
     binary = str(paths.host_view(paths.current / "stellarbase"))
-    out: dict[str, str] = {}
     for name, entry in catalog.items():
         settings = paths.host_view(paths.service_settings_dir / f"{name}.json")
         command = f"{name} --settings {settings}"
@@ -68,10 +101,28 @@ def render_units(config: cfg.Config, paths: HostPaths) -> dict[str, str]:
             user=USER,
             group=GROUP,
             watchdog_seconds=config.health.watchdog_seconds,
+            local_units=local.units(),
         )
-    wants = [u.name for u in unit_instances(config)]
+    wants = [*local.units(), *(u.name for u in unit_instances(config))]
     out[TARGET] = env.get_template(f"{TARGET}.j2").render(wants=wants)
     return out
+
+
+def render_redis_conf(config: cfg.Config, paths: HostPaths) -> str:
+    return (
+        environment()
+        .get_template("redis.conf.j2")
+        .render(
+            port=config.local.redis.port,
+            data_dir=paths.host_view(paths.redis_data),
+            auth_file=paths.host_view(paths.redis_auth),
+        )
+    )
+
+
+def render_redis_auth(password: str) -> str:
+    # Redis config strings take double quotes with backslash escapes, like env files.
+    return f"requirepass {_env_quote(password)}\n"
 
 
 def render_sysusers(paths: HostPaths) -> str:
@@ -88,9 +139,9 @@ def render_site_config(config: cfg.Config) -> str:
 
 
 def render_secrets(config: cfg.Config) -> str:
-    lines = [f"{k}={_env_quote(v)}" for k, v in sorted(cfg.secrets_env(config).items())]
-    return "# Credentials of the StellarBase services; never copy into unit files.\n" + "".join(
-        line + "\n" for line in lines
+    return render_env_file(
+        cfg.secrets_env(config),
+        "Credentials of the StellarBase services; never copy into unit files.",
     )
 
 
@@ -99,7 +150,13 @@ def render_service_settings(config: cfg.Config, name: cfg.ServiceName) -> str:
     return json.dumps(settings.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
 
 
+def render_env_file(values: dict[str, str], header: str) -> str:
+    lines = [f"{k}={_env_quote(v)}\n" for k, v in sorted(values.items())]
+    return f"# {header}\n" + "".join(lines)
+
+
 def _env_quote(value: str) -> str:
-    # systemd EnvironmentFile= honours double quotes with backslash escapes.
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    # systemd EnvironmentFile= (and Redis) double quotes: a backslash escapes " \\ ` $.
+    # Newlines cannot be written this way; config validation refuses them in secrets.
+    escaped = re.sub(r'(["\\\\`$])', r"\\\1", value)
     return f'"{escaped}"'

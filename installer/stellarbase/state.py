@@ -16,6 +16,8 @@ class State:
     units: dict[str, str] = field(default_factory=dict)  # unit → digest of its inputs when started
     ports: dict[str, int] = field(default_factory=dict)  # unit → port it listens on
     config_source: str = ""
+    database_url: str = ""  # where the audit log lives (no password)
+    features: dict[str, bool] = field(default_factory=dict)  # e.g. vector: semantic search on
 
     def own(self, path: str) -> bool:
         """Record a path as ours; True when that is new."""

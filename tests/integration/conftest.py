@@ -97,6 +97,7 @@ def site_config(site_deps: dict[str, Any]) -> tuple[dict[str, Any], dict[str, st
         "agent": {"port": base + 1},
         "worker": {"port": base + 2, "instances": 1},
         "health": {"timeout_seconds": 60},
+        "dependencies": {"mode": "external"},
         "postgres": {"url": pg["url"]},
         "redis": {"url": rd["url"]},
         "s3": {k: s3[k] for k in ("endpoint", "bucket", "region")},

@@ -72,13 +72,14 @@ def test_overlapping_ports_are_refused() -> None:
 
 
 def test_missing_secret_names_the_variable() -> None:
-    err = _fail(sets=["postgres.url=postgresql://sb@db:5432/sb"])
+    err = _fail(sets=["dependencies.mode=external", "postgres.url=postgresql://sb@db:5432/sb"])
     assert "postgres.password" in err.message
     assert "STELLARBASE_POSTGRES__PASSWORD" in err.hint
 
 
 def test_password_in_url_is_refused() -> None:
-    assert "password" in _fail(sets=["redis.url=redis://:hunter2@cache:6379/0"]).message
+    sets = ["dependencies.redis=external", "redis.url=redis://:hunter2@cache:6379/0"]
+    assert "password" in _fail(sets=sets).message
 
 
 def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
@@ -94,7 +95,7 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
 
 def test_secrets_come_from_env_and_stay_out_of_the_dump() -> None:
     loaded = load_config(
-        sets=["postgres.url=postgresql://sb@db:5432/sb"],
+        sets=["dependencies.mode=external", "postgres.url=postgresql://sb@db:5432/sb"],
         env={"STELLARBASE_POSTGRES__PASSWORD": "s3cret"},
     )
     assert secrets_env(loaded.config) == {"STELLARBASE_POSTGRES__PASSWORD": "s3cret"}
@@ -109,3 +110,15 @@ def test_schema_validates_the_example_and_rejects_typos() -> None:
     jsonschema.validate(example, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"api": {"prot": 1}}, schema)
+
+
+def test_local_dependencies_by_tier_and_conflicts() -> None:
+    pilot = load_config(env={}).config
+    assert pilot.mode_of("postgres") == "local" and pilot.mode_of("redis") == "local"
+    department = load_config(tier="department", env={}).config
+    assert department.mode_of("postgres") == "external"
+    mixed = load_config(sets=["dependencies.redis=external"], env={}).config
+    assert (mixed.mode_of("postgres"), mixed.mode_of("redis")) == ("local", "external")
+    err = _fail(sets=["postgres.url=postgresql://sb@db/sb", "postgres.password=x"])
+    assert "dependencies.postgres=external" in err.message
+    assert _fail(sets=["local.redis.port=8300"]).message.startswith("--set: ")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -9,9 +10,12 @@ from pathlib import Path
 import pytest
 
 from stellarbase import operations, state
-from stellarbase.apply import Status
 from stellarbase.config import load_config
+from stellarbase.errors import ExitCode, StellarError
+from stellarbase.installed import read_env_file
+from stellarbase.output import Status
 from stellarbase.paths import HostPaths
+from stellarbase.plan import Facts, make_plan
 
 pytestmark = pytest.mark.host_commands  # systemd-sysusers --root=<tmp> creates the user
 
@@ -57,6 +61,7 @@ def test_files_have_owner_and_mode(tmp_path: Path, binary: Path) -> None:
     _install(
         root,
         binary,
+        "dependencies.postgres=external",
         "postgres.url=postgresql://sb@db:5432/sb",
         env={"STELLARBASE_POSTGRES__PASSWORD": "pw-123"},
     )
@@ -77,7 +82,8 @@ def test_files_have_owner_and_mode(tmp_path: Path, binary: Path) -> None:
 def test_plan_masks_secrets_and_changes_nothing(tmp_path: Path, binary: Path) -> None:
     root = tmp_path / "root"
     loaded = load_config(
-        sets=["redis.url=redis://cache:6379/0"], env={"STELLARBASE_REDIS__PASSWORD": "r-pass-9"}
+        sets=["dependencies.redis=external", "redis.url=redis://cache:6379/0"],
+        env={"STELLARBASE_REDIS__PASSWORD": "r-pass-9"},
     )
     result = operations.dry_run(loaded, HostPaths(root), binary)
     assert result.changed > 10
@@ -124,3 +130,37 @@ def test_uninstall_keeps_config_unless_purged(tmp_path: Path, binary: Path) -> N
     operations.uninstall(paths, purge=True)
     assert not paths.etc.exists() and not paths.state_dir.exists()
     assert not paths.sysusers_file.exists()
+
+
+def test_local_servers_get_their_files_and_generated_passwords(
+    tmp_path: Path, binary: Path
+) -> None:
+    root = tmp_path / "root"
+    _install(root, binary)
+    paths = HostPaths(root)
+    redis_conf = paths.redis_conf.read_text()
+    assert "maxmemory-policy noeviction" in redis_conf and "appendonly yes" in redis_conf
+    # the password sits in the 0640 include file, not in redis.conf
+    assert not any(line.startswith("requirepass") for line in redis_conf.splitlines())
+    assert stat.S_IMODE(paths.admin_secrets_file.stat().st_mode) == 0o600
+    secrets = read_env_file(paths.secrets_file)
+    assert len(secrets["STELLARBASE_POSTGRES__PASSWORD"]) >= 24
+    assert secrets["STELLARBASE_REDIS__PASSWORD"] in paths.redis_auth.read_text()
+    api = json.loads((paths.service_settings_dir / "api.json").read_text())
+    assert api["postgres"]["url"] == "postgresql://stellarbase@127.0.0.1:8432/stellarbase"
+    assert api["postgres"]["password"] is None  # the service reads it from secrets.env
+    unit = (paths.unit_dir / "stellarbase-api.service").read_text()
+    assert "After=network-online.target stellarbase-postgres.service" in unit
+    assert stat.S_IMODE(paths.postgres_data.stat().st_mode) == 0o700
+    # the passwords survive a re-run: generated once, then read back
+    assert _install(root, binary).changed == 0
+
+
+def test_missing_server_binaries_stop_the_plan(tmp_path: Path, binary: Path) -> None:
+    loaded = load_config(env={})
+    facts = Facts(version="0.1.0", binary=binary, binary_digest="x")
+    with pytest.raises(StellarError) as info:
+        make_plan(loaded.config, HostPaths(tmp_path / "root"), facts)
+    assert info.value.code == ExitCode.HOST
+    assert "install postgresql" in info.value.hint
+    assert not (tmp_path / "root").exists()
