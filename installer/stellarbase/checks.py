@@ -78,7 +78,7 @@ def s3_client(dep: S3Config, timeout: float) -> Any:
         config=BotoConfig(
             connect_timeout=timeout,
             read_timeout=timeout,
-            retries={"max_attempts": 1},
+            retries={"total_max_attempts": 1},  # one attempt: the caller owns the deadline
             s3={"addressing_style": dep.addressing},
             request_checksum_calculation=dep.checksums,
             response_checksum_validation=dep.checksums,

@@ -1,0 +1,571 @@
+"""Preflight of the external dependencies: PostgreSQL, Redis and S3.
+
+One `Check` per configured dependency (a local one, which the installer runs itself, is not
+configured and gets none). Each walks its server from "answers at all" to the settings
+StellarBase relies on and stops at the first finding that makes the rest moot. Every
+network call is bounded by the check timeout, so a server that hangs costs one timeout
+and leaves no thread waiting on it for long.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import math
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from stellarbase.checks import s3_client
+from stellarbase.config import Config, PostgresConfig, RedisConfig, S3Config, secret_env_name
+from stellarbase.preflight import Check, Context, Finding, Level, failed, noted, passed
+
+if TYPE_CHECKING:
+    import psycopg
+
+PG_MIN_MAJOR = 14
+REDIS_MIN_MAJOR = 7
+SKEW_WARN_S = 30.0
+SKEW_FAIL_S = 300.0
+PROBE_PREFIX = "stellarbase-preflight/"
+# GSSENCRequest rather than SSLRequest: a server that offers TLS logs "could not accept SSL
+# connection: EOF detected" when the client hangs up after "S"; after "N" it logs nothing.
+_GSSENC_REQUEST = struct.pack("!ii", 8, 80877104)
+_SYNC_NTP = "sync the host clock: `timedatectl set-ntp true`, then check `chronyc tracking`"
+
+
+def checks(ctx: Context) -> list[Check]:
+    config = ctx.config
+    timeout = config.health.check_timeout_seconds
+    found: list[Check] = []
+    if config.postgres is not None:
+        pg = config.postgres
+        host, port = _host_and_port(pg.url, 5432)
+        hint = f"is PostgreSQL at {host}:{port} up and not overloaded? "
+        hint += f"`pg_isready -h {host} -p {port}`"
+        found.append(
+            Check("postgres", partial(postgres_findings, pg, config, timeout), timeout, hint)
+        )
+    if config.redis is not None:
+        rd = config.redis
+        host, port = _host_and_port(rd.url, 6379)
+        hint = f"is Redis at {host}:{port} up and not overloaded? "
+        hint += f"`redis-cli -h {host} -p {port} ping`"
+        found.append(Check("redis", partial(redis_findings, rd, config, timeout), timeout, hint))
+    if config.s3 is not None:
+        s3 = config.s3
+        hint = f"is S3 at {s3.endpoint or 'AWS'} up, and no proxy or firewall swallowing requests?"
+        found.append(Check("s3", partial(s3_findings, s3, config, timeout), timeout, hint))
+    return found
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------
+
+
+def postgres_findings(dep: PostgresConfig, config: Config, timeout: float) -> list[Finding]:
+    import psycopg
+
+    budget = _budget(timeout)
+    deadline = time.monotonic() + budget
+    host, port = _host_and_port(dep.url, 5432)
+    user = urlsplit(dep.url).username or "(default user)"
+    reach = f"PostgreSQL answers at {host}:{port}"
+    try:
+        _pg_handshake(host, port, _left(deadline))
+    except (OSError, ValueError) as exc:
+        hint = f"start PostgreSQL or fix postgres.url; `pg_isready -h {host} -p {port}`"
+        return [failed("postgres.reachable", f"{host}:{port}: {_why(exc, budget)}", reach, hint)]
+    found = [passed("postgres.reachable", f"{host}:{port}", reach)]
+    try:
+        conn = psycopg.connect(
+            dep.url,
+            password=dep.password.get_secret_value() if dep.password else None,
+            # libpq takes whole seconds, at least 2; _cut_off bounds everything after.
+            connect_timeout=max(2, math.ceil(_left(deadline))),
+            application_name="stellarbase-preflight",
+            autocommit=True,
+        )
+    except psycopg.OperationalError as exc:
+        return [*found, _pg_connect_failure(exc, user, urlsplit(dep.url).path.lstrip("/"))]
+    found.append(passed("postgres.auth", f"as {user}", "the configured password is accepted"))
+    with conn, _cut_off(conn.fileno(), deadline):
+        # The version comes from the startup ParameterStatus: no query before it is known.
+        num = conn.info.server_version
+        shown = f"{conn.info.parameter_status('server_version') or '?'} (server_version_num {num})"
+        upgrade = f"upgrade to PostgreSQL {PG_MIN_MAJOR}+ (pg_upgrade, or the provider's upgrade)"
+        ok = num >= PG_MIN_MAJOR * 10000
+        found.append(_verdict("postgres.version", ok, shown, f"≥ {PG_MIN_MAJOR}", upgrade))
+        if not ok:
+            return found
+        try:
+            _pg_settings(conn, config, user, num // 10000, found)
+        except psycopg.Error as exc:
+            late = _left(deadline) == 0.0  # _cut_off closed the socket under the query
+            found.append(
+                failed(
+                    "postgres.query",
+                    f"no answer within {budget:.3g}s" if late else _pg_message(exc),
+                    "answers the preflight queries within the check timeout",
+                    "see the server log around this time; the server may be overloaded",
+                )
+            )
+    return found
+
+
+def _pg_handshake(host: str, port: int, timeout: float) -> None:
+    """Prove a PostgreSQL server (not just an open port) answers, within a float timeout
+    (libpq's connect_timeout is whole seconds, at least 2)."""
+    with socket.create_connection((host, port), timeout=max(timeout, 0.001)) as sock:
+        sock.sendall(_GSSENC_REQUEST)
+        answer = sock.recv(1)
+    if not answer:
+        raise ConnectionError("the server closed the connection without answering")
+    # "E": a server older than 12 that does not know the request; still PostgreSQL.
+    if answer not in (b"N", b"G", b"E"):
+        raise ValueError(f"the server answered {answer!r}, not as PostgreSQL does")
+
+
+def _pg_connect_failure(exc: Exception, user: str, db: str) -> Finding:
+    text = _pg_message(exc)
+    low = text.lower()
+    if "database" in low and "does not exist" in low:
+        hint = f'CREATE DATABASE "{db}" OWNER "{user}"; or fix the database in postgres.url'
+        return failed("postgres.database", text, f"database {db} exists", hint)
+    if any(word in low for word in ("password", "authentication", "pg_hba.conf", "role")):
+        hint = (
+            f"set the password of {user} in {secret_env_name('postgres', 'password')} "
+            "(or postgres.password in the site file), and check the server's pg_hba.conf"
+        )
+        return failed("postgres.auth", text, "the configured password is accepted", hint)
+    if "ssl" in low:
+        hint = "enable ssl = on on the server, or change sslmode in postgres.url"
+        return failed("postgres.tls", text, "sslmode of postgres.url works", hint)
+    hint = "check the server log; the server may be overloaded or out of connections"
+    return failed("postgres.reachable", text, "completes the PostgreSQL startup", hint)
+
+
+_PG_SETTINGS = """
+    SELECT current_database(),
+           current_setting('max_connections')::int,
+           current_setting('wal_level'),
+           (SELECT default_version FROM pg_available_extensions WHERE name = 'vector'),
+           (SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()),
+           (SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid())
+"""
+
+
+def _pg_settings(
+    conn: psycopg.Connection[Any], config: Config, user: str, major: int, found: list[Finding]
+) -> None:
+    row = conn.execute(_PG_SETTINGS).fetchone()
+    assert row is not None  # a SELECT without FROM returns one row
+    db, max_connections, wal_level, vector, ssl, tls_version = row
+    found.append(_pg_create(conn, db, user, config.health.check_timeout_seconds))
+    found.append(
+        _verdict(
+            "postgres.vector",
+            bool(vector),
+            f"available ({vector})" if vector else "not available: semantic search stays off",
+            "pgvector available",
+            f"install pgvector on the server (Debian: apt install postgresql-{major}-pgvector"
+            "; managed services: allow the 'vector' extension)",
+            miss=Level.WARN,
+        )
+    )
+    found.append(
+        _verdict(
+            "postgres.wal_level",
+            wal_level in ("replica", "logical"),
+            wal_level,
+            "replica or logical (WAL archiving for backups)",
+            "ALTER SYSTEM SET wal_level = replica; then restart PostgreSQL",
+            miss=Level.WARN,
+        )
+    )
+    if config.requirements.tls:
+        value = f"in use ({tls_version})" if ssl else "not in use"
+        hint = "add ?sslmode=require to postgres.url (and ssl = on on the server)"
+        found.append(_verdict("postgres.tls", bool(ssl), value, "TLS", hint))
+    req, workers = config.requirements, config.worker.instances
+    need = (1 + workers) * req.pool_size + req.connection_headroom
+    found.append(
+        _verdict(
+            "postgres.connections",
+            need <= max_connections,
+            f"needs {need} = (1 api + {workers} worker{'s' if workers != 1 else ''})"
+            f" × {req.pool_size} + {req.connection_headroom} headroom;"  # noqa: RUF001 -- a product
+            f" max_connections is {max_connections}",
+            "needed ≤ max_connections",
+            f"raise max_connections to at least {need} (ALTER SYSTEM SET max_connections ="
+            f" {need}; then restart) or lower requirements.pool_size or worker.instances",
+        )
+    )
+
+
+def _pg_create(conn: psycopg.Connection[Any], db: str, user: str, timeout: float) -> Finding:
+    import psycopg
+    from psycopg import sql
+
+    table = sql.Identifier(f"stellarbase_preflight_{secrets.token_hex(4)}")
+    need = f"{user} may create tables in {db}"
+    try:
+        with conn.transaction(force_rollback=True):
+            ms = sql.Literal(max(1, int(timeout * 1000)))
+            conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(ms))
+            conn.execute(sql.SQL("CREATE TABLE {} (id int)").format(table))
+    except psycopg.errors.ReadOnlySqlTransaction as exc:
+        hint = "point postgres.url at the primary server, not a read-only replica"
+        return failed("postgres.create", _pg_message(exc), need, hint)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        hint = f'GRANT CREATE ON SCHEMA public TO "{user}"; or ALTER DATABASE "{db}" OWNER TO '
+        return failed("postgres.create", _pg_message(exc), need, hint + f'"{user}"')
+    return passed("postgres.create", f"CREATE TABLE in {db} as {user}", need)
+
+
+def _pg_message(exc: Exception) -> str:
+    """The server's own words, without libpq's "connection to server at … failed:" preamble."""
+    text = " ".join(str(exc).split())
+    for marker in ("FATAL: ", "ERROR: "):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+    return text[:300] or exc.__class__.__name__
+
+
+@contextlib.contextmanager
+def _cut_off(fileno: int, deadline: float) -> Iterator[None]:
+    """Shut the connection's socket down at the deadline.
+
+    psycopg has no read timeout: a server that stops answering mid-query would hold the
+    thread. Shutting down a duplicate of the socket fails that read instead; the duplicate
+    keeps the descriptor ours, so a closed and reused number is never touched.
+    """
+    sock = socket.socket(fileno=socket.dup(fileno))
+    lock = threading.Lock()
+
+    def cut() -> None:
+        with lock, contextlib.suppress(OSError):
+            if sock.fileno() != -1:
+                sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(_left(deadline), cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        with lock:
+            sock.close()
+
+
+# --- Redis --------------------------------------------------------------------------------
+
+
+def redis_findings(dep: RedisConfig, config: Config, timeout: float) -> list[Finding]:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    budget = _budget(timeout)
+    client = redis.Redis.from_url(
+        dep.url,
+        password=dep.password.get_secret_value() if dep.password else None,
+        socket_timeout=budget,
+        socket_connect_timeout=budget,
+        retry=Retry(NoBackoff(), 0),  # a retry would double the time a dead server costs
+        # RESP2 (AUTH, not HELLO 3): an old server then still says which version it is.
+        protocol=2,
+        decode_responses=True,
+    )
+    found: list[Finding] = []
+    try:
+        _redis_steps(client, dep, config, budget, found)
+    except redis.RedisError as exc:
+        need = "answers the preflight commands within the check timeout"
+        hint = "see the Redis log around this time; the server may be overloaded"
+        found.append(failed("redis.query", _why(exc, budget), need, hint))
+    finally:
+        client.close()
+    return found
+
+
+def _redis_steps(
+    client: Any, dep: RedisConfig, config: Config, budget: float, found: list[Finding]
+) -> None:
+    import redis
+
+    host, port = _host_and_port(dep.url, 6379)
+    where = f"{host}:{port}"
+    try:
+        info = client.info("server")  # the first command connects and authenticates
+    except redis.AuthenticationError as exc:
+        hint = (
+            f"set the password in {secret_env_name('redis', 'password')} (or redis.password in "
+            "the site file); it must match requirepass or the ACL user of redis.url"
+        )
+        found.append(passed("redis.reachable", where, "Redis answers"))
+        found.append(failed("redis.auth", _why(exc, budget), "the password is accepted", hint))
+        return
+    except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+        hint = f"start Redis or fix redis.url; `redis-cli -h {host} -p {port} ping`"
+        found.append(failed("redis.reachable", f"{where}: {_why(exc, budget)}", "answers", hint))
+        return
+    found.append(passed("redis.reachable", where, "Redis answers"))
+    found.append(passed("redis.auth", "accepted", "the password is accepted"))
+    version = str(info.get("redis_version", "?"))
+    ok, upgrade = _major(version) >= REDIS_MIN_MAJOR, f"upgrade to Redis {REDIS_MIN_MAJOR}+"
+    found.append(_verdict("redis.version", ok, version, f"≥ {REDIS_MIN_MAJOR}", upgrade))
+    if not ok:
+        return
+    policy, aof, save = _redis_settings(client)
+    found.append(
+        _verdict(
+            "redis.maxmemory_policy",
+            policy == "noeviction",
+            policy,
+            "noeviction (queues must not lose keys under memory pressure)",
+            "CONFIG SET maxmemory-policy noeviction (and in redis.conf, or the provider's "
+            "parameter group)",
+        )
+    )
+    found.append(_redis_persistence(config, aof, save))
+    if config.requirements.tls:
+        scheme = urlsplit(dep.url).scheme
+        hint = "use a rediss:// URL in redis.url, pointing at the server's tls-port"
+        found.append(_verdict("redis.tls", scheme == "rediss", f"{scheme}://", "rediss://", hint))
+
+
+def _redis_settings(client: Any) -> tuple[str, bool, str | None]:
+    """maxmemory-policy, AOF on, RDB save schedule (None: unknown, CONFIG is disabled)."""
+    import redis
+
+    try:
+        got = client.config_get("maxmemory-policy", "appendonly", "save")
+        return got["maxmemory-policy"], got["appendonly"] == "yes", got["save"]
+    except redis.ResponseError:
+        pass  # managed Redis often renames or denies CONFIG; INFO still says most of it
+    info = client.info("memory", "persistence")
+    return str(info.get("maxmemory_policy", "?")), info.get("aof_enabled") == 1, None
+
+
+def _redis_persistence(config: Config, aof: bool, save: str | None) -> Finding:
+    name, need = "redis.persistence", "AOF or RDB snapshots"
+    if aof or save:
+        return passed(name, "appendonly yes" if aof else f'RDB save "{save}"', need)
+    if not config.requirements.redis_persistence:
+        return noted(name, "off (not required on this tier)")
+    if save is None:
+        hint = "make sure the provider keeps snapshots or AOF for this Redis"
+        value = "appendonly no; RDB schedule unknown (CONFIG is disabled)"
+        return Finding(name, Level.WARN, value, need, hint)
+    hint = "CONFIG SET appendonly yes (and appendonly yes in redis.conf, or the provider's setting)"
+    return failed(name, 'appendonly no, save ""', need, hint)
+
+
+# --- S3 -----------------------------------------------------------------------------------
+
+# What each S3 step after the first needs, and the permissions that give it.
+_S3_STEPS = {
+    "bucket": ("exists", "s3:CreateBucket and s3:PutBucketVersioning"),
+    "probe": ("put, read back and delete an object", "s3:PutObject, s3:GetObject, s3:DeleteObject"),
+    "versioning": ("Enabled", "s3:GetBucketVersioning"),
+}
+_S3_CREDENTIAL_CODES = (
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "InvalidClientTokenId",
+)
+
+
+def s3_findings(dep: S3Config, config: Config, timeout: float) -> list[Finding]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    budget = _budget(timeout)
+    where = dep.endpoint or f"AWS S3 ({dep.region})"
+    client = s3_client(dep, budget)
+    sent = time.time()
+    try:
+        response = client.list_objects_v2(Bucket=dep.bucket, Prefix=PROBE_PREFIX, MaxKeys=1)
+        code = ""
+    except ClientError as exc:
+        response, code = exc.response, exc.response.get("Error", {}).get("Code", "?")
+    except BotoCoreError as exc:
+        return [_s3_unreachable(dep, where, exc, budget)]
+    skew = _clock_skew(response, sent, time.time())
+    if code not in ("", "NoSuchBucket", "RequestTimeTooSkewed", *_S3_CREDENTIAL_CODES):
+        return [_s3_refused(dep, where, code, response)]
+    found = [passed("s3.reachable", where, "S3 answers")]
+    if code == "RequestTimeTooSkewed":
+        return [*found, failed("s3.clock", f"rejected: {code}", "≤ 300 s", _SYNC_NTP)]
+    if code in _S3_CREDENTIAL_CODES:
+        keys = f"{secret_env_name('s3', 'access_key')} and {secret_env_name('s3', 'secret_key')}"
+        hint = f"set {keys} (or s3.access_key / s3.secret_key) to a key pair the service knows"
+        return [*found, failed("s3.credentials", f"rejected: {code}", "valid access key", hint)]
+    found.append(passed("s3.credentials", "accepted", "valid access key"))
+    found.append(_s3_clock(skew))
+    endpoint = f" --endpoint-url {dep.endpoint}" if dep.endpoint else ""
+    if code == "NoSuchBucket" and not dep.create_bucket:
+        hint = f"create it (aws s3api create-bucket --bucket {dep.bucket}{endpoint}) or set "
+        hint += "s3.create_bucket=true to let preflight create it"
+        return [*found, failed("s3.bucket", f"{dep.bucket} does not exist", "exists", hint)]
+    steps: list[tuple[str, Callable[[], Finding]]] = [("probe", partial(_s3_probe, client, dep))]
+    if code == "NoSuchBucket":
+        steps.insert(0, ("bucket", partial(_s3_create_bucket, client, dep, config)))
+    else:
+        found.append(passed("s3.bucket", dep.bucket, "exists"))
+    if config.requirements.s3_versioning:
+        steps.append(("versioning", partial(_s3_versioning, client, dep, endpoint)))
+    for step, run in steps:
+        try:
+            found.append(run())
+        except (BotoCoreError, ClientError) as exc:
+            found.append(_s3_step_failed(dep, step, exc, budget))
+        if step == "bucket" and found[-1].level == Level.FAIL:
+            return found
+    if config.requirements.tls:
+        https = dep.endpoint is None or dep.endpoint.startswith("https://")
+        hint = "use an https:// URL in s3.endpoint"
+        found.append(_verdict("s3.tls", https, "https" if https else "http", "https", hint))
+    return found
+
+
+def _s3_unreachable(dep: S3Config, where: str, exc: Exception, budget: float) -> Finding:
+    from botocore.exceptions import NoCredentialsError
+
+    if isinstance(exc, NoCredentialsError):
+        keys = f"{secret_env_name('s3', 'access_key')} and {secret_env_name('s3', 'secret_key')}"
+        need = "an access key, or an instance role on AWS"
+        return failed("s3.credentials", "no credentials found", need, f"export {keys}")
+    curl = f"`curl -sI {dep.endpoint or 'https://s3.amazonaws.com'}` should answer"
+    hint = f"start the S3 service or fix s3.endpoint; {curl}"
+    return failed("s3.reachable", f"{where}: {_why(exc, budget)}", "S3 answers", hint)
+
+
+def _s3_refused(dep: S3Config, where: str, code: str, response: Any) -> Finding:
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+    if code in ("AccessDenied", "AllAccessDisabled", "403"):
+        hint = f"grant s3:ListBucket on arn:aws:s3:::{dep.bucket} and {_S3_STEPS['probe'][1]} "
+        hint += f"on arn:aws:s3:::{dep.bucket}/*"
+        value = f"access denied to {dep.bucket} (HTTP {status} {code})"
+        return failed("s3.bucket", value, "list, read, write and delete in the bucket", hint)
+    hint = "check s3.endpoint, s3.region and s3.addressing (path or virtual) for this service"
+    return failed("s3.reachable", f"{where}: HTTP {status} {code}", "S3 answers", hint)
+
+
+def _s3_step_failed(dep: S3Config, step: str, exc: Exception, budget: float) -> Finding:
+    response = getattr(exc, "response", None)
+    code = response.get("Error", {}).get("Code", "?") if response else None
+    need, grant = _S3_STEPS[step]
+    if code is None:  # no answer, or no connection: not a permission question
+        hint = "check the S3 service's health and any proxy in between"
+        return failed(f"s3.{step}", _why(exc, budget), need, hint)
+    hint = f"grant {grant} on arn:aws:s3:::{dep.bucket} to this access key"
+    return failed(f"s3.{step}", f"{step} failed: {code}", need, hint)
+
+
+def _s3_create_bucket(client: Any, dep: S3Config, config: Config) -> Finding:
+    args: dict[str, Any] = {"Bucket": dep.bucket}
+    if dep.region != "us-east-1":  # the one region S3 refuses a LocationConstraint for
+        args["CreateBucketConfiguration"] = {"LocationConstraint": dep.region}
+    client.create_bucket(**args)
+    if not config.requirements.s3_versioning:
+        return passed("s3.bucket", f"created {dep.bucket}", "exists")
+    # Made here, so made as required; the versioning step then confirms it.
+    client.put_bucket_versioning(Bucket=dep.bucket, VersioningConfiguration={"Status": "Enabled"})
+    return passed("s3.bucket", f"created {dep.bucket} with versioning", "exists")
+
+
+def _s3_probe(client: Any, dep: S3Config) -> Finding:
+    key = f"{PROBE_PREFIX}{socket.gethostname()}-{secrets.token_hex(8)}"
+    body = secrets.token_bytes(64)
+    need = _S3_STEPS["probe"][0]
+    put = client.put_object(Bucket=dep.bucket, Key=key, Body=body)
+    got = client.get_object(Bucket=dep.bucket, Key=key)["Body"].read()
+    # With versioning on, only deleting the version itself leaves nothing behind.
+    version = {"VersionId": put["VersionId"]} if put.get("VersionId") else {}
+    client.delete_object(Bucket=dep.bucket, Key=key, **version)
+    if got != body:
+        value = f"read back {len(got)} bytes that differ from the {len(body)} written"
+        hint = "something between here and the store alters objects: check proxies"
+        return failed("s3.probe", value, need, hint)
+    return passed("s3.probe", f"{len(body)} bytes under {PROBE_PREFIX}, byte-exact", need)
+
+
+def _s3_versioning(client: Any, dep: S3Config, endpoint: str) -> Finding:
+    status = client.get_bucket_versioning(Bucket=dep.bucket).get("Status") or "not enabled"
+    hint = f"aws s3api put-bucket-versioning --bucket {dep.bucket} "
+    hint += f"--versioning-configuration Status=Enabled{endpoint}"
+    return _verdict("s3.versioning", status == "Enabled", status, "Enabled", hint)
+
+
+def _clock_skew(response: Any, sent: float, received: float) -> float | None:
+    """Server clock minus ours, in seconds, from the Date header (None without one)."""
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        server = email.utils.parsedate_to_datetime(date).timestamp()
+    except (TypeError, ValueError):
+        return None
+    # The header has whole seconds: its middle against the middle of the round trip.
+    return server + 0.5 - (sent + received) / 2
+
+
+def _s3_clock(skew: float | None) -> Finding:
+    if skew is None:
+        return noted("s3.clock", "not measured: the server sent no Date header")
+    value = f"{abs(skew):.0f} s, server {'ahead' if skew > 0 else 'behind'}"
+    if abs(skew) < 1:  # below the Date header's resolution
+        value = "under 1 s"
+    if abs(skew) > SKEW_FAIL_S:
+        return failed("s3.clock", value, f"≤ {SKEW_FAIL_S:.0f} s", _SYNC_NTP)
+    level = Level.WARN if abs(skew) > SKEW_WARN_S else Level.PASS
+    hint = _SYNC_NTP if level == Level.WARN else ""
+    return Finding("s3.clock", level, value, f"≤ {SKEW_WARN_S:.0f} s", hint)
+
+
+# --- shared -------------------------------------------------------------------------------
+
+
+def _verdict(
+    check: str, ok: bool, value: str, requirement: str, hint: str, miss: Level = Level.FAIL
+) -> Finding:
+    """A pass when ok, else a finding of level `miss` with the hint."""
+    if ok:
+        return passed(check, value, requirement)
+    return Finding(check, miss, value, requirement, hint)
+
+
+def _budget(timeout: float) -> float:
+    """The time a check gives its own calls: a little under the framework's deadline, so a
+    dead server is reported by the check itself, with its own hint."""
+    return timeout - min(0.2, timeout / 10)
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def _why(exc: BaseException, budget: float) -> str:
+    if isinstance(exc, TimeoutError) or "timeout" in type(exc).__name__.lower():
+        return f"no answer within {budget:.3g}s"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    text = " ".join(str(exc).split())
+    return text[:300] or exc.__class__.__name__
+
+
+def _host_and_port(url: str, default_port: int) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "localhost", parts.port or default_port
+
+
+def _major(version: str) -> int:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
