@@ -53,6 +53,12 @@ Binary = Annotated[
 ]
 
 
+Skip = Annotated[
+    list[str] | None,
+    typer.Option("--skip", help="Skip a preflight check or family by name (repeatable)."),
+]
+
+
 def _begin(output: Format, debug: bool) -> None:
     _session.output, _session.debug = output, debug
     logsetup.setup("debug" if debug else "warning")
@@ -70,6 +76,7 @@ def install(
     set_: Sets = None,
     root: Root = Path("/"),
     binary: Binary = None,
+    skip: Skip = None,
     output: Output = Format.TEXT,
     yes: Yes = False,
     debug: Debug = False,
@@ -77,7 +84,7 @@ def install(
     """Converge this host to healthy StellarBase services (a re-run changes nothing)."""
     _begin(output, debug)
     loaded = _load(config, set_, tier)
-    emit(operations.install(loaded, HostPaths(root), binary), output)
+    emit(operations.install(loaded, HostPaths(root), binary, skip or []), output)
 
 
 @app.command()
@@ -94,6 +101,41 @@ def plan(
     _begin(output, debug)
     loaded = _load(config, set_, tier)
     emit(operations.dry_run(loaded, HostPaths(root), binary), output, show_diff=True)
+
+
+@app.command()
+def preflight(
+    tier: TierOpt = None,
+    config: ConfigFile = None,
+    set_: Sets = None,
+    skip: Skip = None,
+    root: Root = Path("/"),
+    output: Output = Format.TEXT,
+    debug: Debug = False,
+) -> None:
+    """Check host, GPUs and dependencies before install: exit 0 pass, 10 warnings, 11 fail."""
+    _begin(output, debug)
+    loaded = _load(config, set_, tier)
+    result, found = operations.preflight(loaded, HostPaths(root), skip or [])
+    emit(result, output)
+    raise typer.Exit(int(found.exit_code()))
+
+
+@app.command()
+def doctor(
+    skip: Skip = None,
+    root: Root = Path("/"),
+    output: Output = Format.TEXT,
+    debug: Debug = False,
+) -> None:
+    """The preflight checks against the installed system, plus every unit's state."""
+    from stellarbase.installed import load_installed
+
+    _begin(output, debug)
+    paths = HostPaths(root)
+    result, found = operations.doctor(load_installed(paths, [], None), paths, skip or [])
+    emit(result, output)
+    raise typer.Exit(int(found.exit_code()))
 
 
 @app.command()
@@ -152,7 +194,8 @@ def config_schema() -> None:
 @app.command("run")
 def run_service(
     service: Annotated[
-        Literal["api", "worker", "agent"], typer.Argument(help="api, worker, agent")
+        Literal["api", "worker", "agent", "inference"],
+        typer.Argument(help="api, worker, agent or inference"),
     ],
     settings: Annotated[
         Path | None,
@@ -256,7 +299,9 @@ def audit_show(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a typer.Exit comes back as its code here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except StellarError as exc:
         if _session.debug:
             raise

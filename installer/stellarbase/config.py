@@ -26,7 +26,12 @@ from stellarbase.errors import ExitCode, StellarError
 ENV_PREFIX = "STELLARBASE_"
 # STELLARBASE_* variables that steer the program rather than configure the site.
 NON_CONFIG_ENV = frozenset(
-    {"STELLARBASE_DEBUG", "STELLARBASE_STOP_AFTER_STEP", "STELLARBASE_MIGRATIONS_DIR"}
+    {
+        "STELLARBASE_DEBUG",
+        "STELLARBASE_STOP_AFTER_STEP",
+        "STELLARBASE_MIGRATIONS_DIR",
+        "STELLARBASE_FAKE_NVML",
+    }
 )
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -93,6 +98,7 @@ class S3Config(Model):
     checksums: Literal["when_supported", "when_required"] = "when_required"
     access_key: SecretStr | None = Field(None, description="kept in secrets.env only")
     secret_key: SecretStr | None = Field(None, description="kept in secrets.env only")
+    create_bucket: bool = Field(False, description="preflight may create a missing bucket")
 
     @model_validator(mode="after")
     def _check_endpoint(self) -> S3Config:
@@ -109,6 +115,38 @@ class HealthConfig(Model):
     check_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = Field(
         description="timeout of one dependency check (connect, ping, head-bucket)"
     )
+
+
+class Requirements(Model):
+    """What preflight demands of the host and the dependencies, by tier."""
+
+    min_cpus: Annotated[int, Field(ge=1)]
+    min_memory_gib: Annotated[float, Field(ge=0)]
+    min_disk_gib: Annotated[float, Field(ge=0)] = Field(description="free, at the data dir")
+    min_gpus: Annotated[int, Field(ge=0)] = 0
+    min_gpu_memory_gib: Annotated[float, Field(ge=0)] = 0
+    min_driver: str = Field("535", pattern=r"^\d+(\.\d+)*$", description="NVIDIA driver")
+    tls: bool = Field(False, description="PostgreSQL, Redis and S3 only over TLS")
+    s3_versioning: bool = False
+    redis_persistence: bool = False
+    pool_size: Annotated[int, Field(ge=1)] = Field(
+        description="PostgreSQL connections each api/worker instance may open"
+    )
+    connection_headroom: Annotated[int, Field(ge=0)] = Field(
+        description="connections kept free for admins, migrations, backups"
+    )
+
+
+class InferenceConfig(Model):
+    gpus: Literal["all"] | Annotated[int, Field(ge=0)] | list[str] = Field(
+        description="all, a count, or a list of GPU/MIG UUIDs to serve"
+    )
+    mig: Literal["whole", "slices"] = Field(
+        description="a GPU in MIG mode: one unit for the whole GPU, or one per MIG instance"
+    )
+    command: str = Field(description="inference server command; gets CUDA_VISIBLE_DEVICES")
+    port: Port = Field(description="port of the first inference unit; the next get +1, +2…")
+    limits: Limits
 
 
 class DependencyMode(enum.StrEnum):
@@ -149,6 +187,8 @@ class Config(Model):
     health: HealthConfig
     dependencies: DependenciesConfig
     local: LocalConfig
+    requirements: Requirements
+    inference: InferenceConfig
     postgres: PostgresConfig | None = None
     redis: RedisConfig | None = None
     s3: S3Config | None = None
@@ -494,75 +534,3 @@ def json_schema() -> dict[str, Any]:
     for definition in schema.get("$defs", {}).values():
         definition.pop("required", None)
     return schema
-
-
-# --- the service catalog and each service's own settings ----------------------------------
-
-Dependency = Literal["postgres", "redis", "s3"]
-ServiceName = Literal["api", "worker", "agent"]
-
-
-class CatalogEntry(Model):
-    description: str
-    unit: str
-    instanced: bool = False
-    deps: tuple[Dependency, ...] = ()
-
-
-class Catalog(Model):
-    services: dict[ServiceName, CatalogEntry]
-
-
-def load_catalog() -> Catalog:
-    data = yaml.safe_load((resources.config_dir() / "catalog.yaml").read_text())
-    return Catalog.model_validate(data)
-
-
-class ServiceSettings(Model):
-    """What one service reads at start (services/<name>.json); secrets come from the env.
-
-    Each service gets only its own settings so that a change elsewhere in the site config
-    does not restart it.
-    """
-
-    service: ServiceName
-    bind: ipaddress.IPv4Address | ipaddress.IPv6Address
-    port: Port
-    log_level: Literal["debug", "info", "warning", "error"]
-    check_timeout_seconds: float
-    postgres: PostgresConfig | None = None
-    redis: RedisConfig | None = None
-    s3: S3Config | None = None
-
-    def port_of(self, instance: int | None) -> int:
-        return self.port + (instance - 1 if instance else 0)
-
-    def with_secrets(self, env: Mapping[str, str]) -> ServiceSettings:
-        update: dict[str, Any] = {}
-        for section, key in SECRET_KEYS:
-            dep = update.get(section, getattr(self, section))
-            value = env.get(secret_env_name(section, key))
-            if dep is not None and value is not None:
-                update[section] = dep.model_copy(update={key: SecretStr(value)})
-        return self.model_copy(update=update)
-
-
-def service_settings(config: Config, name: ServiceName) -> ServiceSettings:
-    entry = load_catalog().services[name]
-    svc: ServiceConfig = getattr(config, name)
-    deps = {dep: _strip_secrets(getattr(config, dep)) for dep in entry.deps}
-    return ServiceSettings(
-        service=name,
-        bind=config.bind,
-        port=svc.port,
-        log_level=config.log_level,
-        check_timeout_seconds=config.health.check_timeout_seconds,
-        **deps,
-    )
-
-
-def _strip_secrets(dep: BaseModel | None) -> Any:
-    if dep is None:
-        return None
-    keys = [key for section, key in SECRET_KEYS if key in type(dep).model_fields]
-    return dep.model_copy(update=dict.fromkeys(keys))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import errno
+import re
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from stellarbase import __version__, localdeps, resources, state
+from stellarbase import __version__, gpu, localdeps, resources, state
 from stellarbase.config import Config, DependencyMode
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import file_digest
@@ -21,6 +23,18 @@ from stellarbase.render import LocalServers
 def gather(paths: HostPaths, binary: Path | None, config: Config) -> Facts:
     source = binary or release_binary()
     previous = state.load(paths.state_file)
+    return replace(
+        dependency_facts(paths, config),
+        binary=source,
+        binary_digest=file_digest(source),
+        previous_files=tuple(previous.files),
+        previous_units=tuple(previous.units),
+        gpu_devices=tuple(inference_devices(config)),
+    )
+
+
+def dependency_facts(paths: HostPaths, config: Config) -> Facts:
+    """Only what the dependencies need: the local servers' binaries and passwords."""
     postgres = redis = None
     found: dict[str, tuple[ServerBinary, ...]] = {}
     if config.mode_of("postgres") == DependencyMode.LOCAL:
@@ -31,10 +45,8 @@ def gather(paths: HostPaths, binary: Path | None, config: Config) -> Facts:
         found["redis"] = tuple(seen)
     return Facts(
         version=__version__,
-        binary=source,
-        binary_digest=file_digest(source),
-        previous_files=tuple(previous.files),
-        previous_units=tuple(previous.units),
+        binary=Path(),
+        binary_digest="",
         local=LocalServers(postgres, redis),
         found=tuple(found.items()),
         generated=tuple(generated_secrets(paths).items()),
@@ -48,6 +60,14 @@ def generated_secrets(paths: HostPaths) -> dict[str, str]:
         existing |= read_env_file(path)
     names = (ADMIN_PASSWORD, POSTGRES_PASSWORD, REDIS_PASSWORD)
     return {name: existing.get(name) or localdeps.new_password() for name in names}
+
+
+def inference_devices(config: Config) -> list[str]:
+    """GPU or MIG UUIDs to serve; none without a driver (preflight says why)."""
+    inventory = gpu.default_source().inventory()
+    devices = gpu.serving_devices(inventory, config.inference.gpus, config.inference.mig)
+    # Unit instance names take these verbatim; old-style MIG ids (with "/") do not fit.
+    return [d for d in devices if re.fullmatch(r"[A-Za-z0-9-]+", d)]
 
 
 def release_binary() -> Path:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import structlog
 
-from stellarbase import audit, checks, facts, health, plan, render, state, systemd
+from stellarbase import audit, facts, gpu, health, plan, render, state, systemd
 from stellarbase.apply import Executor, remove_path
-from stellarbase.config import LoadedConfig
+from stellarbase.config import Config, LoadedConfig
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.output import Result, Status
 from stellarbase.paths import HostPaths
+from stellarbase.preflight import Check, Context, Finding, failed, noted, passed, report
 
 log = structlog.get_logger()
 
@@ -27,53 +29,72 @@ def require_root(paths: HostPaths) -> None:
         )
 
 
-def check_ports(loaded: LoadedConfig, paths: HostPaths) -> None:
-    """Refuse ports held by anything but this installation's own running units."""
-    config = loaded.config
-    ours = set(state.load(paths.state_file).ports.values())
-    wanted = [("api.port", config.api.port), ("agent.port", config.agent.port)]
-    wanted += [(f"worker.port (instance {n})", p) for n, p in enumerate(config.worker_ports(), 1)]
-    host = str(config.bind)
-    for key, port in wanted:
-        if port in ours or not facts.port_in_use(host, port):
-            continue
-        source = loaded.sources.get(key.split(" ")[0], "tier defaults")
-        raise StellarError(
-            f"{source}: {key}: port {port} on {host} is in use by {facts.port_owner(port)}",
-            hint=f"stop that process or choose a free port with --set {key.split(' ')[0]}=PORT",
-            code=ExitCode.HOST,
-        )
+def preflight_context(config: Config, paths: HostPaths) -> Context:
+    """Checks of this config; ports this installation already listens on count as free."""
+    current = state.load(paths.state_file)
+    own = set(current.ports.values())
+    for unit, port in (
+        (render.POSTGRES_UNIT, config.local.postgres.port),
+        (render.REDIS_UNIT, config.local.redis.port),
+    ):
+        if unit in current.units:
+            own.add(port)
+    inventory = functools.cache(gpu.default_source().inventory)
+    return Context(config, paths, gpus=inventory, own_ports=frozenset(own))
 
 
-def check_dependencies(loaded: LoadedConfig) -> list[checks.CheckResult]:
-    c = loaded.config
-    results = checks.dependency_checks(c.postgres, c.redis, c.s3, c.health.check_timeout_seconds)
-    for r in results:
-        if not r.ok:
-            key = "s3.endpoint" if r.name == "s3" else f"{r.name}.url"
-            source = loaded.sources.get(key, "the configuration")
-            raise StellarError(
-                f"{source}: {r.name}: {r.message}",
-                hint=f"check {r.name}'s address and credentials, and that it is running",
-                code=ExitCode.DEPENDENCY,
+def preflight(
+    loaded: LoadedConfig, paths: HostPaths, skip: list[str]
+) -> tuple[Result, report.Report]:
+    found = report.run(preflight_context(loaded.config, paths), skip)
+    return _report_result("preflight", found), found
+
+
+def doctor(loaded: LoadedConfig, paths: HostPaths, skip: list[str]) -> tuple[Result, report.Report]:
+    """The preflight checks against the live system: local servers included, plus units."""
+    the_facts = facts.dependency_facts(paths, loaded.config)
+    config = plan.with_local_servers(loaded.config, the_facts)
+    units = Check("units", lambda: _unit_findings(paths), timeout=5.0)
+    found = report.run(preflight_context(config, paths), skip, extra=[units])
+    return _report_result("doctor", found), found
+
+
+def _unit_findings(paths: HostPaths) -> list[Finding]:
+    current = state.load(paths.state_file)
+    if not current.units:
+        return [noted("units", "stellarbase is not installed", "run `stellarbase install`")]
+    out = []
+    for unit, s in systemd.show(list(current.units)).items():
+        if s.active:
+            out.append(passed(f"units.{unit}", f"{s.active_state}/{s.sub_state}", "active"))
+        else:
+            out.append(
+                failed(
+                    f"units.{unit}",
+                    f"{s.active_state}/{s.sub_state}",
+                    "active",
+                    f"journalctl -u {unit} -n 50; then stellarbase install to converge",
+                )
             )
-    return results
+    return out
+
+
+def _report_result(operation: str, found: report.Report) -> Result:
+    result = Result(operation, info=found.as_dict())
+    result.lines = report.table_lines(found)
+    return result
 
 
 def make_plan(loaded: LoadedConfig, paths: HostPaths, binary: Path | None) -> plan.Plan:
     return plan.make_plan(loaded.config, paths, facts.gather(paths, binary, loaded.config))
 
 
-def install(loaded: LoadedConfig, paths: HostPaths, binary: Path | None) -> Result:
+def install(
+    loaded: LoadedConfig, paths: HostPaths, binary: Path | None, skip: list[str] | None = None
+) -> Result:
+    skip = skip or []
     require_root(paths)
     the_plan = make_plan(loaded, paths, binary)
-    if paths.live:  # a --root install prepares files only: nothing listens, nothing connects
-        check_ports(loaded, paths)
-        # The dependency checks guard changes; a converged host has none to make, and its
-        # health gate still proves every dependency through the services' /readyz.
-        pending = Executor(paths, dry_run=True).apply(the_plan)
-        if any(step.status == Status.CHANGED for step in pending):
-            check_dependencies(loaded)
     source = str(loaded.site_file.resolve()) if loaded.site_file else "tier defaults"
     executor = Executor(
         paths,
@@ -81,14 +102,25 @@ def install(loaded: LoadedConfig, paths: HostPaths, binary: Path | None) -> Resu
         database_url=the_plan.database[0] if the_plan.database else "",
     )
     try:
+        if paths.live:  # a --root install prepares files only: nothing listens or connects
+            # Preflight guards changes; a converged host has none to make, and its health
+            # gate still proves every dependency through the services' /readyz.
+            pending = Executor(paths, dry_run=True).apply(the_plan)
+            if any(step.status == Status.CHANGED for step in pending):
+                found = report.run(preflight_context(loaded.config, paths), skip)
+                if found.skipped:
+                    log.warning("preflight checks skipped", skipped=found.skipped)
+                report.refuse_on_failure(found)
         steps = executor.apply(the_plan)
     except StellarError as exc:
         if paths.live:
-            record_audit(the_plan.database, "install", "failure", {"error": exc.message})
+            details = {"error": exc.message, "skipped_checks": skip}
+            record_audit(the_plan.database, "install", "failure", details)
         raise
     changed = [s.step for s in steps if s.status == Status.CHANGED]
     if paths.live:
-        record_audit(the_plan.database, "install", "success", {"changed": changed})
+        details = {"changed": changed, "skipped_checks": skip}
+        record_audit(the_plan.database, "install", "success", details)
     result = Result("install", steps, info={"endpoints": dict(the_plan.endpoints)})
     result.lines.append(f"{result.changed} changed, {len(steps) - result.changed} unchanged")
     if paths.live:
@@ -116,7 +148,10 @@ def record_audit(
             correlation_id=str(structlog.contextvars.get_contextvars().get("correlation_id", "")),
         )
     except StellarError as exc:
-        log.warning("audit row not written", action=action, error=exc.message)
+        # A failed operation often failed for want of that very database (a first install,
+        # an unreachable server): the error already says so; don't bury it under this.
+        report_to = log.warning if outcome == "success" else log.debug
+        report_to("audit row not written", action=action, error=exc.message)
 
 
 def dry_run(loaded: LoadedConfig, paths: HostPaths, binary: Path | None) -> Result:

@@ -43,6 +43,10 @@ class HostPaths:
         return self.etc / "services"
 
     @property
+    def inference_env_dir(self) -> Path:
+        return self.etc / "inference"
+
+    @property
     def unit_dir(self) -> Path:
         return self.at("/etc/systemd/system")
 

@@ -13,6 +13,7 @@ from stellarbase import render
 from stellarbase.files import digest
 from stellarbase.localdeps import MIN_POSTGRES, MIN_REDIS, ServerBinary, missing_error
 from stellarbase.paths import GROUP, USER, HostPaths
+from stellarbase.settings import ServiceName, load_catalog
 
 NO_LOCAL_SERVERS = render.LocalServers()
 
@@ -28,6 +29,7 @@ class Facts:
     previous_units: tuple[str, ...] = ()  # units an earlier install started
     local: render.LocalServers = NO_LOCAL_SERVERS  # binaries of local dependencies
     found: tuple[tuple[str, tuple[ServerBinary, ...]], ...] = ()  # all servers seen, by dep
+    gpu_devices: tuple[str, ...] = ()  # CUDA_VISIBLE_DEVICES ids that get an inference unit
     # Passwords the installer generates (local servers), reused from the last install.
     generated: tuple[tuple[str, str], ...] = ()
 
@@ -238,8 +240,12 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
         mine(WriteFile(paths.redis_conf, redis_conf, "root", GROUP, 0o640))
         mine(WriteFile(paths.redis_auth, redis_auth, "root", GROUP, 0o640, secret=True))
         local_inputs = redis_conf + b"\0" + redis_auth
+    devices = facts.gpu_devices
     settings: dict[str, bytes] = {}
-    for name in cfg.load_catalog().services:
+    names: list[ServiceName] = [*load_catalog().services]
+    if devices:
+        names.append("inference")
+    for name in names:
         settings[name] = render.render_service_settings(config, name).encode()
         mine(
             WriteFile(
@@ -247,7 +253,16 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
             )
         )
 
-    unit_files = render.render_units(config, paths, local)
+    unit_inputs: dict[str, bytes] = {}  # per-instance files that are inputs of one unit
+    if devices:
+        mine(EnsureDir(paths.inference_env_dir, "root", GROUP, 0o750))
+        for unit in render.inference_instances(config, devices):
+            device = unit.name.split("@", 1)[1].removesuffix(".service")
+            unit_inputs[unit.name] = render.render_inference_env(unit.port).encode()
+            env_file = paths.inference_env_dir / f"{device}.env"
+            mine(WriteFile(env_file, unit_inputs[unit.name], "root", GROUP, 0o640))
+
+    unit_files = render.render_units(config, paths, local, devices)
     for unit_name, content in unit_files.items():
         mine(WriteFile(paths.unit_dir / unit_name, content.encode(), "root", "root", 0o644))
     wants = paths.unit_dir / "multi-user.target.wants"
@@ -267,8 +282,15 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
     if config.postgres:
         secret = config.postgres.password
         database = (config.postgres.url, secret.get_secret_value() if secret else None)
-    instances = render.unit_instances(config)
+    instances = [*render.unit_instances(config), *render.inference_instances(config, devices)]
     endpoints = tuple((u.name, _base_url(config.bind, u.port)) for u in instances)
+    # Only the built-in inference server is known to serve /readyz; another command is
+    # healthy once its unit is active.
+    probed = {
+        u.name
+        for u in instances
+        if u.service != "inference" or config.inference.command == render.DEFAULT_INFERENCE_COMMAND
+    }
     if paths.live:
         wanted = {*local.units(), *(u.name for u in instances)}
         gone = tuple(u for u in facts.previous_units if u not in wanted and u != render.TARGET)
@@ -296,6 +318,7 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
                 [
                     unit_files[unit.template].encode(),
                     settings[unit.service],
+                    unit_inputs.get(unit.name, b""),
                     secrets,
                     facts.binary_digest.encode(),
                 ]
@@ -306,7 +329,7 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
         steps.append(
             WaitHealthy(
                 units=(*local.units(), *(u.name for u in instances), render.TARGET),
-                ready_urls=tuple((name, f"{url}/readyz") for name, url in endpoints),
+                ready_urls=tuple((n, f"{url}/readyz") for n, url in endpoints if n in probed),
                 timeout=config.health.timeout_seconds,
             )
         )

@@ -13,8 +13,11 @@ from stellarbase import config as cfg
 from stellarbase import resources
 from stellarbase.localdeps import ServerBinary
 from stellarbase.paths import GROUP, USER, HostPaths
+from stellarbase.settings import ServiceName, load_catalog, service_settings
 
 TARGET = "stellarbase.target"
+INFERENCE_TEMPLATE = "stellarbase-inference@.service"
+DEFAULT_INFERENCE_COMMAND = "/opt/stellarbase/current/stellarbase run inference"
 POSTGRES_UNIT = "stellarbase-postgres.service"
 REDIS_UNIT = "stellarbase-redis.service"
 
@@ -51,7 +54,7 @@ def environment() -> jinja2.Environment:
 
 def unit_instances(config: cfg.Config) -> list[UnitInstance]:
     """Every service unit to run, in start order."""
-    catalog = cfg.load_catalog().services
+    catalog = load_catalog().services
     out = [UnitInstance(catalog["agent"].unit, catalog["agent"].unit, "agent", config.agent.port)]
     out.append(UnitInstance(catalog["api"].unit, catalog["api"].unit, "api", config.api.port))
     template = catalog["worker"].unit
@@ -60,10 +63,39 @@ def unit_instances(config: cfg.Config) -> list[UnitInstance]:
     return out
 
 
-def render_units(config: cfg.Config, paths: HostPaths, local: LocalServers) -> dict[str, str]:
+def inference_instances(config: cfg.Config, devices: tuple[str, ...]) -> list[UnitInstance]:
+    """One inference unit per GPU or MIG instance; ports count up from inference.port."""
+    return [
+        UnitInstance(
+            INFERENCE_TEMPLATE.replace("@", f"@{device}"),
+            INFERENCE_TEMPLATE,
+            "inference",
+            config.inference.port + n,
+        )
+        for n, device in enumerate(devices)
+    ]
+
+
+def render_inference_env(port: int) -> str:
+    return f'# The port of this inference unit; its command may use ${{PORT}}.\nPORT="{port}"\n'
+
+
+def render_units(
+    config: cfg.Config, paths: HostPaths, local: LocalServers, devices: tuple[str, ...] = ()
+) -> dict[str, str]:
     """Unit file name → content, for the target, the local servers and every service."""
     env = environment()
     out: dict[str, str] = {}
+    if devices:
+        out[INFERENCE_TEMPLATE] = env.get_template(f"{INFERENCE_TEMPLATE}.j2").render(
+            env_dir=paths.host_view(paths.inference_env_dir),
+            secrets_file=paths.host_view(paths.secrets_file),
+            command=config.inference.command,
+            limits=config.inference.limits,
+            user=USER,
+            group=GROUP,
+            local_units=local.units(),
+        )
     if local.postgres:
         out[POSTGRES_UNIT] = env.get_template(f"{POSTGRES_UNIT}.j2").render(
             version=local.postgres.version_text,
@@ -82,7 +114,7 @@ def render_units(config: cfg.Config, paths: HostPaths, local: LocalServers) -> d
             user=USER,
             group=GROUP,
         )
-    catalog = cfg.load_catalog().services
+    catalog = load_catalog().services
     binary = str(paths.host_view(paths.current / "stellarbase"))
     for name, entry in catalog.items():
         settings = paths.host_view(paths.service_settings_dir / f"{name}.json")
@@ -103,7 +135,8 @@ def render_units(config: cfg.Config, paths: HostPaths, local: LocalServers) -> d
             watchdog_seconds=config.health.watchdog_seconds,
             local_units=local.units(),
         )
-    wants = [*local.units(), *(u.name for u in unit_instances(config))]
+    services = [*unit_instances(config), *inference_instances(config, devices)]
+    wants = [*local.units(), *(u.name for u in services)]
     out[TARGET] = env.get_template(f"{TARGET}.j2").render(wants=wants)
     return out
 
@@ -145,8 +178,8 @@ def render_secrets(config: cfg.Config) -> str:
     )
 
 
-def render_service_settings(config: cfg.Config, name: cfg.ServiceName) -> str:
-    settings = cfg.service_settings(config, name)
+def render_service_settings(config: cfg.Config, name: ServiceName) -> str:
+    settings = service_settings(config, name)
     return json.dumps(settings.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
 
 

@@ -22,10 +22,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
-from stellarbase import __version__, checks, health, notify
+from stellarbase import __version__, checks, gpu, health, notify
 from stellarbase import log as logsetup
-from stellarbase.config import ServiceSettings
 from stellarbase.errors import ExitCode, StellarError
+from stellarbase.settings import ServiceSettings
 
 log = structlog.get_logger()
 
@@ -80,6 +80,8 @@ class Service:
                 return self._ready[1]
             s = self.settings
             results = checks.dependency_checks(s.postgres, s.redis, s.s3, s.check_timeout_seconds)
+            if s.service == "inference":
+                results.append(checks.run_check("gpu", check_visible_gpu))
             for r in results:
                 self.check_up.labels(r.name).set(1 if r.ok else 0)
                 self.check_seconds.labels(r.name).observe(r.seconds)
@@ -181,8 +183,31 @@ def load_settings(path: Path) -> ServiceSettings:
         ) from None
 
 
+def check_visible_gpu() -> str:
+    """The device of CUDA_VISIBLE_DEVICES is one NVML reports (a GPU or a MIG instance)."""
+    device = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    inventory = gpu.default_source().inventory()
+    if inventory.error:
+        raise RuntimeError(f"NVML: {inventory.error}")
+    known = {g.uuid for g in inventory.gpus} | {
+        m.uuid for g in inventory.gpus for m in g.mig_devices
+    }
+    if device not in known:
+        raise RuntimeError(f"CUDA_VISIBLE_DEVICES={device!r} is not a GPU NVML reports")
+    return f"{device} visible (driver {inventory.driver_version})"
+
+
 def run_service(name: str, settings_path: Path, instance: int | None) -> None:
     settings = load_settings(settings_path)
+    if name == "inference":  # one settings file for every unit; each unit has its own $PORT
+        port = os.environ.get("PORT", "")
+        if not port.isdigit():
+            raise StellarError(
+                "inference needs its port in $PORT",
+                hint="the stellarbase-inference@ units set it from /etc/stellarbase/inference/",
+                code=ExitCode.CONFIG,
+            )
+        settings = settings.model_copy(update={"port": int(port)})
     if settings.service != name:
         raise StellarError(
             f"{settings_path} holds settings of {settings.service}, not {name}",

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stellarbase.config import ServiceSettings
 from stellarbase.health import probe
+from stellarbase.settings import ServiceSettings
 from tests.servers import free_port
 
 

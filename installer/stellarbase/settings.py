@@ -1,0 +1,97 @@
+"""The service catalog and each service's own settings (services/<name>.json).
+
+Each service gets only what it needs, so a change elsewhere in the site config does not
+restart it; secrets reach it through the environment (secrets.env), never this file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, SecretStr
+
+from stellarbase import resources
+from stellarbase.config import (
+    SECRET_KEYS,
+    Config,
+    Model,
+    Port,
+    PostgresConfig,
+    RedisConfig,
+    S3Config,
+    secret_env_name,
+)
+
+Dependency = Literal["postgres", "redis", "s3"]
+ServiceName = Literal["api", "worker", "agent", "inference"]
+CatalogName = Literal["api", "worker", "agent"]
+
+
+class CatalogEntry(Model):
+    description: str
+    unit: str
+    instanced: bool = False
+    deps: tuple[Dependency, ...] = ()
+
+
+class Catalog(Model):
+    services: dict[CatalogName, CatalogEntry]
+
+
+def load_catalog() -> Catalog:
+    data = yaml.safe_load((resources.config_dir() / "catalog.yaml").read_text())
+    return Catalog.model_validate(data)
+
+
+class ServiceSettings(Model):
+    """What one service reads at start (services/<name>.json); secrets come from the env.
+
+    Each service gets only its own settings so that a change elsewhere in the site config
+    does not restart it.
+    """
+
+    service: ServiceName
+    bind: ipaddress.IPv4Address | ipaddress.IPv6Address
+    port: Port
+    log_level: Literal["debug", "info", "warning", "error"]
+    check_timeout_seconds: float
+    postgres: PostgresConfig | None = None
+    redis: RedisConfig | None = None
+    s3: S3Config | None = None
+
+    def port_of(self, instance: int | None) -> int:
+        return self.port + (instance - 1 if instance else 0)
+
+    def with_secrets(self, env: Mapping[str, str]) -> ServiceSettings:
+        update: dict[str, Any] = {}
+        for section, key in SECRET_KEYS:
+            dep = update.get(section, getattr(self, section))
+            value = env.get(secret_env_name(section, key))
+            if dep is not None and value is not None:
+                update[section] = dep.model_copy(update={key: SecretStr(value)})
+        return self.model_copy(update=update)
+
+
+def service_settings(config: Config, name: ServiceName) -> ServiceSettings:
+    # Inference servers need a GPU, not the dependencies; their port comes from $PORT.
+    deps_of = () if name == "inference" else load_catalog().services[name].deps
+    svc = getattr(config, name)
+    deps = {dep: _strip_secrets(getattr(config, dep)) for dep in deps_of}
+    return ServiceSettings(
+        service=name,
+        bind=config.bind,
+        port=svc.port,
+        log_level=config.log_level,
+        check_timeout_seconds=config.health.check_timeout_seconds,
+        **deps,
+    )
+
+
+def _strip_secrets(dep: BaseModel | None) -> Any:
+    if dep is None:
+        return None
+    keys = [key for section, key in SECRET_KEYS if key in type(dep).model_fields]
+    return dep.model_copy(update=dict.fromkeys(keys))
