@@ -116,8 +116,12 @@ def try_record(
             correlation_id=correlation_id,
         )
     except StellarError as exc:
-        level = log.debug if exc.code == ExitCode.MIGRATION else log.warning
-        level("audit log not written", action=action, error=exc.message)
+        # A missing table means the migrations have not run yet; a failed operation often
+        # failed for want of this very database, and its own error already says so.
+        quiet = exc.code == ExitCode.MIGRATION or outcome == "failure"
+        (log.debug if quiet else log.warning)(
+            "audit log not written", action=action, error=exc.message
+        )
         return exc
     return None
 

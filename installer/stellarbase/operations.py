@@ -136,22 +136,14 @@ def record_audit(
     details: dict[str, Any],
 ) -> None:
     """One audit row per operation; a database that cannot take it is logged, not fatal."""
-    if database is None:
-        return
-    try:
-        audit.record(
-            database[0],
-            database[1],
+    if database is not None:
+        audit.try_record(
+            *database,
             action=action,
             outcome=outcome,
             details=details,
-            correlation_id=str(structlog.contextvars.get_contextvars().get("correlation_id", "")),
+            correlation_id=audit.current_correlation_id(),
         )
-    except StellarError as exc:
-        # A failed operation often failed for want of that very database (a first install,
-        # an unreachable server): the error already says so; don't bury it under this.
-        report_to = log.warning if outcome == "success" else log.debug
-        report_to("audit row not written", action=action, error=exc.message)
 
 
 def dry_run(loaded: LoadedConfig, paths: HostPaths, binary: Path | None) -> Result:
