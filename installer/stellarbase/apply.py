@@ -52,10 +52,21 @@ class Executor:
     config_source: str = ""
     database_url: str = ""
     results: list[StepResult] = field(default_factory=list)
-    _changed_units: set[str] = field(default_factory=set)
+    # Unit states from one `systemctl show` of every unit of the plan; emptied whenever
+    # systemd is told to change something, so a guard never reads a stale state.
+    _units: dict[str, systemd.UnitStatus] = field(default_factory=dict)
+    _plan_units: list[str] = field(default_factory=list)
 
     def apply(self, plan: Plan) -> list[StepResult]:
         current = state.load(self.paths.state_file)
+        self._plan_units = list(
+            dict.fromkeys(
+                unit
+                for step in plan.steps
+                if isinstance(step, StartUnit | StopUnits | DaemonReload)
+                for unit in ((step.unit,) if isinstance(step, StartUnit) else step.units)
+            )
+        )
         stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
         for index, step in enumerate(plan.steps, start=1):
             name = describe(step)
@@ -103,6 +114,11 @@ class Executor:
             current.files = list(dict.fromkeys([*current.files, *plan.owned]))
             self._save(current)
         return result
+
+    def _show(self, units: list[str]) -> dict[str, systemd.UnitStatus]:
+        if any(u not in self._units for u in units):
+            self._units = systemd.show(list(dict.fromkeys([*self._plan_units, *units])))
+        return {u: self._units[u] for u in units}
 
     def _save(self, current: state.State) -> None:
         if self.paths.state_dir.is_dir():
@@ -195,12 +211,13 @@ class Executor:
 
     def _stop_units(self, step: StopUnits, current: state.State) -> tuple[str | None, str]:
         running = [
-            u for u, s in systemd.show(list(step.units)).items() if s.active_state != "inactive"
+            u for u, s in self._show(list(step.units)).items() if s.active_state != "inactive"
         ]
         known = [u for u in step.units if u in current.units]
         if not running and not known:
             return None, ""
         if not self.dry_run:
+            self._units = {}
             systemd.stop(running)
             systemd.reset_failed(list(step.units))
             for unit in step.units:
@@ -210,21 +227,23 @@ class Executor:
         return "stopped " + ", ".join(step.units), ""
 
     def _daemon_reload(self, step: DaemonReload, _: state.State) -> tuple[str | None, str]:
-        stale = [u for u, s in systemd.show(list(step.units)).items() if s.need_daemon_reload]
+        stale = [u for u, s in self._show(list(step.units)).items() if s.need_daemon_reload]
         if not stale:
             return None, ""
         if not self.dry_run:
+            self._units = {}
             systemd.daemon_reload()
         return "units changed on disk: " + ", ".join(stale), ""
 
     def _start_unit(self, step: StartUnit, current: state.State) -> tuple[str | None, str]:
-        status = systemd.show([step.unit])[step.unit]
+        status = self._show([step.unit])[step.unit]
         running = status.active_state in ("active", "activating", "reloading")
         recorded = current.units.get(step.unit)
         if running and (recorded == step.digest or not step.restart_on_change):
             return None, ""
         if self.dry_run:
             return ("restart: inputs changed" if running else "start"), ""
+        self._units = {}
         if running:
             systemd.restart(step.unit)
             detail = "restarted: inputs changed"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,8 @@ from stellarbase.paths import HostPaths
 from stellarbase.preflight import Check, Context, Finding, failed, noted, passed, report
 
 log = structlog.get_logger()
+
+SCHEMA_STEPS = (plan.EnsureDatabase, plan.Migrate, plan.WaitHealthy)
 
 
 def require_root(paths: HostPaths) -> None:
@@ -105,7 +108,11 @@ def install(
         if paths.live:  # a --root install prepares files only: nothing listens or connects
             # Preflight guards changes; a converged host has none to make, and its health
             # gate still proves every dependency through the services' /readyz.
-            pending = Executor(paths, dry_run=True).apply(the_plan)
+            # Schema steps need the servers up and are not what preflight guards.
+            host_steps = [s for s in the_plan.steps if not isinstance(s, SCHEMA_STEPS)]
+            pending = Executor(paths, dry_run=True).apply(
+                replace(the_plan, steps=tuple(host_steps))
+            )
             if any(step.status == Status.CHANGED for step in pending):
                 found = report.run(preflight_context(loaded.config, paths), skip)
                 if found.skipped:
