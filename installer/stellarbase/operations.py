@@ -224,12 +224,16 @@ def uninstall(paths: HostPaths, *, purge: bool) -> Result:
             record_audit((current.database_url, password), "uninstall", "success", details)
         systemd.stop(loaded)
         systemd.reset_failed(loaded)
-    keep = {paths.etc, paths.state_dir} if not purge else set()
-    removed: list[str] = []
-    for view in sorted(current.files, key=lambda p: len(Path(p).parts), reverse=True):
+    keep = () if purge else (paths.etc, paths.state_dir)
+
+    def kept(view: str) -> bool:
         path = paths.at(view)
-        if any(path == k or k in path.parents for k in keep):
-            continue
+        return any(path == k or k in path.parents for k in keep)
+
+    removed: list[str] = []
+    doomed = [view for view in current.files if not kept(view)]
+    for view in sorted(doomed, key=lambda p: len(Path(p).parts), reverse=True):
+        path = paths.at(view)
         if path.exists() or path.is_symlink():
             remove_path(path)
             removed.append(view)
@@ -240,12 +244,8 @@ def uninstall(paths: HostPaths, *, purge: bool) -> Result:
     if paths.live:
         systemd.daemon_reload()
     if not purge and paths.state_dir.is_dir():
-        kept = [
-            f
-            for f in current.files
-            if any(paths.at(f) == k or k in paths.at(f).parents for k in keep)
-        ]
-        state.save(paths.state_file, state.State(version=current.version, files=kept))
+        still_ours = [view for view in current.files if kept(view)]
+        state.save(paths.state_file, state.State(version=current.version, files=still_ours))
     result.info = {"removed": removed, "purged": purge}
     result.lines.append(f"removed {len(removed)} paths")
     if not purge:
