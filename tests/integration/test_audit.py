@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +18,7 @@ from stellarbase import audit, dbcommands
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.migrate import BUILTIN_DIR, migrate_up
 from tests import servers
+from tests.cli import run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -40,18 +39,6 @@ def migrated(postgres_server: servers.PostgresServer, db_url: str) -> str:
 def _record(url: str, pw: str, action: str, **details: object) -> None:
     audit.record(
         url, pw, action=action, outcome="success", details=details, correlation_id="c-" + action
-    )
-
-
-def _sb(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "stellarbase", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
     )
 
 
@@ -194,11 +181,11 @@ def test_cli_audit_lists_the_migrate_rows(
     env = _clean_env(STELLARBASE_POSTGRES__PASSWORD=postgres_server.password)
     config = ["--config", str(site)]
 
-    assert _sb(env, "migrate", "up", *config).returncode == 0
-    assert _sb(env, "migrate", "status", *config).returncode == 0
-    assert _sb(env, "migrate", "up", *config, "--to", "1").returncode == ExitCode.MIGRATION
+    assert run_cli(env, "migrate", "up", *config).returncode == 0
+    assert run_cli(env, "migrate", "status", *config).returncode == 0
+    assert run_cli(env, "migrate", "up", *config, "--to", "1").returncode == ExitCode.MIGRATION
 
-    out = _sb(env, "audit", *config, "-o", "json")
+    out = run_cli(env, "audit", *config, "-o", "json")
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)["rows"]
     assert [(r["action"], r["outcome"]) for r in rows] == [
@@ -210,11 +197,11 @@ def test_cli_audit_lists_the_migrate_rows(
     assert "already at version 2" in rows[2]["details"]["error"]
     assert len({r["correlation_id"] for r in rows}) == 3
 
-    text = _sb(env, "audit", *config, "--since", "1h", "--limit", "1")
+    text = run_cli(env, "audit", *config, "--since", "1h", "--limit", "1")
     assert text.returncode == 0, text.stderr
     assert text.stdout.count("\n") == 1 and "failure  migrate up" in text.stdout
 
-    bad = _sb(env, "audit", *config, "--since", "last week")
+    bad = run_cli(env, "audit", *config, "--since", "last week")
     assert bad.returncode == ExitCode.USAGE and "--since" in bad.stderr
 
 
@@ -230,7 +217,7 @@ def test_cli_reads_the_installed_config(
     quoted = postgres_server.password.replace("\\", "\\\\").replace('"', '\\"')
     (etc / "secrets.env").write_text(f'# credentials\nSTELLARBASE_POSTGRES__PASSWORD="{quoted}"\n')
 
-    out = _sb(_clean_env(), "audit", "--root", str(tmp_path), "-o", "json")
+    out = run_cli(_clean_env(), "audit", "--root", str(tmp_path), "-o", "json")
 
     assert out.returncode == 0, out.stderr
     assert [r["action"] for r in json.loads(out.stdout)["rows"]] == ["install"]
@@ -252,7 +239,7 @@ def test_cli_finds_a_local_postgres_through_the_install_state(
     state_dir.mkdir(parents=True)
     (state_dir / "state.json").write_text(json.dumps({"database_url": migrated}))
 
-    out = _sb(_clean_env(), "audit", "--root", str(tmp_path), "-o", "json")
+    out = run_cli(_clean_env(), "audit", "--root", str(tmp_path), "-o", "json")
 
     assert out.returncode == 0, out.stderr
     assert [r["action"] for r in json.loads(out.stdout)["rows"]] == ["install"]
@@ -263,11 +250,11 @@ def test_cli_without_postgres_is_a_config_error(tmp_path: Path) -> None:
     etc.mkdir(parents=True)
     (etc / "stellarbase.yaml").write_text(yaml.safe_dump({"tier": "pilot"}))
 
-    out = _sb(_clean_env(), "migrate", "status", "--root", str(tmp_path))
+    out = run_cli(_clean_env(), "migrate", "status", "--root", str(tmp_path))
 
     assert out.returncode == ExitCode.CONFIG, out.stderr
     assert "postgres is not configured" in out.stderr
 
-    missing = _sb(_clean_env(), "audit", "--root", str(tmp_path / "nowhere"))
+    missing = run_cli(_clean_env(), "audit", "--root", str(tmp_path / "nowhere"))
     assert missing.returncode == ExitCode.CONFIG
     assert "no installed configuration" in missing.stderr

@@ -25,6 +25,7 @@ from stellarbase.migrate import (
     migration_status,
 )
 from tests import servers
+from tests.cli import run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -303,15 +304,7 @@ def test_cli_migrate_up_and_status(
     env = _cli_env(postgres_server)
 
     def sb(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "stellarbase", *args],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        return run_cli(env, *args)
 
     first = sb("migrate", "up", "--config", site, "--to", "1")
     assert first.returncode == 0, first.stderr
