@@ -149,6 +149,60 @@ class InferenceConfig(Model):
     limits: Limits
 
 
+class BackupConfig(Model):
+    repository: str = Field(
+        "none",
+        description="none, s3 (the s3 section's bucket) or file:///path (pilot only)",
+    )
+    prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")] = Field(
+        "postgres", description="key prefix of the repository in the bucket or directory"
+    )
+    archive_timeout_seconds: Annotated[int, Field(ge=10, le=3600)] = Field(
+        60, description="archive_timeout: a partly filled WAL segment is archived after this"
+    )
+    schedule: str = Field("daily", description="OnCalendar= of stellarbase-backup.timer")
+    retention_full: Annotated[int, Field(ge=1)] | None = Field(
+        2, description="backup expire keeps this many full backups (none: by days only)"
+    )
+    retention_days: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="backup expire keeps backups younger than this many days"
+    )
+    compression_level: Annotated[int, Field(ge=1, le=19)] = Field(3, description="zstd level")
+    upload_concurrency: Annotated[int, Field(ge=1, le=32)] = Field(
+        4, description="WAL files the agent uploads at once"
+    )
+    encryption_key: SecretStr | None = Field(
+        None,
+        description="base64 of 32 random bytes: client-side AES-256-GCM; kept in secrets.env",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.repository != "none"
+
+    @model_validator(mode="after")
+    def _check_repository(self) -> BackupConfig:
+        repo = self.repository
+        if repo not in ("none", "s3") and not repo.startswith("file:///"):
+            raise ValueError(f"backup.repository {repo!r} is not none, s3 or file:///ABSOLUTE/PATH")
+        if self.retention_full is None and self.retention_days is None:
+            raise ValueError("set backup.retention_full or backup.retention_days (or both)")
+        if self.encryption_key is not None:
+            import base64
+            import binascii
+
+            try:
+                key = base64.b64decode(self.encryption_key.get_secret_value(), validate=True)
+            except binascii.Error:
+                key = b""
+            if len(key) != 32:
+                raise ValueError(
+                    "backup.encryption_key must be base64 of 32 bytes: "
+                    "`head -c32 /dev/urandom | base64`"
+                )
+        return self
+
+
 class DependencyMode(enum.StrEnum):
     LOCAL = "local"  # the installer runs it on this host from the distribution's packages
     EXTERNAL = "external"  # a managed or self-run server given by URL
@@ -192,6 +246,7 @@ class Config(Model):
     postgres: PostgresConfig | None = None
     redis: RedisConfig | None = None
     s3: S3Config | None = None
+    backup: BackupConfig = Field(default_factory=BackupConfig)
 
     @model_validator(mode="after")
     def _check_ports_and_secrets(self) -> Config:
@@ -214,6 +269,12 @@ class Config(Model):
                     f"{dep} is configured by URL but dependencies make it local: "
                     f"set dependencies.{dep}=external to use that server"
                 )
+        if self.backup.repository == "s3" and self.s3 is None:
+            raise ValueError("backup.repository is s3 but there is no s3 section: configure s3")
+        if self.backup.repository.startswith("file://") and self.tier != Tier.PILOT:
+            raise ValueError(
+                "a file:// backup repository is for the pilot tier only: use s3 (object storage)"
+            )
         return self
 
     def mode_of(self, dep: Literal["postgres", "redis"]) -> DependencyMode:
@@ -238,6 +299,7 @@ SECRET_KEYS: tuple[tuple[str, str], ...] = (
     ("redis", "password"),
     ("s3", "access_key"),
     ("s3", "secret_key"),
+    ("backup", "encryption_key"),
 )
 
 
@@ -256,8 +318,8 @@ def require_secrets(config: Config, sources: Mapping[str, str]) -> None:
                 hint="secrets are written to an EnvironmentFile: use a single-line value",
                 code=ExitCode.CONFIG,
             )
-        if dep is None or value is not None:
-            continue
+        if dep is None or value is not None or section == "backup":
+            continue  # the backup encryption key is optional
         if section == "s3" and dep.endpoint is None:
             continue  # AWS can use the instance role
         where = sources.get(section, "the configuration")

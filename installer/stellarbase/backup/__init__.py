@@ -1,0 +1,26 @@
+"""Continuous WAL archiving, base backups and point-in-time restore to object storage.
+
+The repository is a bucket and prefix (S3, or `file://` for a pilot). It is
+self-describing: with the bucket and the credentials alone, a new host can list,
+verify and restore. Layout under the prefix:
+
+    repo.json                                   format, system identifier, codec
+    wal/<name>                                  every file Postgres archives, stored as-is
+                                                by name: segments (24 hex), timeline
+                                                history (`00000002.history`), backup
+                                                history (`…00000028.backup`), `.partial`
+    backups/<id>/base.tar.zst                   the `pg_basebackup -Ft -D -` tar stream,
+                                                compressed (and encrypted when configured)
+    backups/<id>/manifest.json                  written last: a backup without one is
+                                                incomplete and never used
+
+Every stored object carries metadata: `sha256` and `size` of the original bytes,
+`codec` (`zstd`, or `zstd+aes256gcm`), and `sysid` (the cluster's system identifier).
+A WAL file counts as archived only after its object is in the repository and the
+store acknowledged the bytes (Content-MD5 on S3, fsync + rename for files).
+
+Modules: `walnames` (names, LSNs, timelines), `repo` (S3 and file repositories),
+`codec` (zstd, optional AES-256-GCM), `archiver` (the agent's upload-ahead loop and the
+tiny archive_command), `basebackup` (`backup now`), `catalog` (list, continuity,
+verify, expire), `restore` (restore with a prefetching restore_command, drill).
+"""
