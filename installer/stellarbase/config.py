@@ -246,7 +246,7 @@ class Config(Model):
     postgres: PostgresConfig | None = None
     redis: RedisConfig | None = None
     s3: S3Config | None = None
-    backup: BackupConfig = BackupConfig()
+    backup: BackupConfig
 
     @model_validator(mode="after")
     def _check_ports_and_secrets(self) -> Config:
