@@ -16,6 +16,7 @@ from pydantic import BaseModel, SecretStr
 from stellarbase import resources
 from stellarbase.config import (
     SECRET_KEYS,
+    BackupConfig,
     Config,
     Model,
     Port,
@@ -61,6 +62,7 @@ class ServiceSettings(Model):
     postgres: PostgresConfig | None = None
     redis: RedisConfig | None = None
     s3: S3Config | None = None
+    backup: BackupConfig | None = None  # the agent's, when backups are on
 
     def port_of(self, instance: int | None) -> int:
         return self.port + (instance - 1 if instance else 0)
@@ -86,6 +88,7 @@ def service_settings(config: Config, name: ServiceName) -> ServiceSettings:
         port=svc.port,
         log_level=config.log_level,
         check_timeout_seconds=config.health.check_timeout_seconds,
+        backup=_strip_secrets(config.backup) if name == "agent" and config.backup.enabled else None,
         **deps,
     )
 
