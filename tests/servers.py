@@ -319,7 +319,8 @@ def _pg_workdir(base: Path, run_as: pwd.struct_passwd | None) -> tuple[Path, boo
     return Path(tempfile.mkdtemp(prefix="stellarbase-pg-")), True
 
 
-def start_postgres(base: Path) -> PostgresServer:
+def start_postgres(base: Path, extra: dict[str, str] | None = None) -> PostgresServer:
+    """A fresh cluster; `extra` settings add to (or override) the -c options it starts with."""
     import psycopg  # imported lazily so the module loads without the driver
     from psycopg import sql
 
@@ -384,6 +385,7 @@ def start_postgres(base: Path) -> PostgresServer:
             "full_page_writes": "off",
             "max_connections": "50",
             "logging_collector": "off",
+            **(extra or {}),
         }
         argv = [str(bindir / "postgres"), "-D", str(data_dir)]
         for name, value in settings.items():
