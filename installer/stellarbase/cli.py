@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
-import yaml
 from typer.exceptions import TyperException
 
-from stellarbase import __version__, operations
-from stellarbase import config as cfg
-from stellarbase import log as logsetup
+from stellarbase import __version__
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.output import Format, emit, emit_error
 from stellarbase.paths import HostPaths
+
+# Each command imports what it needs (config, operations, drivers) itself: `--help` and
+# `preflight` then pay only for their own modules, not for every command's.
+if TYPE_CHECKING:
+    from stellarbase import config as cfg
 
 app = typer.Typer(
     name="stellarbase",
@@ -60,12 +62,16 @@ Skip = Annotated[
 
 
 def _begin(output: Format, debug: bool) -> None:
+    from stellarbase import log as logsetup
+
     _session.output, _session.debug = output, debug
     logsetup.setup("debug" if debug else "warning")
     logsetup.bind_correlation_id()
 
 
 def _load(config: Path | None, sets: list[str] | None, tier: str | None) -> cfg.LoadedConfig:
+    from stellarbase import config as cfg
+
     return cfg.load_config(site_file=config, sets=sets or [], tier=tier)
 
 
@@ -82,6 +88,8 @@ def install(
     debug: Debug = False,
 ) -> None:
     """Converge this host to healthy StellarBase services (a re-run changes nothing)."""
+    from stellarbase import operations
+
     _begin(output, debug)
     loaded = _load(config, set_, tier)
     emit(operations.install(loaded, HostPaths(root), binary, skip or []), output)
@@ -98,6 +106,8 @@ def plan(
     debug: Debug = False,
 ) -> None:
     """Show what install would change, with a diff for every file."""
+    from stellarbase import operations
+
     _begin(output, debug)
     loaded = _load(config, set_, tier)
     emit(operations.dry_run(loaded, HostPaths(root), binary), output, show_diff=True)
@@ -114,6 +124,8 @@ def preflight(
     debug: Debug = False,
 ) -> None:
     """Check host, GPUs and dependencies before install: exit 0 pass, 10 warnings, 11 fail."""
+    from stellarbase import operations
+
     _begin(output, debug)
     loaded = _load(config, set_, tier)
     result, found = operations.preflight(loaded, HostPaths(root), skip or [])
@@ -129,6 +141,7 @@ def doctor(
     debug: Debug = False,
 ) -> None:
     """The preflight checks against the installed system, plus every unit's state."""
+    from stellarbase import operations
     from stellarbase.installed import load_installed
 
     _begin(output, debug)
@@ -141,6 +154,8 @@ def doctor(
 @app.command()
 def status(root: Root = Path("/"), output: Output = Format.TEXT, debug: Debug = False) -> None:
     """Units (state, PID, restarts), readiness, version and config source."""
+    from stellarbase import operations
+
     _begin(output, debug)
     emit(operations.status(HostPaths(root)), output)
 
@@ -154,6 +169,8 @@ def uninstall(
     debug: Debug = False,
 ) -> None:
     """Stop and remove every unit and file the installer owns (config and data stay)."""
+    from stellarbase import operations
+
     _begin(output, debug)
     if not yes:
         what = "everything, config and data included" if purge else "units and binaries"
@@ -176,6 +193,10 @@ def config_show(
     debug: Debug = False,
 ) -> None:
     """The merged configuration (secrets left out) and where each key came from."""
+    import yaml
+
+    from stellarbase import config as cfg
+
     _begin(output, debug)
     loaded = _load(config, set_, tier)
     data = cfg.public_dict(loaded.config)
@@ -188,6 +209,8 @@ def config_show(
 @config_app.command("schema")
 def config_schema() -> None:
     """JSON Schema of the site config file, for editors and CI linting."""
+    from stellarbase import config as cfg
+
     print(json.dumps(cfg.json_schema(), indent=2))
 
 
