@@ -1,0 +1,240 @@
+"""How repository objects are encoded: zstd, then optionally AES-256-GCM in framed chunks.
+
+Encrypted layout (STREAM construction): a 12-byte header (`SBAE`, version 1, a random
+7-byte nonce prefix), then chunks of `<u32 big-endian length><ciphertext + 16-byte tag>`.
+Each chunk's nonce is prefix ‖ counter (u32) ‖ last-flag (1 byte), and the header is the
+associated data, so reordering, splicing between objects and truncation all fail the tag
+or the final-chunk check. The zstd frame carries its own checksum and end marker, which
+catches a truncated unencrypted object.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import struct
+from typing import BinaryIO
+
+import zstandard
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from stellarbase.config import BackupConfig
+from stellarbase.errors import ExitCode, StellarError
+
+ZSTD = "zstd"
+ZSTD_AES = "zstd+aes256gcm"
+CODECS = (ZSTD, ZSTD_AES)
+
+_MAGIC = b"SBAE\x01"
+_PREFIX_LEN = 7
+_HEADER_LEN = len(_MAGIC) + _PREFIX_LEN
+_TAG_LEN = 16
+_CHUNK = 1024 * 1024  # plaintext bytes per encrypted chunk
+_LEN = struct.Struct(">I")
+_READ = 256 * 1024
+
+
+class CodecError(StellarError):
+    """Stored bytes that do not decode: tampered, truncated, or the wrong key."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            message,
+            hint="check backup.encryption_key; a damaged object must be restored from "
+            "another backup",
+            code=ExitCode.FAILURE,
+        )
+
+
+def codec_name(key: bytes | None) -> str:
+    return ZSTD if key is None else ZSTD_AES
+
+
+def encryption_key(backup: BackupConfig) -> bytes | None:
+    """The configured AES-256 key (the config already checked it is base64 of 32 bytes)."""
+    if backup.encryption_key is None:
+        return None
+    return base64.b64decode(backup.encryption_key.get_secret_value(), validate=True)
+
+
+def encode(data: bytes, level: int, key: bytes | None) -> bytes:
+    encoder = StreamEncoder(level, key, size=len(data))
+    return encoder.write(data) + encoder.finish()
+
+
+def decode(data: bytes, codec: str, key: bytes | None) -> bytes:
+    with decoding_reader(io.BytesIO(data), codec, key) as reader:
+        return reader.read()
+
+
+class _Sealer:
+    """Cuts a byte stream into encrypted chunks; the last one is flagged on finish()."""
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+        prefix = os.urandom(_PREFIX_LEN)
+        self._header = _MAGIC + prefix
+        self._prefix = prefix
+        self._counter = 0
+        self._pending = bytearray()
+        self._started = False
+
+    def _seal(self, plain: bytes, last: bool) -> bytes:
+        nonce = self._prefix + struct.pack(">IB", self._counter, 1 if last else 0)
+        self._counter += 1
+        sealed = self._aead.encrypt(nonce, plain, self._header)
+        return _LEN.pack(len(sealed)) + sealed
+
+    def _opening(self) -> bytes:
+        if self._started:
+            return b""
+        self._started = True
+        return self._header
+
+    def write(self, data: bytes) -> bytes:
+        self._pending += data
+        out = [self._opening()]
+        # Keep at least one byte back so finish() always has a chunk to flag as last.
+        while len(self._pending) > _CHUNK:
+            out.append(self._seal(bytes(self._pending[:_CHUNK]), last=False))
+            del self._pending[:_CHUNK]
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        out = self._opening() + self._seal(bytes(self._pending), last=True)
+        self._pending.clear()
+        return out
+
+
+class StreamEncoder:
+    """Incremental encoder: feed write() and send what it returns; finish() ends the object."""
+
+    def __init__(self, level: int, key: bytes | None, size: int = -1) -> None:
+        compressor = zstandard.ZstdCompressor(
+            level=level, write_checksum=True, write_content_size=size >= 0
+        )
+        self._zstd = compressor.compressobj(size=size)
+        self._sealer = _Sealer(key) if key is not None else None
+
+    def write(self, data: bytes) -> bytes:
+        packed = self._zstd.compress(data)
+        return self._sealer.write(packed) if self._sealer else packed
+
+    def finish(self) -> bytes:
+        packed = self._zstd.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+        if self._sealer is None:
+            return packed
+        return self._sealer.write(packed) + self._sealer.finish()
+
+
+class _Opener:
+    """Reads sealed chunks from `raw` and returns their plaintext, in order."""
+
+    def __init__(self, raw: BinaryIO, key: bytes) -> None:
+        self._raw = raw
+        self._aead = AESGCM(key)
+        self._header = b""
+        self._counter = 0
+        self._done = False
+
+    def _read_exact(self, n: int, what: str) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            piece = self._raw.read(n - len(buf))
+            if not piece:
+                raise CodecError(f"encrypted object truncated (in {what})")
+            buf += piece
+        return bytes(buf)
+
+    def next_chunk(self) -> bytes | None:
+        """The next chunk's plaintext, or None after the final chunk (checked for trailers)."""
+        if self._done:
+            return None
+        if not self._header:
+            header = self._read_exact(_HEADER_LEN, "header")
+            if not header.startswith(_MAGIC):
+                raise CodecError("not an encrypted object of a known format")
+            self._header = header
+        (length,) = _LEN.unpack(self._read_exact(_LEN.size, "chunk length"))
+        if not _TAG_LEN <= length <= _CHUNK + _TAG_LEN:
+            raise CodecError(f"encrypted object damaged: chunk length {length}")
+        sealed = self._read_exact(length, "chunk")
+        prefix = self._header[len(_MAGIC) :]
+        for last in (False, True):
+            nonce = prefix + struct.pack(">IB", self._counter, 1 if last else 0)
+            try:
+                plain = self._aead.decrypt(nonce, sealed, self._header)
+            except InvalidTag:
+                continue
+            self._counter += 1
+            if last:
+                self._done = True
+                if self._raw.read(1):
+                    raise CodecError("encrypted object has bytes after its final chunk")
+            return plain
+        raise CodecError(
+            "decryption failed: wrong backup.encryption_key, or the object was altered"
+        )
+
+
+class _DecodingRaw(io.RawIOBase):
+    def __init__(self, raw: BinaryIO, codec: str, key: bytes | None) -> None:
+        if codec not in CODECS:
+            raise CodecError(f"unknown codec {codec!r} (known: {', '.join(CODECS)})")
+        if codec == ZSTD_AES and key is None:
+            raise CodecError("object is encrypted but no backup.encryption_key is configured")
+        self._raw = raw
+        self._opener = _Opener(raw, key) if codec == ZSTD_AES and key is not None else None
+        self._zstd = zstandard.ZstdDecompressor().decompressobj()
+        self._out = b""
+        self._pos = 0
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _source(self) -> bytes | None:
+        if self._opener is not None:
+            return self._opener.next_chunk()
+        return self._raw.read(_READ) or None
+
+    def _fill(self) -> None:
+        while self._pos >= len(self._out) and not self._eof:
+            packed = self._source()
+            if packed is None:
+                if not self._zstd.eof:
+                    raise CodecError("compressed object truncated: zstd frame not complete")
+                self._eof = True
+                return
+            if self._zstd.eof:
+                raise CodecError("compressed object has bytes after its zstd frame")
+            try:
+                self._out = self._zstd.decompress(packed)
+            except zstandard.ZstdError as exc:
+                raise CodecError(f"compressed object damaged: {exc}") from None
+            self._pos = 0
+            if self._zstd.eof and self._zstd.unused_data:
+                raise CodecError("compressed object has bytes after its zstd frame")
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]  # RawIOBase's buffer type is broader
+        self._fill()
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = self._out[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        try:
+            self._raw.close()
+        finally:
+            super().close()
+
+
+def decoding_reader(raw: BinaryIO, codec: str, key: bytes | None) -> BinaryIO:
+    """A streaming reader of the original bytes; closing it closes `raw`.
+
+    Damage raises CodecError from read(), at the latest when the end is reached.
+    """
+    return io.BufferedReader(_DecodingRaw(raw, codec, key), buffer_size=_READ)
