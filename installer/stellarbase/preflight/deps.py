@@ -22,7 +22,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from stellarbase.checks import s3_client
+from stellarbase import s3probe
 from stellarbase.config import Config, PostgresConfig, RedisConfig, S3Config, secret_env_name
 from stellarbase.preflight import Check, Context, Finding, Level, failed, noted, passed
 
@@ -386,22 +386,36 @@ _S3_CREDENTIAL_CODES = (
 
 
 def s3_findings(dep: S3Config, config: Config, timeout: float) -> list[Finding]:
-    from botocore.exceptions import BotoCoreError, ClientError
-
     budget = _budget(timeout)
+    deadline = time.monotonic() + budget
+    access = dep.access_key.get_secret_value() if dep.access_key else None
+    secret = dep.secret_key.get_secret_value() if dep.secret_key else None
+    creds = s3probe.credentials(access, secret)
+    if creds is None:
+        keys = f"{secret_env_name('s3', 'access_key')} and {secret_env_name('s3', 'secret_key')}"
+        need = "an access key, or an instance role on AWS"
+        return [failed("s3.credentials", "no credentials found", need, f"export {keys}")]
+    where = s3probe.address(dep.endpoint, dep.region, dep.bucket, dep.addressing)
+    client = s3probe.Client(where, dep.region, creds, deadline, dep.checksums)
+    with contextlib.closing(client):
+        return _s3_steps(client, dep, config, budget)
+
+
+def _s3_steps(
+    client: s3probe.Client, dep: S3Config, config: Config, budget: float
+) -> list[Finding]:
     where = dep.endpoint or f"AWS S3 ({dep.region})"
-    client = s3_client(dep, budget)
     sent = time.time()
     try:
-        response = client.list_objects_v2(Bucket=dep.bucket, Prefix=PROBE_PREFIX, MaxKeys=1)
-        code = ""
-    except ClientError as exc:
-        response, code = exc.response, exc.response.get("Error", {}).get("Code", "?")
-    except BotoCoreError as exc:
+        response = client.list_objects(PROBE_PREFIX)
+    except s3probe.S3Error as exc:
+        response = exc.response
+    except OSError as exc:
         return [_s3_unreachable(dep, where, exc, budget)]
-    skew = _clock_skew(response, sent, time.time())
+    code = response.code
+    skew = _clock_skew(response.headers.get("date"), sent, time.time())
     if code not in ("", "NoSuchBucket", "RequestTimeTooSkewed", *_S3_CREDENTIAL_CODES):
-        return [_s3_refused(dep, where, code, response)]
+        return [_s3_refused(dep, where, response)]
     found = [passed("s3.reachable", where, "S3 answers")]
     if code == "RequestTimeTooSkewed":
         return [*found, failed("s3.clock", f"rejected: {code}", "≤ 300 s", _SYNC_NTP)]
@@ -416,7 +430,7 @@ def s3_findings(dep: S3Config, config: Config, timeout: float) -> list[Finding]:
         hint = f"create it (aws s3api create-bucket --bucket {dep.bucket}{endpoint}) or set "
         hint += "s3.create_bucket=true to let preflight create it"
         return [*found, failed("s3.bucket", f"{dep.bucket} does not exist", "exists", hint)]
-    steps: list[tuple[str, Callable[[], Finding]]] = [("probe", partial(_s3_probe, client, dep))]
+    steps: list[tuple[str, Callable[[], Finding]]] = [("probe", partial(_s3_probe, client))]
     if code == "NoSuchBucket":
         steps.insert(0, ("bucket", partial(_s3_create_bucket, client, dep, config)))
     else:
@@ -426,7 +440,7 @@ def s3_findings(dep: S3Config, config: Config, timeout: float) -> list[Finding]:
     for step, run in steps:
         try:
             found.append(run())
-        except (BotoCoreError, ClientError) as exc:
+        except (s3probe.S3Error, OSError) as exc:
             found.append(_s3_step_failed(dep, step, exc, budget))
         if step == "bucket" and found[-1].level == Level.FAIL:
             return found
@@ -438,19 +452,13 @@ def s3_findings(dep: S3Config, config: Config, timeout: float) -> list[Finding]:
 
 
 def _s3_unreachable(dep: S3Config, where: str, exc: Exception, budget: float) -> Finding:
-    from botocore.exceptions import NoCredentialsError
-
-    if isinstance(exc, NoCredentialsError):
-        keys = f"{secret_env_name('s3', 'access_key')} and {secret_env_name('s3', 'secret_key')}"
-        need = "an access key, or an instance role on AWS"
-        return failed("s3.credentials", "no credentials found", need, f"export {keys}")
     curl = f"`curl -sI {dep.endpoint or 'https://s3.amazonaws.com'}` should answer"
     hint = f"start the S3 service or fix s3.endpoint; {curl}"
     return failed("s3.reachable", f"{where}: {_why(exc, budget)}", "S3 answers", hint)
 
 
-def _s3_refused(dep: S3Config, where: str, code: str, response: Any) -> Finding:
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+def _s3_refused(dep: S3Config, where: str, response: s3probe.Response) -> Finding:
+    status, code = response.status, response.code
     if code in ("AccessDenied", "AllAccessDisabled", "403"):
         hint = f"grant s3:ListBucket on arn:aws:s3:::{dep.bucket} and {_S3_STEPS['probe'][1]} "
         hint += f"on arn:aws:s3:::{dep.bucket}/*"
@@ -461,37 +469,31 @@ def _s3_refused(dep: S3Config, where: str, code: str, response: Any) -> Finding:
 
 
 def _s3_step_failed(dep: S3Config, step: str, exc: Exception, budget: float) -> Finding:
-    response = getattr(exc, "response", None)
-    code = response.get("Error", {}).get("Code", "?") if response else None
     need, grant = _S3_STEPS[step]
-    if code is None:  # no answer, or no connection: not a permission question
+    if not isinstance(exc, s3probe.S3Error):  # no answer, or no connection: not a permission
         hint = "check the S3 service's health and any proxy in between"
         return failed(f"s3.{step}", _why(exc, budget), need, hint)
     hint = f"grant {grant} on arn:aws:s3:::{dep.bucket} to this access key"
-    return failed(f"s3.{step}", f"{step} failed: {code}", need, hint)
+    return failed(f"s3.{step}", f"{step} failed: {exc.code}", need, hint)
 
 
-def _s3_create_bucket(client: Any, dep: S3Config, config: Config) -> Finding:
-    args: dict[str, Any] = {"Bucket": dep.bucket}
-    if dep.region != "us-east-1":  # the one region S3 refuses a LocationConstraint for
-        args["CreateBucketConfiguration"] = {"LocationConstraint": dep.region}
-    client.create_bucket(**args)
+def _s3_create_bucket(client: s3probe.Client, dep: S3Config, config: Config) -> Finding:
+    client.create_bucket()
     if not config.requirements.s3_versioning:
         return passed("s3.bucket", f"created {dep.bucket}", "exists")
     # Made here, so made as required; the versioning step then confirms it.
-    client.put_bucket_versioning(Bucket=dep.bucket, VersioningConfiguration={"Status": "Enabled"})
+    client.enable_versioning()
     return passed("s3.bucket", f"created {dep.bucket} with versioning", "exists")
 
 
-def _s3_probe(client: Any, dep: S3Config) -> Finding:
+def _s3_probe(client: s3probe.Client) -> Finding:
     key = f"{PROBE_PREFIX}{socket.gethostname()}-{secrets.token_hex(8)}"
     body = secrets.token_bytes(64)
     need = _S3_STEPS["probe"][0]
-    put = client.put_object(Bucket=dep.bucket, Key=key, Body=body)
-    got = client.get_object(Bucket=dep.bucket, Key=key)["Body"].read()
+    version = client.put_object(key, body)
+    got = client.get_object(key)
     # With versioning on, only deleting the version itself leaves nothing behind.
-    version = {"VersionId": put["VersionId"]} if put.get("VersionId") else {}
-    client.delete_object(Bucket=dep.bucket, Key=key, **version)
+    client.delete_object(key, version)
     if got != body:
         value = f"read back {len(got)} bytes that differ from the {len(body)} written"
         hint = "something between here and the store alters objects: check proxies"
@@ -499,16 +501,17 @@ def _s3_probe(client: Any, dep: S3Config) -> Finding:
     return passed("s3.probe", f"{len(body)} bytes under {PROBE_PREFIX}, byte-exact", need)
 
 
-def _s3_versioning(client: Any, dep: S3Config, endpoint: str) -> Finding:
-    status = client.get_bucket_versioning(Bucket=dep.bucket).get("Status") or "not enabled"
+def _s3_versioning(client: s3probe.Client, dep: S3Config, endpoint: str) -> Finding:
+    status = client.versioning() or "not enabled"
     hint = f"aws s3api put-bucket-versioning --bucket {dep.bucket} "
     hint += f"--versioning-configuration Status=Enabled{endpoint}"
     return _verdict("s3.versioning", status == "Enabled", status, "Enabled", hint)
 
 
-def _clock_skew(response: Any, sent: float, received: float) -> float | None:
+def _clock_skew(date: str | None, sent: float, received: float) -> float | None:
     """Server clock minus ours, in seconds, from the Date header (None without one)."""
-    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if date is None:
+        return None
     try:
         server = email.utils.parsedate_to_datetime(date).timestamp()
     except (TypeError, ValueError):
