@@ -22,7 +22,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from stellarbase import s3probe
+from stellarbase import resp, s3probe
 from stellarbase.config import Config, PostgresConfig, RedisConfig, S3Config, secret_env_name
 from stellarbase.preflight import Check, Context, Finding, Level, failed, noted, passed
 
@@ -268,57 +268,70 @@ def _cut_off(fileno: int, deadline: float) -> Iterator[None]:
 
 
 def redis_findings(dep: RedisConfig, config: Config, timeout: float) -> list[Finding]:
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
     budget = _budget(timeout)
-    client = redis.Redis.from_url(
-        dep.url,
-        password=dep.password.get_secret_value() if dep.password else None,
-        socket_timeout=budget,
-        socket_connect_timeout=budget,
-        retry=Retry(NoBackoff(), 0),  # a retry would double the time a dead server costs
-        # RESP2 (AUTH, not HELLO 3): an old server then still says which version it is.
-        protocol=2,
-        decode_responses=True,
-    )
-    found: list[Finding] = []
+    deadline = time.monotonic() + budget
+    target = resp.parse_url(dep.url)
+    where = f"{target.host}:{target.port}"
+    hint = f"start Redis or fix redis.url; `redis-cli -h {target.host} -p {target.port} ping`"
     try:
-        _redis_steps(client, dep, config, budget, found)
-    except redis.RedisError as exc:
-        need = "answers the preflight commands within the check timeout"
-        hint = "see the Redis log around this time; the server may be overloaded"
-        found.append(failed("redis.query", _why(exc, budget), need, hint))
-    finally:
-        client.close()
+        client = resp.connect(target, deadline)
+    except OSError as exc:
+        return [failed("redis.reachable", f"{where}: {_why(exc, budget)}", "answers", hint)]
+    password = dep.password.get_secret_value() if dep.password else target.password
+    found: list[Finding] = []
+    with contextlib.closing(client):
+        try:
+            info = _redis_hello(client, target, password)
+        except resp.ReplyError as exc:
+            if not _auth_refused(exc):
+                return [failed("redis.reachable", f"{where}: {exc.message}", "answers", hint)]
+            hint = (
+                f"set the password in {secret_env_name('redis', 'password')} (or redis.password"
+                " in the site file); it must match requirepass or the ACL user of redis.url"
+            )
+            found.append(passed("redis.reachable", where, "Redis answers"))
+            found.append(failed("redis.auth", exc.message, "the password is accepted", hint))
+            return found
+        except OSError as exc:
+            return [failed("redis.reachable", f"{where}: {_why(exc, budget)}", "answers", hint)]
+        found.append(passed("redis.reachable", where, "Redis answers"))
+        found.append(passed("redis.auth", "accepted", "the password is accepted"))
+        try:
+            _redis_steps(client, info, dep, config, found)
+        except (resp.ReplyError, OSError) as exc:
+            need = "answers the preflight commands within the check timeout"
+            hint = "see the Redis log around this time; the server may be overloaded"
+            found.append(failed("redis.query", _why(exc, budget), need, hint))
     return found
 
 
-def _redis_steps(
-    client: Any, dep: RedisConfig, config: Config, budget: float, found: list[Finding]
-) -> None:
-    import redis
+def _redis_hello(
+    client: resp.Connection, target: resp.Target, password: str | None
+) -> dict[str, str]:
+    """Authenticate, select the database, and read INFO server."""
+    # AUTH, not HELLO 3: an old server then still answers, and says which version it is.
+    if password:
+        client.command("AUTH", *([target.username] if target.username else []), password)
+    if target.db:
+        client.command("SELECT", str(target.db))
+    return resp.parse_info(client.command("INFO", "server"))
 
-    host, port = _host_and_port(dep.url, 6379)
-    where = f"{host}:{port}"
-    try:
-        info = client.info("server")  # the first command connects and authenticates
-    except redis.AuthenticationError as exc:
-        hint = (
-            f"set the password in {secret_env_name('redis', 'password')} (or redis.password in "
-            "the site file); it must match requirepass or the ACL user of redis.url"
-        )
-        found.append(passed("redis.reachable", where, "Redis answers"))
-        found.append(failed("redis.auth", _why(exc, budget), "the password is accepted", hint))
-        return
-    except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
-        hint = f"start Redis or fix redis.url; `redis-cli -h {host} -p {port} ping`"
-        found.append(failed("redis.reachable", f"{where}: {_why(exc, budget)}", "answers", hint))
-        return
-    found.append(passed("redis.reachable", where, "Redis answers"))
-    found.append(passed("redis.auth", "accepted", "the password is accepted"))
-    version = str(info.get("redis_version", "?"))
+
+def _auth_refused(exc: resp.ReplyError) -> bool:
+    if exc.code in ("WRONGPASS", "NOAUTH"):
+        return True
+    low = exc.message.lower()
+    return exc.code == "ERR" and ("password" in low or "auth" in low)
+
+
+def _redis_steps(
+    client: resp.Connection,
+    info: dict[str, str],
+    dep: RedisConfig,
+    config: Config,
+    found: list[Finding],
+) -> None:
+    version = info.get("redis_version", "?")
     ok, upgrade = _major(version) >= REDIS_MIN_MAJOR, f"upgrade to Redis {REDIS_MIN_MAJOR}+"
     found.append(_verdict("redis.version", ok, version, f"≥ {REDIS_MIN_MAJOR}", upgrade))
     if not ok:
@@ -341,17 +354,17 @@ def _redis_steps(
         found.append(_verdict("redis.tls", scheme == "rediss", f"{scheme}://", "rediss://", hint))
 
 
-def _redis_settings(client: Any) -> tuple[str, bool, str | None]:
+def _redis_settings(client: resp.Connection) -> tuple[str, bool, str | None]:
     """maxmemory-policy, AOF on, RDB save schedule (None: unknown, CONFIG is disabled)."""
-    import redis
-
     try:
-        got = client.config_get("maxmemory-policy", "appendonly", "save")
-        return got["maxmemory-policy"], got["appendonly"] == "yes", got["save"]
-    except redis.ResponseError:
+        got = resp.as_pairs(
+            client.command("CONFIG", "GET", "maxmemory-policy", "appendonly", "save")
+        )
+        return got.get("maxmemory-policy", "?"), got.get("appendonly") == "yes", got.get("save")
+    except resp.ReplyError:
         pass  # managed Redis often renames or denies CONFIG; INFO still says most of it
-    info = client.info("memory", "persistence")
-    return str(info.get("maxmemory_policy", "?")), info.get("aof_enabled") == 1, None
+    info = resp.parse_info(client.command("INFO", "memory", "persistence"))
+    return info.get("maxmemory_policy", "?"), info.get("aof_enabled") == "1", None
 
 
 def _redis_persistence(config: Config, aof: bool, save: str | None) -> Finding:
