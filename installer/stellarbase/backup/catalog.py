@@ -1,0 +1,636 @@
+"""What a repository holds, and whether it can be restored: list, continuity, verify, expire.
+
+A backup is restorable up to the last segment of an unbroken WAL chain that starts at its
+start segment and follows the timeline path to the newest timeline descending from the
+backup's own. A missing segment with WAL after it is a gap: nothing past it can be
+restored, so list, verify and restore all name it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from stellarbase.backup import codec, walnames
+from stellarbase.backup.repo import (
+    ObjectInfo,
+    ObjectNotFound,
+    Repository,
+    RepositoryError,
+    read_identity,
+)
+from stellarbase.errors import StellarError
+
+WAL_PREFIX = "wal/"
+BACKUPS_PREFIX = "backups/"
+MANIFEST = "manifest.json"
+ID_FORMAT = "%Y%m%dT%H%M%SZ"
+# A backup directory without a manifest may be a backup still running.
+INCOMPLETE_GRACE = timedelta(days=1)
+VERIFY_CONCURRENCY = 8
+_READ = 1024 * 1024
+
+
+# --------------------------------------------------------------------------- the catalog
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """`backups/<id>/manifest.json`: a complete base backup."""
+
+    id: str
+    label: str
+    system_identifier: str
+    pg_version: int
+    wal_segment_size: int
+    timeline: int
+    start_lsn: int
+    stop_lsn: int
+    start_wal: str
+    stop_wal: str
+    start_time: datetime
+    stop_time: datetime
+    raw_bytes: int
+    stored_bytes: int
+    sha256: str
+    codec: str
+    objects: tuple[str, ...]
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Manifest:
+        """Raises ValueError (or KeyError/TypeError) on a malformed manifest."""
+        if doc.get("format") != 1:
+            raise ValueError(f"unknown manifest format {doc.get('format')!r}")
+        return cls(
+            id=str(doc["id"]),
+            label=str(doc.get("label", "")),
+            system_identifier=str(doc["system_identifier"]),
+            pg_version=int(doc["pg_version"]),
+            wal_segment_size=int(doc["wal_segment_size"]),
+            timeline=int(doc["timeline"]),
+            start_lsn=walnames.parse_lsn(str(doc["start_lsn"])),
+            stop_lsn=walnames.parse_lsn(str(doc["stop_lsn"])),
+            start_wal=str(doc["start_wal"]),
+            stop_wal=str(doc["stop_wal"]),
+            start_time=_parse_time(str(doc["start_time"])),
+            stop_time=_parse_time(str(doc["stop_time"])),
+            raw_bytes=int(doc["raw_bytes"]),
+            stored_bytes=int(doc["stored_bytes"]),
+            sha256=str(doc["sha256"]),
+            codec=str(doc["codec"]),
+            objects=tuple(str(o) for o in doc["objects"]),
+        )
+
+    @property
+    def base_key(self) -> str:
+        return f"{BACKUPS_PREFIX}{self.id}/base.tar.zst"
+
+
+def _parse_time(text: str) -> datetime:
+    value = datetime.fromisoformat(text)
+    if value.tzinfo is None:
+        raise ValueError(f"time without a zone: {text!r}")
+    return value.astimezone(UTC)
+
+
+def id_time(backup_id: str) -> datetime | None:
+    """The UTC start time a backup id spells, or None for a name that is not an id."""
+    try:
+        return datetime.strptime(backup_id, ID_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """One listing of a repository. WAL object metadata is fetched on demand and cached."""
+
+    repo: Repository
+    key: bytes | None
+    system_identifier: str | None
+    segment_size: int
+    backups: tuple[Manifest, ...]  # complete ones, oldest first
+    incomplete: tuple[str, ...]  # backup dirs without a (readable) manifest
+    unreadable: Mapping[str, str]  # backup id → why its manifest could not be read
+    backup_objects: Mapping[str, tuple[ObjectInfo, ...]]  # backup id → its objects
+    wal: Mapping[str, ObjectInfo]  # WAL file name → object
+    histories: Mapping[int, tuple[walnames.Switch, ...]]  # timeline → its history
+    _meta: dict[str, Mapping[str, str]] = field(default_factory=dict, compare=False, repr=False)
+
+    def backup(self, backup_id: str) -> Manifest:
+        for manifest in self.backups:
+            if manifest.id == backup_id:
+                return manifest
+        known = ", ".join(m.id for m in self.backups) or "none"
+        raise StellarError(
+            f"no complete backup {backup_id} in {self.repo.description} (complete: {known})",
+            hint="`stellarbase backup list` shows the backups",
+        )
+
+    def segment_name(self, segment: walnames.Segment) -> str:
+        return segment.name(self.segment_size)
+
+    def has(self, segment: walnames.Segment) -> bool:
+        return self.segment_name(segment) in self.wal
+
+    def meta(self, key: str) -> Mapping[str, str]:
+        """An object's metadata (head when the listing did not carry it)."""
+        cached = self._meta.get(key)
+        if cached is not None:
+            return cached
+        info = self.repo.head(key)
+        if info is None:
+            raise ObjectNotFound(f"{self.repo.description}: no object {key}")
+        self._meta[key] = info.meta
+        return info.meta
+
+    def wal_mtime(self, segment: walnames.Segment) -> datetime | None:
+        """When the segment was completed, as the archiver recorded it."""
+        raw = self.meta(WAL_PREFIX + self.segment_name(segment)).get("mtime")
+        if raw is None:
+            return None
+        try:
+            return datetime.fromtimestamp(float(raw), UTC)
+        except ValueError:
+            return None
+
+
+def load_catalog(repo: Repository, key: bytes | None) -> Catalog:
+    """List the repository: manifests, incomplete backups, the WAL index, timeline histories.
+
+    `key` decodes the history files (they are stored like every other WAL file).
+    """
+    identity = read_identity(repo)
+    segment_size = identity.wal_segment_size if identity else walnames.DEFAULT_SEGMENT_SIZE
+    by_backup: dict[str, list[ObjectInfo]] = {}
+    for info in repo.list(BACKUPS_PREFIX):
+        backup_id = info.key[len(BACKUPS_PREFIX) :].split("/", 1)[0]
+        by_backup.setdefault(backup_id, []).append(info)
+    backups: list[Manifest] = []
+    incomplete: list[str] = []
+    unreadable: dict[str, str] = {}
+    for backup_id, infos in sorted(by_backup.items()):
+        manifest_key = f"{BACKUPS_PREFIX}{backup_id}/{MANIFEST}"
+        if not any(i.key == manifest_key for i in infos):
+            incomplete.append(backup_id)
+            continue
+        try:
+            backups.append(Manifest.from_json(json.loads(repo.get(manifest_key))))
+        except (ValueError, KeyError, TypeError) as exc:
+            unreadable[backup_id] = f"{manifest_key} is malformed: {exc}"
+            incomplete.append(backup_id)
+    wal = {
+        info.key[len(WAL_PREFIX) :]: info
+        for info in repo.list(WAL_PREFIX)
+        if walnames.is_wal_file(info.key[len(WAL_PREFIX) :])
+    }
+    catalog = Catalog(
+        repo=repo,
+        key=key,
+        system_identifier=identity.system_identifier if identity else None,
+        segment_size=segment_size,
+        backups=tuple(sorted(backups, key=lambda m: (m.start_time, m.id))),
+        incomplete=tuple(incomplete),
+        unreadable=unreadable,
+        backup_objects={k: tuple(v) for k, v in by_backup.items()},
+        wal=wal,
+        histories={},
+    )
+    histories = {
+        walnames.history_timeline(name): tuple(walnames.parse_history(_history_text(catalog, name)))
+        for name in wal
+        if walnames.is_history(name)
+    }
+    return replace(catalog, histories=histories)
+
+
+def _history_text(catalog: Catalog, name: str) -> str:
+    key = WAL_PREFIX + name
+    data = codec.decode(catalog.repo.get(key), catalog.meta(key).get("codec", ""), catalog.key)
+    return data.decode("utf-8", errors="replace")
+
+
+# --------------------------------------------------------------------------- continuity
+
+
+Span = tuple[int, int, int | None]
+
+
+def timeline_for(catalog: Catalog, backup: Manifest) -> tuple[int, list[Span]]:
+    """The newest timeline whose history passes through the backup, and its WAL path.
+
+    A timeline descends from the backup when its path runs along the backup's timeline
+    over the whole backup (start to stop LSN): recovery from the backup can follow it.
+    """
+    best = backup.timeline
+    best_spans: list[Span] = walnames.timeline_spans(
+        backup.timeline, list(catalog.histories.get(backup.timeline, ()))
+    )
+    for tli, switches in catalog.histories.items():
+        if tli <= best:
+            continue
+        spans = walnames.timeline_spans(tli, list(switches))
+        if any(
+            span_tli == backup.timeline
+            and span_from <= backup.start_lsn
+            and (span_until is None or backup.stop_lsn <= span_until)
+            for span_tli, span_from, span_until in spans
+        ):
+            best, best_spans = tli, spans
+    return best, best_spans
+
+
+@dataclass(frozen=True)
+class Continuity:
+    """The unbroken WAL chain of one backup."""
+
+    backup: Manifest
+    timeline: int  # the newest timeline the chain follows
+    spans: tuple[Span, ...]
+    path: tuple[walnames.Segment, ...]  # present segments, in recovery order
+    end: walnames.Segment  # the first segment recovery would not find
+    gap: bool  # WAL exists past `end`: the chain is broken, not merely finished
+
+    @property
+    def restorable(self) -> bool:
+        """The chain covers the backup itself (start to stop segment)."""
+        stop = walnames.parse_segment(self.backup.stop_wal, self.backup.wal_segment_size)
+        return bool(self.path) and self.path[-1].number >= stop.number
+
+    @property
+    def last(self) -> walnames.Segment | None:
+        return self.path[-1] if self.path else None
+
+
+def continuity(catalog: Catalog, backup: Manifest) -> Continuity:
+    tli, spans = timeline_for(catalog, backup)
+    final_from = spans[-1][1]
+    fixed = walnames.segments_between(
+        backup.start_lsn, max(backup.start_lsn, final_from), spans, catalog.segment_size
+    )
+    path: list[walnames.Segment] = []
+    end: walnames.Segment | None = None
+    for segment in fixed:
+        if not catalog.has(segment):
+            end = segment
+            break
+        path.append(segment)
+    if end is None:
+        end = fixed[-1].next()
+        while catalog.has(end):
+            path.append(end)
+            end = end.next()
+    later = _newest_numbers(catalog)
+    on_path = {s[0] for s in spans if s[0] >= end.timeline}
+    gap = any(later.get(t, -1) > end.number for t in on_path)
+    return Continuity(backup, tli, tuple(spans), tuple(path), end, gap)
+
+
+def _newest_numbers(catalog: Catalog) -> dict[int, int]:
+    newest: dict[int, int] = {}
+    for name in catalog.wal:
+        if walnames.is_segment(name):
+            segment = walnames.parse_segment(name, catalog.segment_size)
+            newest[segment.timeline] = max(newest.get(segment.timeline, -1), segment.number)
+    return newest
+
+
+def segment_end_lsn(segment: walnames.Segment, segment_size: int) -> int:
+    return segment.start_lsn(segment_size) + segment_size
+
+
+# --------------------------------------------------------------------------- list
+
+
+@dataclass(frozen=True)
+class BackupSummary:
+    id: str
+    time: datetime  # start
+    stop_time: datetime
+    raw_bytes: int
+    stored_bytes: int
+    timeline: int
+    start_wal: str
+    stop_wal: str
+    restorable_until: datetime | None  # completion time of the last unbroken segment
+    restorable_wal: str | None  # that segment
+    gap: str | None  # the missing segment that breaks the chain, if any
+
+
+@dataclass(frozen=True)
+class WalRange:
+    timeline: int
+    first: str
+    last: str
+    segments: int
+    missing: int  # holes between first and last
+
+
+@dataclass(frozen=True)
+class Listing:
+    repository: str
+    backups: tuple[BackupSummary, ...]
+    wal: tuple[WalRange, ...]
+    incomplete: tuple[str, ...]
+
+
+def summarize(catalog: Catalog, backup: Manifest) -> BackupSummary:
+    chain = continuity(catalog, backup)
+    last = chain.last if chain.restorable else None
+    return BackupSummary(
+        id=backup.id,
+        time=backup.start_time,
+        stop_time=backup.stop_time,
+        raw_bytes=backup.raw_bytes,
+        stored_bytes=backup.stored_bytes,
+        timeline=backup.timeline,
+        start_wal=backup.start_wal,
+        stop_wal=backup.stop_wal,
+        restorable_until=catalog.wal_mtime(last) if last else None,
+        restorable_wal=catalog.segment_name(last) if last else None,
+        gap=catalog.segment_name(chain.end) if chain.gap or not chain.restorable else None,
+    )
+
+
+def wal_ranges(catalog: Catalog) -> tuple[WalRange, ...]:
+    per_tli: dict[int, list[walnames.Segment]] = {}
+    for name in catalog.wal:
+        if walnames.is_segment(name):
+            segment = walnames.parse_segment(name, catalog.segment_size)
+            per_tli.setdefault(segment.timeline, []).append(segment)
+    ranges = []
+    for tli, segments in sorted(per_tli.items()):
+        segments.sort()
+        span = segments[-1].number - segments[0].number + 1
+        ranges.append(
+            WalRange(
+                timeline=tli,
+                first=catalog.segment_name(segments[0]),
+                last=catalog.segment_name(segments[-1]),
+                segments=len(segments),
+                missing=span - len(segments),
+            )
+        )
+    return tuple(ranges)
+
+
+def list_backups(catalog: Catalog) -> Listing:
+    return Listing(
+        repository=catalog.repo.description,
+        backups=tuple(summarize(catalog, b) for b in catalog.backups),
+        wal=wal_ranges(catalog),
+        incomplete=catalog.incomplete,
+    )
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@dataclass(frozen=True)
+class Problem:
+    subject: str  # the object key or segment name
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.subject}: {self.message}"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    repository: str
+    objects: int
+    bytes: int  # original bytes checked
+    seconds: float
+    problems: tuple[Problem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_object(catalog: Catalog, key: str) -> tuple[int, list[Problem]]:
+    """Download and decode one object; compare its sha256 and size with its metadata."""
+    try:
+        meta = catalog.meta(key)
+    except RepositoryError as exc:
+        return 0, [Problem(key, exc.message)]
+    expected = meta.get("sha256")
+    if not expected:
+        return 0, [Problem(key, "no sha256 in the object's metadata")]
+    problems: list[Problem] = []
+    if catalog.system_identifier and meta.get("sysid", catalog.system_identifier) != (
+        catalog.system_identifier
+    ):
+        problems.append(
+            Problem(key, f"system identifier {meta.get('sysid')} is not the repository's")
+        )
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with codec.decoding_reader(
+            catalog.repo.open_read(key), meta.get("codec", ""), catalog.key
+        ) as reader:
+            for chunk in iter(lambda: reader.read(_READ), b""):
+                digest.update(chunk)
+                size += len(chunk)
+    except StellarError as exc:  # RepositoryError, CodecError
+        return size, [*problems, Problem(key, f"cannot be read back: {exc.message}")]
+    if digest.hexdigest() != expected:
+        problems.append(Problem(key, "checksum mismatch: the stored bytes were altered"))
+    elif meta.get("size") not in (None, str(size)):
+        problems.append(Problem(key, f"size {size} is not the recorded {meta.get('size')}"))
+    return size, problems
+
+
+def check_manifest(catalog: Catalog, backup: Manifest) -> list[Problem]:
+    subject = f"{BACKUPS_PREFIX}{backup.id}/{MANIFEST}"
+    problems: list[Problem] = []
+    present = {i.key: i for i in catalog.backup_objects.get(backup.id, ())}
+    if backup.system_identifier != catalog.system_identifier:
+        problems.append(
+            Problem(
+                subject, f"system identifier {backup.system_identifier} is not the repository's"
+            )
+        )
+    size = backup.wal_segment_size
+    for name, lsn in ((backup.start_wal, backup.start_lsn), (backup.stop_wal, backup.stop_lsn)):
+        if walnames.segment_of(lsn, backup.timeline, size).name(size) != name:
+            problems.append(
+                Problem(subject, f"{name} does not hold LSN {walnames.format_lsn(lsn)}")
+            )
+    for key in backup.objects:
+        info = present.get(key)
+        if info is None:
+            problems.append(Problem(key, "listed in the manifest but missing"))
+            continue
+        if key != backup.base_key:
+            continue
+        if info.size != backup.stored_bytes:
+            problems.append(
+                Problem(key, f"{info.size} bytes stored, the manifest says {backup.stored_bytes}")
+            )
+        try:
+            meta = catalog.meta(key)
+        except RepositoryError as exc:
+            problems.append(Problem(key, exc.message))
+            continue
+        if meta.get("sha256") != backup.sha256:
+            problems.append(Problem(key, "metadata sha256 differs from the manifest's"))
+    return problems
+
+
+def check_continuity(catalog: Catalog, backup: Manifest) -> list[Problem]:
+    chain = continuity(catalog, backup)
+    name = catalog.segment_name(chain.end)
+    if not chain.restorable:
+        return [Problem(name, f"missing: backup {backup.id} cannot be restored without it")]
+    if chain.gap:
+        last = catalog.segment_name(chain.path[-1])
+        return [Problem(name, f"missing: backup {backup.id} restores only up to {last}")]
+    return []
+
+
+def verify(
+    repo: Repository, key: bytes | None, concurrency: int = VERIFY_CONCURRENCY
+) -> VerifyReport:
+    """Read back every object, check every manifest and every backup's WAL chain."""
+    started = time.monotonic()
+    catalog = load_catalog(repo, key)
+    problems = [
+        Problem(f"{BACKUPS_PREFIX}{i}/{MANIFEST}", why) for i, why in catalog.unreadable.items()
+    ]
+    keys = [WAL_PREFIX + name for name in sorted(catalog.wal)]
+    keys += [k for b in catalog.backups for k in b.objects]
+    checked = 0
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for size, found in pool.map(lambda k: check_object(catalog, k), keys):
+            checked += size
+            problems += found
+    for backup in catalog.backups:
+        problems += check_manifest(catalog, backup)
+        problems += check_continuity(catalog, backup)
+    return VerifyReport(
+        repository=repo.description,
+        objects=len(keys),
+        bytes=checked,
+        seconds=time.monotonic() - started,
+        problems=tuple(_unique(problems)),
+    )
+
+
+def _unique(problems: Iterable[Problem]) -> list[Problem]:
+    return list(dict.fromkeys(problems))
+
+
+# --------------------------------------------------------------------------- expire
+
+
+@dataclass(frozen=True)
+class ExpirePlan:
+    keep: tuple[str, ...]  # backup ids
+    remove_backups: tuple[str, ...]
+    remove_incomplete: tuple[str, ...]
+    remove_wal: tuple[str, ...]  # WAL file names
+    wal_floor: str | None  # the oldest segment any kept backup needs
+
+
+def expire_plan(
+    catalog: Catalog,
+    retention_full: int | None,
+    retention_days: int | None,
+    now: datetime,
+) -> ExpirePlan:
+    """What retention removes; pure.
+
+    A backup stays when it is among the newest `retention_full` or younger than
+    `retention_days`; the newest always stays. WAL goes only below the segment that
+    holds the oldest kept backup's start LSN, on every timeline, so every kept
+    backup keeps its whole chain; history files always stay.
+    """
+    newest_first = sorted(catalog.backups, key=lambda m: (m.start_time, m.id), reverse=True)
+    keep: list[Manifest] = []
+    for index, backup in enumerate(newest_first):
+        by_count = retention_full is not None and index < retention_full
+        by_age = retention_days is not None and now - backup.stop_time < timedelta(
+            days=retention_days
+        )
+        if index == 0 or by_count or by_age:
+            keep.append(backup)
+    kept_ids = {b.id for b in keep}
+    remove = tuple(sorted(b.id for b in catalog.backups if b.id not in kept_ids))
+    newest = newest_first[0] if newest_first else None
+    incomplete = tuple(
+        backup_id
+        for backup_id in catalog.incomplete
+        if newest is not None
+        and backup_id < newest.id
+        and (started := id_time(backup_id)) is not None
+        and now - started > INCOMPLETE_GRACE
+    )
+    if not keep:
+        return ExpirePlan((), remove, incomplete, (), None)
+    floor = min(b.start_lsn for b in keep) // catalog.segment_size
+    wal = tuple(
+        name for name in sorted(catalog.wal) if _wal_number(name, catalog.segment_size) < floor
+    )
+    oldest = min(keep, key=lambda b: b.start_lsn)
+    return ExpirePlan(
+        keep=tuple(sorted(kept_ids)),
+        remove_backups=remove,
+        remove_incomplete=incomplete,
+        remove_wal=wal,
+        wal_floor=walnames.segment_of(oldest.start_lsn, oldest.timeline, catalog.segment_size).name(
+            catalog.segment_size
+        ),
+    )
+
+
+def _wal_number(name: str, segment_size: int) -> int:
+    """The segment number a WAL file belongs to; history files never expire."""
+    if walnames.is_segment(name) or walnames.is_partial(name):
+        return walnames.parse_segment(name, segment_size).number
+    if walnames.is_backup_history(name):
+        return walnames.parse_segment(name[:24], segment_size).number
+    return 1 << 62
+
+
+def expire(
+    repo: Repository,
+    key: bytes | None,
+    retention_full: int | None,
+    retention_days: int | None,
+    *,
+    now: datetime | None = None,
+    dry_run: bool = False,
+) -> ExpirePlan:
+    """Apply retention; returns what was (or, with dry_run, would be) removed.
+
+    A removed backup loses its manifest first, so an interrupted expire leaves an
+    incomplete backup behind (never used, removed next time), not a broken one.
+    """
+    catalog = load_catalog(repo, key)
+    plan = expire_plan(catalog, retention_full, retention_days, now or datetime.now(UTC))
+    if dry_run:
+        return plan
+    for backup_id in plan.remove_backups:
+        repo.delete([f"{BACKUPS_PREFIX}{backup_id}/{MANIFEST}"])
+    doomed = [
+        info.key
+        for backup_id in (*plan.remove_backups, *plan.remove_incomplete)
+        for info in catalog.backup_objects.get(backup_id, ())
+        if not info.key.endswith("/" + MANIFEST)
+    ]
+    _delete(repo, doomed)
+    _delete(repo, [WAL_PREFIX + name for name in plan.remove_wal])
+    return plan
+
+
+def _delete(repo: Repository, keys: Sequence[str]) -> None:
+    if keys:
+        repo.delete(keys)
