@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -120,8 +120,10 @@ class Catalog:
     unreadable: Mapping[str, str]  # backup id → why its manifest could not be read
     backup_objects: Mapping[str, tuple[ObjectInfo, ...]]  # backup id → its objects
     wal: Mapping[str, ObjectInfo]  # WAL file name → object
-    histories: Mapping[int, tuple[walnames.Switch, ...]]  # timeline → its history
     _meta: dict[str, Mapping[str, str]] = field(default_factory=dict, compare=False, repr=False)
+    _histories: dict[int, tuple[walnames.Switch, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def backup(self, backup_id: str) -> Manifest:
         for manifest in self.backups:
@@ -150,6 +152,20 @@ class Catalog:
         self._meta[key] = info.meta
         return info.meta
 
+    def histories(self) -> Mapping[int, tuple[walnames.Switch, ...]]:
+        """Timeline → its parsed history file (read and decoded on first use)."""
+        if not self._histories:
+            for name in self.wal:
+                if walnames.is_history(name):
+                    switches = walnames.parse_history(self._history_text(name))
+                    self._histories[walnames.history_timeline(name)] = tuple(switches)
+        return self._histories
+
+    def _history_text(self, name: str) -> str:
+        key = WAL_PREFIX + name
+        data = codec.decode(self.repo.get(key), self.meta(key).get("codec", ""), self.key)
+        return data.decode("utf-8", errors="replace")
+
     def wal_mtime(self, segment: walnames.Segment) -> datetime | None:
         """When the segment was completed, as the archiver recorded it."""
         raw = self.meta(WAL_PREFIX + self.segment_name(segment)).get("mtime")
@@ -161,10 +177,11 @@ class Catalog:
             return None
 
 
-def load_catalog(repo: Repository, key: bytes | None) -> Catalog:
+def load_catalog(repo: Repository, key: bytes | None = None) -> Catalog:
     """List the repository: manifests, incomplete backups, the WAL index, timeline histories.
 
-    `key` decodes the history files (they are stored like every other WAL file).
+    `key` decodes the timeline history files, which are read only when a WAL chain is
+    followed (list, verify, restore); expire needs no key.
     """
     identity = read_identity(repo)
     segment_size = identity.wal_segment_size if identity else walnames.DEFAULT_SEGMENT_SIZE
@@ -190,7 +207,7 @@ def load_catalog(repo: Repository, key: bytes | None) -> Catalog:
         for info in repo.list(WAL_PREFIX)
         if walnames.is_wal_file(info.key[len(WAL_PREFIX) :])
     }
-    catalog = Catalog(
+    return Catalog(
         repo=repo,
         key=key,
         system_identifier=identity.system_identifier if identity else None,
@@ -200,20 +217,7 @@ def load_catalog(repo: Repository, key: bytes | None) -> Catalog:
         unreadable=unreadable,
         backup_objects={k: tuple(v) for k, v in by_backup.items()},
         wal=wal,
-        histories={},
     )
-    histories = {
-        walnames.history_timeline(name): tuple(walnames.parse_history(_history_text(catalog, name)))
-        for name in wal
-        if walnames.is_history(name)
-    }
-    return replace(catalog, histories=histories)
-
-
-def _history_text(catalog: Catalog, name: str) -> str:
-    key = WAL_PREFIX + name
-    data = codec.decode(catalog.repo.get(key), catalog.meta(key).get("codec", ""), catalog.key)
-    return data.decode("utf-8", errors="replace")
 
 
 # --------------------------------------------------------------------------- continuity
@@ -230,9 +234,9 @@ def timeline_for(catalog: Catalog, backup: Manifest) -> tuple[int, list[Span]]:
     """
     best = backup.timeline
     best_spans: list[Span] = walnames.timeline_spans(
-        backup.timeline, list(catalog.histories.get(backup.timeline, ()))
+        backup.timeline, list(catalog.histories().get(backup.timeline, ()))
     )
-    for tli, switches in catalog.histories.items():
+    for tli, switches in catalog.histories().items():
         if tli <= best:
             continue
         spans = walnames.timeline_spans(tli, list(switches))
@@ -339,6 +343,9 @@ class Listing:
     wal: tuple[WalRange, ...]
     incomplete: tuple[str, ...]
 
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 def summarize(catalog: Catalog, backup: Manifest) -> BackupSummary:
     chain = continuity(catalog, backup)
@@ -380,13 +387,48 @@ def wal_ranges(catalog: Catalog) -> tuple[WalRange, ...]:
     return tuple(ranges)
 
 
-def list_backups(catalog: Catalog) -> Listing:
+def listing(catalog: Catalog) -> Listing:
     return Listing(
         repository=catalog.repo.description,
         backups=tuple(summarize(catalog, b) for b in catalog.backups),
         wal=wal_ranges(catalog),
         incomplete=catalog.incomplete,
     )
+
+
+def describe_listing(listing: Listing) -> list[str]:
+    """`backup list` for people: one line per backup, then the WAL per timeline."""
+    lines = []
+    for b in listing.backups:
+        until = (
+            f"restorable until {b.restorable_until:%Y-%m-%dT%H:%M:%SZ} ({b.restorable_wal})"
+            if b.restorable_until
+            else f"restorable until {b.restorable_wal}"
+            if b.restorable_wal
+            else "NOT restorable"
+        )
+        gap = f", WAL gap at {b.gap}" if b.gap else ""
+        lines.append(
+            f"{b.id}  timeline {b.timeline}  {_size(b.raw_bytes)} as {_size(b.stored_bytes)}"
+            f"  WAL {b.start_wal}..{b.stop_wal}  {until}{gap}"
+        )
+    if not listing.backups:
+        lines.append(f"no complete backups in {listing.repository}")
+    for r in listing.wal:
+        holes = f", {r.missing} missing" if r.missing else ""
+        lines.append(f"WAL timeline {r.timeline}: {r.first}..{r.last} ({r.segments}{holes})")
+    if listing.incomplete:
+        lines.append(f"incomplete (ignored): {', '.join(listing.incomplete)}")
+    return lines
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
 
 
 # --------------------------------------------------------------------------- verify
@@ -408,6 +450,10 @@ class VerifyReport:
     bytes: int  # original bytes checked
     seconds: float
     problems: tuple[Problem, ...]
+
+    @property
+    def messages(self) -> list[str]:
+        return [str(p) for p in self.problems]
 
     @property
     def ok(self) -> bool:
@@ -534,9 +580,9 @@ def _unique(problems: Iterable[Problem]) -> list[Problem]:
 @dataclass(frozen=True)
 class ExpirePlan:
     keep: tuple[str, ...]  # backup ids
-    remove_backups: tuple[str, ...]
-    remove_incomplete: tuple[str, ...]
-    remove_wal: tuple[str, ...]  # WAL file names
+    backups: tuple[str, ...]  # complete backups to remove
+    incomplete: tuple[str, ...]  # abandoned backup dirs to remove
+    wal: tuple[str, ...]  # WAL file names to remove
     wal_floor: str | None  # the oldest segment any kept backup needs
 
 
@@ -582,9 +628,9 @@ def expire_plan(
     oldest = min(keep, key=lambda b: b.start_lsn)
     return ExpirePlan(
         keep=tuple(sorted(kept_ids)),
-        remove_backups=remove,
-        remove_incomplete=incomplete,
-        remove_wal=wal,
+        backups=remove,
+        incomplete=incomplete,
+        wal=wal,
         wal_floor=walnames.segment_of(oldest.start_lsn, oldest.timeline, catalog.segment_size).name(
             catalog.segment_size
         ),
@@ -602,11 +648,10 @@ def _wal_number(name: str, segment_size: int) -> int:
 
 def expire(
     repo: Repository,
-    key: bytes | None,
     retention_full: int | None,
     retention_days: int | None,
+    now: datetime,
     *,
-    now: datetime | None = None,
     dry_run: bool = False,
 ) -> ExpirePlan:
     """Apply retention; returns what was (or, with dry_run, would be) removed.
@@ -614,20 +659,20 @@ def expire(
     A removed backup loses its manifest first, so an interrupted expire leaves an
     incomplete backup behind (never used, removed next time), not a broken one.
     """
-    catalog = load_catalog(repo, key)
-    plan = expire_plan(catalog, retention_full, retention_days, now or datetime.now(UTC))
+    catalog = load_catalog(repo)
+    plan = expire_plan(catalog, retention_full, retention_days, now)
     if dry_run:
         return plan
-    for backup_id in plan.remove_backups:
+    for backup_id in plan.backups:
         repo.delete([f"{BACKUPS_PREFIX}{backup_id}/{MANIFEST}"])
     doomed = [
         info.key
-        for backup_id in (*plan.remove_backups, *plan.remove_incomplete)
+        for backup_id in (*plan.backups, *plan.incomplete)
         for info in catalog.backup_objects.get(backup_id, ())
         if not info.key.endswith("/" + MANIFEST)
     ]
     _delete(repo, doomed)
-    _delete(repo, [WAL_PREFIX + name for name in plan.remove_wal])
+    _delete(repo, [WAL_PREFIX + name for name in plan.wal])
     return plan
 
 
