@@ -460,12 +460,21 @@ class VerifyReport:
         return not self.problems
 
 
-def check_object(catalog: Catalog, key: str) -> tuple[int, list[Problem]]:
-    """Download and decode one object; compare its sha256 and size with its metadata."""
+def check_object(
+    catalog: Catalog, key: str, manifest: Manifest | None = None
+) -> tuple[int, list[Problem]]:
+    """Download and decode one object; compare its sha256 and size with its metadata.
+
+    A base backup's checksum and size are known only once its upload has ended, so they
+    live in the manifest rather than in the object's metadata.
+    """
     try:
-        meta = catalog.meta(key)
+        meta = dict(catalog.meta(key))
     except RepositoryError as exc:
         return 0, [Problem(key, exc.message)]
+    if manifest is not None:
+        meta.setdefault("sha256", manifest.sha256)
+        meta.setdefault("size", str(manifest.raw_bytes))
     expected = meta.get("sha256")
     if not expected:
         return 0, [Problem(key, "no sha256 in the object's metadata")]
@@ -505,7 +514,9 @@ def check_manifest(catalog: Catalog, backup: Manifest) -> list[Problem]:
             )
         )
     size = backup.wal_segment_size
-    for name, lsn in ((backup.start_wal, backup.start_lsn), (backup.stop_wal, backup.stop_lsn)):
+    # The last segment a backup needs holds the byte before its stop LSN.
+    last_byte = max(backup.stop_lsn - 1, backup.start_lsn)
+    for name, lsn in ((backup.start_wal, backup.start_lsn), (backup.stop_wal, last_byte)):
         if walnames.segment_of(lsn, backup.timeline, size).name(size) != name:
             problems.append(
                 Problem(subject, f"{name} does not hold LSN {walnames.format_lsn(lsn)}")
@@ -526,7 +537,7 @@ def check_manifest(catalog: Catalog, backup: Manifest) -> list[Problem]:
         except RepositoryError as exc:
             problems.append(Problem(key, exc.message))
             continue
-        if meta.get("sha256") != backup.sha256:
+        if meta.get("sha256", backup.sha256) != backup.sha256:
             problems.append(Problem(key, "metadata sha256 differs from the manifest's"))
     return problems
 
@@ -551,11 +562,11 @@ def verify(
     problems = [
         Problem(f"{BACKUPS_PREFIX}{i}/{MANIFEST}", why) for i, why in catalog.unreadable.items()
     ]
-    keys = [WAL_PREFIX + name for name in sorted(catalog.wal)]
-    keys += [k for b in catalog.backups for k in b.objects]
+    keys: list[tuple[str, Manifest | None]] = [(WAL_PREFIX + n, None) for n in sorted(catalog.wal)]
+    keys += [(k, b) for b in catalog.backups for k in b.objects]
     checked = 0
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        for size, found in pool.map(lambda k: check_object(catalog, k), keys):
+        for size, found in pool.map(lambda item: check_object(catalog, *item), keys):
             checked += size
             problems += found
     for backup in catalog.backups:

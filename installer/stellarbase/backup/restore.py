@@ -1,0 +1,728 @@
+"""Point-in-time restore: plan, extract, recover with a prefetching restore_command, drill.
+
+Nothing is written before the plan holds: the backup exists, and every WAL segment from
+its start to the target is in the repository. Recovery then runs a temporary postmaster
+whose restore_command only waits for files in a spool; a prefetcher thread here fills the
+spool ahead of it, checking each segment's sha256, so recovery never starts a Python
+process per segment and never ends early on a damaged segment: the prefetcher stops its
+heartbeat instead, the restore_command fails hard, and recovery aborts.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import io
+import os
+import pwd
+import shlex
+import shutil
+import socket
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import structlog
+
+from stellarbase.backup import codec, walnames
+from stellarbase.backup.catalog import Catalog, Manifest, continuity, load_catalog
+from stellarbase.backup.prefetch import SPOOL_NAME, Prefetcher
+from stellarbase.backup.repo import Repository
+from stellarbase.errors import ExitCode, StellarError
+from stellarbase.files import write_atomic
+
+log = structlog.get_logger()
+
+HEARTBEAT_STALE_S = 10
+RECOVERY_DEADLINE_S = 6 * 3600.0
+STOP_DEADLINE_S = 60.0
+SUPERUSER = "postgres"
+_BLOCK_BEGIN = "# stellarbase restore: settings below are removed once recovery has finished"
+_BLOCK_END = "# stellarbase restore: end"
+_READ = 1024 * 1024
+
+
+# --------------------------------------------------------------------------- targets
+
+
+class TargetKind(enum.StrEnum):
+    LATEST = "latest"
+    TIME = "time"
+    LSN = "lsn"
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: TargetKind
+    time: datetime | None = None
+    lsn: int | None = None
+
+    @classmethod
+    def latest(cls) -> Target:
+        return cls(TargetKind.LATEST)
+
+    @classmethod
+    def at_time(cls, when: datetime) -> Target:
+        if when.tzinfo is None:
+            raise ValueError("a restore target time needs a time zone")
+        return cls(TargetKind.TIME, time=when.astimezone(UTC))
+
+    @classmethod
+    def at_lsn(cls, lsn: int) -> Target:
+        return cls(TargetKind.LSN, lsn=lsn)
+
+    def __str__(self) -> str:
+        if self.time is not None:
+            return self.time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        if self.lsn is not None:
+            return walnames.format_lsn(self.lsn)
+        return "latest"
+
+
+def _refuse(message: str, hint: str) -> StellarError:
+    return StellarError(message, hint=hint, code=ExitCode.FAILURE)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    backup: Manifest
+    target: Target
+    timeline: int  # the timeline recovery follows
+    needed: tuple[str, ...]  # WAL files recovery must find to reach the target
+    chain: tuple[str, ...]  # every WAL file of the unbroken chain, in recovery order
+
+
+def plan_restore(catalog: Catalog, target: Target, backup_id: str | None = None) -> RestorePlan:
+    """The backup and WAL for `target`; refuses (StellarError) when the WAL cannot reach it.
+
+    Without `backup_id`: the newest complete backup that ends before the target and whose
+    WAL chain reaches it.
+    """
+    if backup_id is not None:
+        return _plan_for(catalog, catalog.backup(backup_id), target)
+    candidates = [b for b in reversed(catalog.backups) if _ends_before(b, target)]
+    if not candidates:
+        raise _refuse(
+            f"no complete backup in {catalog.repo.description} ends before {target}",
+            hint="`stellarbase backup list` shows the backups and how far each restores",
+        )
+    refusals: list[StellarError] = []
+    for backup in candidates:
+        try:
+            return _plan_for(catalog, backup, target)
+        except StellarError as exc:
+            refusals.append(exc)
+    raise refusals[0]
+
+
+def _ends_before(backup: Manifest, target: Target) -> bool:
+    if target.time is not None:
+        return backup.stop_time <= target.time
+    if target.lsn is not None:
+        return backup.stop_lsn <= target.lsn
+    return True
+
+
+def _plan_for(catalog: Catalog, backup: Manifest, target: Target) -> RestorePlan:
+    if not _ends_before(backup, target):
+        raise _refuse(
+            f"backup {backup.id} ends after the target {target}",
+            hint="pick an older backup, or a later target",
+        )
+    chain = continuity(catalog, backup)
+    names = tuple(catalog.segment_name(s) for s in chain.path)
+    missing = catalog.segment_name(chain.end)
+    if not chain.restorable:
+        raise _refuse(
+            f"WAL segment {missing} is missing from {catalog.repo.description}: "
+            f"backup {backup.id} cannot be restored without it",
+            hint="`stellarbase backup verify` lists what is missing; pick another backup",
+        )
+    reach = _reach(catalog, chain.path)
+    gap_hint = f"restore to a point before the gap (--to-time {reach}) or pick another backup"
+    gap_message = (
+        f"WAL segment {missing} is missing from {catalog.repo.description}; "
+        f"backup {backup.id} restores only up to {reach} ({names[-1]})"
+    )
+    if target.kind == TargetKind.LATEST:
+        if chain.gap:
+            raise _refuse(gap_message, gap_hint)
+        needed = names
+    elif target.lsn is not None:
+        wanted = target.lsn // catalog.segment_size
+        if chain.path[-1].number < wanted:
+            if chain.gap:
+                raise _refuse(gap_message, gap_hint)
+            raise _refuse(
+                f"LSN {target} is past the archived WAL: it ends with {names[-1]} ({reach})",
+                hint="restore --latest, or wait until the archiver has uploaded more WAL",
+            )
+        needed = tuple(n for n, s in zip(names, chain.path, strict=True) if s.number <= wanted)
+    else:
+        assert target.time is not None
+        index = _first_completed_after(catalog, chain.path, target.time)
+        if index is None:
+            if chain.gap:
+                raise _refuse(gap_message, gap_hint)
+            raise _refuse(
+                f"{target} is past the archived WAL: its last segment {names[-1]} "
+                f"was completed at {reach}",
+                hint="restore --latest, or wait until the archiver has uploaded more WAL",
+            )
+        needed = names[: index + 1]
+    return RestorePlan(backup, target, chain.timeline, needed, names)
+
+
+def _reach(catalog: Catalog, path: Sequence[walnames.Segment]) -> str:
+    mtime = catalog.wal_mtime(path[-1]) if path else None
+    if mtime is None:
+        return "its last segment"
+    return mtime.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _first_completed_after(
+    catalog: Catalog, path: Sequence[walnames.Segment], when: datetime
+) -> int | None:
+    """Index of the first segment completed at or after `when` (segments complete in order)."""
+    lo, hi = 0, len(path)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        mtime = catalog.wal_mtime(path[mid])
+        if mtime is not None and mtime >= when:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo if lo < len(path) else None
+
+
+# --------------------------------------------------------------------------- the data dir
+
+
+def running_postmaster(data_dir: Path) -> int | None:
+    """The PID in postmaster.pid when that process is alive."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, owned by another user
+    return pid
+
+
+def check_data_dir(data_dir: Path, force: bool) -> None:
+    pid = running_postmaster(data_dir)
+    if pid is not None:
+        raise _refuse(
+            f"{data_dir} belongs to a running PostgreSQL (postmaster PID {pid})",
+            hint="stop that cluster first, then restore with --force to replace its data",
+        )
+    if data_dir.is_dir() and any(data_dir.iterdir()) and not force:
+        raise _refuse(
+            f"{data_dir} is not empty",
+            hint="restore into an empty directory, or pass --force to replace its contents "
+            "(a running cluster must be stopped first)",
+        )
+
+
+def _empty_dir(path: Path) -> None:
+    """Remove what is inside `path`, keeping the directory (it may be a mount point)."""
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _chown_tree(root: Path, owner: pwd.struct_passwd) -> None:
+    os.chown(root, owner.pw_uid, owner.pw_gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            os.chown(os.path.join(dirpath, name), owner.pw_uid, owner.pw_gid, follow_symlinks=False)
+
+
+class _Hashing(io.RawIOBase):
+    """Counts and hashes what passes through, for the manifest's sha256 and raw_bytes."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        self._inner = inner
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]  # RawIOBase's buffer type is broader
+        data = self._inner.read(len(buffer))
+        buffer[: len(data)] = data
+        self.digest.update(data)
+        self.size += len(data)
+        return len(data)
+
+
+def extract_backup(catalog: Catalog, backup: Manifest, data_dir: Path) -> int:
+    """Stream base.tar.zst into `data_dir`, checking it against the manifest; raw bytes."""
+    raw = catalog.repo.open_read(backup.base_key)
+    with codec.decoding_reader(raw, backup.codec, catalog.key) as decoded:
+        hashing = _Hashing(decoded)
+        stream = io.BufferedReader(hashing, buffer_size=_READ)
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            tar.extractall(data_dir, filter="data")
+        while stream.read(_READ):
+            pass  # the tar's end padding, so the digest covers the whole stream
+    if hashing.digest.hexdigest() != backup.sha256 or hashing.size != backup.raw_bytes:
+        raise _refuse(
+            f"backup {backup.id} does not match its manifest (sha256 or size); "
+            f"{data_dir} holds a damaged copy",
+            hint="restore another backup; `stellarbase backup verify` checks them all",
+        )
+    return hashing.size
+
+
+def _prepare_data_dir(data_dir: Path, owner: pwd.struct_passwd) -> None:
+    for leftover in ("recovery.signal", "standby.signal", "postmaster.pid", "backup_label.old"):
+        (data_dir / leftover).unlink(missing_ok=True)
+    (data_dir / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
+    # Distribution packages keep postgresql.conf outside the data dir; the tar lacks it.
+    (data_dir / "postgresql.conf").touch(exist_ok=True)
+    _chown_tree(data_dir, owner)
+    data_dir.chmod(0o700)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def restore_command(spool_dir: Path) -> str:
+    """The restore_command: wait for the prefetcher's file (or its `.missing` answer).
+
+    Exit status 126 (a stale heartbeat) makes PostgreSQL abort recovery rather than take
+    the missing file as the end of WAL. `%%` is a literal percent in restore_command.
+    """
+    s = shlex.quote(str(spool_dir))
+    return (
+        f's={s}; touch "$s/%f.want" || exit 126; i=0; '
+        f'while :; do if [ -f "$s/%f" ]; then rm -f "$s/%f.want"; '
+        f'mv -f "$s/%f" "%p" || exit 126; exit 0; fi; '
+        f'if [ -f "$s/%f.missing" ]; then rm -f "$s/%f.want"; exit 1; fi; '
+        f"i=$((i+1)); if [ $i -ge 20 ]; then i=0; "
+        f'a=$(stat -c %%Y "$s/.alive" 2>/dev/null || echo 0); '
+        f"if [ $(($(date +%%s)-a)) -gt {HEARTBEAT_STALE_S} ]; then exit 126; fi; fi; "
+        f"sleep 0.05; done"
+    )
+
+
+def recovery_settings(plan: RestorePlan, spool_dir: Path) -> dict[str, str]:
+    settings = {
+        "restore_command": restore_command(spool_dir),
+        "recovery_target_action": "promote",
+        # The timeline the plan checked, not 'latest': a higher timeline that does not
+        # descend from the backup would make recovery fail after the restore began.
+        "recovery_target_timeline": str(plan.timeline),
+    }
+    if plan.target.time is not None:
+        settings["recovery_target_time"] = plan.target.time.isoformat(sep=" ")
+    elif plan.target.lsn is not None:
+        settings["recovery_target_lsn"] = walnames.format_lsn(plan.target.lsn)
+    return settings
+
+
+def _strip_block(text: str) -> str:
+    kept: list[str] = []
+    inside = False
+    for line in text.splitlines(keepends=True):
+        if line.rstrip("\n") == _BLOCK_BEGIN:
+            inside = True
+        elif line.rstrip("\n") == _BLOCK_END:
+            inside = False
+        elif not inside:
+            kept.append(line)
+    return "".join(kept)
+
+
+def _write_auto_conf(data_dir: Path, text: str, owner: pwd.struct_passwd) -> None:
+    write_atomic(
+        data_dir / "postgresql.auto.conf",
+        text.encode(),
+        mode=0o600,
+        uid=owner.pw_uid,
+        gid=owner.pw_gid,
+    )
+
+
+def write_recovery_settings(
+    data_dir: Path, settings: Mapping[str, str], owner: pwd.struct_passwd
+) -> None:
+    auto = data_dir / "postgresql.auto.conf"
+    text = _strip_block(auto.read_text() if auto.exists() else "")
+    if text and not text.endswith("\n"):
+        text += "\n"
+    lines = [
+        f"{name} = '{value.replace(chr(39), chr(39) * 2)}'" for name, value in settings.items()
+    ]
+    _write_auto_conf(data_dir, text + "\n".join([_BLOCK_BEGIN, *lines, _BLOCK_END, ""]), owner)
+    write_atomic(data_dir / "recovery.signal", b"", mode=0o600, uid=owner.pw_uid, gid=owner.pw_gid)
+
+
+def clear_recovery_settings(data_dir: Path, owner: pwd.struct_passwd) -> None:
+    auto = data_dir / "postgresql.auto.conf"
+    if auto.exists():
+        _write_auto_conf(data_dir, _strip_block(auto.read_text()), owner)
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Cluster:
+    """A postmaster this module started; reachable only over its private Unix socket."""
+
+    data_dir: Path
+    port: int
+    socket_dir: Path
+    log_file: Path
+    process: subprocess.Popen[bytes] = field(repr=False)
+
+    def conninfo(self, dbname: str = "postgres", user: str = SUPERUSER) -> dict[str, Any]:
+        return {
+            "host": str(self.socket_dir),
+            "port": self.port,
+            "user": user,
+            "dbname": dbname,
+            "connect_timeout": 5,
+        }
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT), then SIGKILL after a deadline; removes the socket dir."""
+        if self.process.poll() is None:
+            self.process.send_signal(2)
+            try:
+                self.process.wait(timeout=STOP_DEADLINE_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=STOP_DEADLINE_S)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+    def log_tail(self, lines: int = 5) -> list[str]:
+        try:
+            return self.log_file.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return []
+
+
+# Only the local socket (a 0700 directory of the cluster's account) lets anyone in, so
+# nothing reaches the restored cluster over the network before it is checked.
+_PRIVATE_HBA = "local all all trust\nlocal replication all trust\n"
+
+
+def start_postmaster(
+    data_dir: Path,
+    bindir: Path,
+    owner: pwd.struct_passwd,
+    *,
+    port: int | None = None,
+    settings: Mapping[str, str] | None = None,
+    log_file: Path | None = None,
+) -> Cluster:
+    socket_dir = Path(tempfile.mkdtemp(prefix="sb-restore-"))
+    (socket_dir / "pg_hba.conf").write_text(_PRIVATE_HBA)
+    _chown_tree(socket_dir, owner)
+    socket_dir.chmod(0o700)
+    port = port or free_port()
+    log_file = log_file or data_dir / "log" / "stellarbase-restore.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    os.chown(log_file.parent, owner.pw_uid, owner.pw_gid)
+    all_settings = {
+        "port": str(port),
+        "listen_addresses": "127.0.0.1",
+        "unix_socket_directories": str(socket_dir),
+        "hba_file": str(socket_dir / "pg_hba.conf"),
+        "logging_collector": "off",
+        **(settings or {}),
+    }
+    argv = [str(bindir / "postgres"), "-D", str(data_dir)]
+    for name, value in all_settings.items():
+        argv += ["-c", f"{name}={value}"]
+    log.debug("start postmaster", argv=argv)
+    with open(log_file, "ab") as out:
+        # A long-running server, not a command: the one-shot wrapper in run.py does not fit.
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=data_dir,
+            env={"LANG": "C.UTF-8", "PATH": "/usr/bin:/bin", "HOME": owner.pw_dir},
+            user=owner.pw_uid,
+            group=owner.pw_gid,
+            extra_groups=os.getgrouplist(owner.pw_name, owner.pw_gid),
+        )
+    return Cluster(data_dir, port, socket_dir, log_file, process)
+
+
+def _promoted(cluster: Cluster) -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(**cluster.conninfo(), autocommit=True) as conn:
+            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    except psycopg.Error:
+        return False
+    return row is not None and row[0] is False
+
+
+def wait_promoted(cluster: Cluster, prefetcher: Prefetcher | None, deadline_s: float) -> None:
+    """Until recovery has ended and the cluster runs read-write; stops it on failure."""
+    deadline = time.monotonic() + deadline_s
+    while not _promoted(cluster):
+        failure = None
+        if prefetcher is not None and prefetcher.error:
+            failure = prefetcher.error
+        elif cluster.process.poll() is not None:
+            failure = f"PostgreSQL stopped during recovery (exit {cluster.process.returncode})"
+        elif time.monotonic() > deadline:
+            failure = f"recovery did not finish within {deadline_s:.0f} s"
+        if failure is not None:
+            cluster.stop()
+            tail = cluster.log_tail()
+            raise _refuse(
+                f"{failure}; {cluster.data_dir} is left half-restored",
+                hint=f"see {cluster.log_file}; fix the cause and restore again with --force",
+            ).with_details(tail)
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------- restore
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    backup_id: str
+    target: str
+    timeline: int
+    data_dir: str
+    raw_bytes: int
+    extract_seconds: float
+    recovery_seconds: float
+    total_seconds: float
+    wal_files: int  # fetched by the prefetcher
+    wal_bytes: int
+    wal_seconds: float  # from the first download's start to the last's end
+    notes: tuple[str, ...] = ()
+    cluster: Cluster | None = field(default=None, compare=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("cluster")
+        data["notes"] = list(self.notes)
+        return data
+
+
+def _account(name: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise StellarError(
+            f"no OS account {name!r} to run PostgreSQL as", code=ExitCode.HOST
+        ) from None
+
+
+def restore_into(
+    repo: Repository,
+    key: bytes | None,
+    target: Target,
+    *,
+    data_dir: Path,
+    bindir: Path,
+    run_as: str,
+    backup_id: str | None = None,
+    force: bool = False,
+    keep_running: bool = False,
+    port: int | None = None,
+    settings: Mapping[str, str] | None = None,
+    deadline_s: float = RECOVERY_DEADLINE_S,
+) -> RestoreResult:
+    """Restore into `data_dir` and recover until promoted.
+
+    The cluster is stopped afterwards unless `keep_running`, in which case the result
+    carries it (reachable through its private socket) and the caller stops it.
+    """
+    started = time.monotonic()
+    owner = _account(run_as)
+    catalog = load_catalog(repo, key)
+    plan = plan_restore(catalog, target, backup_id)
+    check_data_dir(data_dir, force)
+    log.info("restore", backup=plan.backup.id, target=str(target), wal=len(plan.needed))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    _empty_dir(data_dir)
+    spool = data_dir / SPOOL_NAME
+    spool.mkdir(mode=0o700)
+    os.chown(spool, owner.pw_uid, owner.pw_gid)
+    with Prefetcher(catalog, spool, plan.chain, owner) as prefetcher:
+        raw_bytes = extract_backup(catalog, plan.backup, data_dir)
+        _prepare_data_dir(data_dir, owner)
+        write_recovery_settings(data_dir, recovery_settings(plan, spool), owner)
+        extracted = time.monotonic()
+        cluster = start_postmaster(data_dir, bindir, owner, port=port, settings=settings)
+        wait_promoted(cluster, prefetcher, deadline_s)
+        recovered = time.monotonic()
+        stats = prefetcher.stats()
+    shutil.rmtree(spool, ignore_errors=True)
+    clear_recovery_settings(data_dir, owner)
+    if not keep_running:
+        cluster.stop()
+    return RestoreResult(
+        backup_id=plan.backup.id,
+        target=str(target),
+        timeline=plan.timeline,
+        data_dir=str(data_dir),
+        raw_bytes=raw_bytes,
+        extract_seconds=round(extracted - started, 3),
+        recovery_seconds=round(recovered - extracted, 3),
+        total_seconds=round(time.monotonic() - started, 3),
+        wal_files=stats.files,
+        wal_bytes=stats.bytes,
+        wal_seconds=round(stats.seconds, 3),
+        cluster=cluster if keep_running else None,
+    )
+
+
+def restore_live(
+    repo: Repository,
+    key: bytes | None,
+    target: Target,
+    *,
+    data_dir: Path,
+    bindir: Path,
+    unit: str,
+    run_as: str,
+    backup_id: str | None = None,
+    force: bool = False,
+) -> RestoreResult:
+    """Restore the cluster `unit` runs: stop it, restore in place, start it again."""
+    from stellarbase import systemd
+
+    plan_restore(load_catalog(repo, key), target, backup_id)  # refuse before stopping
+    if not force:
+        check_data_dir(data_dir, force=False)
+    systemd.stop([unit])
+    result = restore_into(
+        repo,
+        key,
+        target,
+        data_dir=data_dir,
+        bindir=bindir,
+        run_as=run_as,
+        backup_id=backup_id,
+        force=True,
+    )
+    systemd.start(unit)
+    return replace(result, notes=(f"started {unit} again",))
+
+
+# --------------------------------------------------------------------------- drill
+
+
+@dataclass(frozen=True)
+class DrillResult:
+    backup_id: str
+    rto_seconds: float  # from the start of the restore to the first answered query
+    restore: RestoreResult
+    databases: int
+    tables: int
+    rows: int
+
+    @property
+    def summary(self) -> str:
+        return f"{self.databases} databases, {self.tables} tables, {self.rows} rows readable"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "backup_id": self.backup_id,
+            "rto_seconds": self.rto_seconds,
+            "restore": self.restore.as_dict(),
+            "databases": self.databases,
+            "tables": self.tables,
+            "rows": self.rows,
+        }
+
+
+def count_rows(cluster: Cluster) -> tuple[int, int, int]:
+    """(databases, tables, rows): every user table of every database is read in full."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(**cluster.conninfo(), autocommit=True) as conn:
+        names = [
+            r[0]
+            for r in conn.execute(
+                "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate"
+            )
+        ]
+    tables = rows = 0
+    for name in names:
+        with psycopg.connect(**cluster.conninfo(dbname=name), autocommit=True) as conn:
+            found = conn.execute(
+                "SELECT schemaname, tablename FROM pg_tables "
+                "WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
+            ).fetchall()
+            for schema, table in found:
+                query = sql.SQL("SELECT count(*) FROM {}.{}").format(
+                    sql.Identifier(schema), sql.Identifier(table)
+                )
+                row = conn.execute(query).fetchone()
+                rows += int(row[0]) if row else 0
+            tables += len(found)
+    return len(names), tables, rows
+
+
+def drill(
+    repo: Repository, key: bytes | None, bindir: Path, run_as: str, workdir: Path
+) -> DrillResult:
+    """Restore the newest backup to the latest point into a scratch dir, query, clean up.
+
+    The scratch cluster never archives (it would write a new timeline into the repository)
+    and listens only on its private socket and a free loopback port.
+    """
+    owner = _account(run_as)
+    scratch = Path(tempfile.mkdtemp(prefix="drill-", dir=workdir))
+    try:
+        os.chown(scratch, owner.pw_uid, owner.pw_gid)
+        started = time.monotonic()
+        result = restore_into(
+            repo,
+            key,
+            Target.latest(),
+            data_dir=scratch / "data",
+            bindir=bindir,
+            run_as=run_as,
+            keep_running=True,
+            settings={"archive_mode": "off"},
+        )
+        assert result.cluster is not None
+        try:
+            databases, tables, rows = count_rows(result.cluster)
+            rto = time.monotonic() - started
+        finally:
+            result.cluster.stop()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return DrillResult(result.backup_id, round(rto, 3), result, databases, tables, rows)
