@@ -1,0 +1,376 @@
+"""Continuous WAL archiving: the agent uploads ahead, archive_command only confirms.
+
+PostgreSQL marks each finished WAL file with `pg_wal/archive_status/<name>.ready` and
+calls archive_command for it, one at a time. Starting Python per file costs far more than
+the upload, so the command is a few lines of `sh`: it waits for the marker
+`<spool>/archived/<name>` and succeeds only when the marker holds the sha256 of the file
+Postgres handed it. This loop, meanwhile, uploads every `.ready` file in parallel and
+writes a marker only after the repository acknowledged the bytes. Nothing in
+archive_status is ever renamed here: acknowledgement is archive_command's exit status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from stellarbase.backup import codec, walnames
+from stellarbase.backup.repo import (
+    ClusterIdentity,
+    Repository,
+    ensure_identity,
+    read_identity,
+    repository_from,
+)
+from stellarbase.errors import ExitCode, StellarError
+
+if TYPE_CHECKING:
+    from stellarbase.config import Config
+
+log = structlog.get_logger()
+
+MARKERS = "archived"
+WAIT_STEPS = 100  # archive_command waits WAIT_STEPS * 0.1 s for the marker
+BACKOFF_CAP_S = 30.0
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/-]+$")
+
+# XLogLongPageHeaderData (access/xlog_internal.h), little-endian on the hosts we support:
+# magic u16, info u16, tli u32, pageaddr u64, rem_len u32, pad, sysid u64, seg_size u32,
+# blcksz u32.
+_LONG_HEADER = struct.Struct("<HHIQI4xQII")
+_XLP_LONG_HEADER = 0x0002
+
+
+class ArchiveError(StellarError):
+    """A WAL file that must not be archived as it is (foreign, damaged, conflicting)."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message, hint=hint, code=ExitCode.FAILURE)
+
+
+def archive_command(spool_dir: Path) -> str:
+    """The archive_command: confirm the agent's marker for %f against the sha256 of %p.
+
+    Runs as the postgres user with the data directory as cwd (%p is relative to it), so
+    the spool must be readable by that user. The spool path is restricted to characters
+    that need no quoting for `sh` and no escaping for Postgres' `%` substitution.
+    """
+    spool = str(spool_dir)
+    if not _SAFE_PATH.match(spool):
+        raise ValueError(
+            f"WAL spool path {spool!r} must be absolute and use only letters, digits and ._/-"
+        )
+    return (
+        f"m={spool}/{MARKERS}/%f; i=0; "
+        f'while [ ! -f "$m" ]; do [ $i -ge {WAIT_STEPS} ] && exit 1; i=$((i+1)); sleep 0.1; done; '
+        '[ "$(cat "$m")" = "$(sha256sum < "%p" | cut -c1-64)" ]'
+    )
+
+
+def check_segment(name: str, data: bytes, sysid: str) -> None:
+    """Refuse a segment of another cluster, of another position, or of the wrong size."""
+    if len(data) < _LONG_HEADER.size:
+        raise ArchiveError(
+            f"WAL segment {name} is {len(data)} bytes: too short for a page header",
+            hint="the file is damaged; look at the PostgreSQL log",
+        )
+    _magic, info, _tli, pageaddr, _rem, file_sysid, seg_size, _blcksz = _LONG_HEADER.unpack_from(
+        data
+    )
+    if not info & _XLP_LONG_HEADER:
+        raise ArchiveError(
+            f"WAL segment {name} does not start with a long page header",
+            hint="the file is damaged; look at the PostgreSQL log",
+        )
+    if str(file_sysid) != sysid:
+        raise ArchiveError(
+            f"WAL segment {name} belongs to cluster {file_sysid}, the repository to {sysid}",
+            hint="a file from another cluster is in pg_wal, or backup.prefix is shared; "
+            "use another backup.prefix for a new cluster",
+        )
+    if seg_size == 0 or len(data) != seg_size:
+        raise ArchiveError(
+            f"WAL segment {name} is {len(data)} bytes, its header says {seg_size}",
+            hint="the file is damaged; look at the PostgreSQL log",
+        )
+    expected = walnames.parse_segment(name, seg_size).start_lsn(seg_size)
+    if pageaddr != expected:
+        raise ArchiveError(
+            f"WAL segment {name} starts at {walnames.format_lsn(pageaddr)}, "
+            f"its name says {walnames.format_lsn(expected)}",
+            hint="the file was renamed or damaged",
+        )
+
+
+def local_identity(pg_wal: Path) -> ClusterIdentity:
+    """The identity of the cluster whose pg_wal this is, read from its data directory.
+
+    pg_control starts with the system identifier. PG_VERSION holds only the major version,
+    so pg_version is major * 10000 (base backups record the exact server_version_num).
+    """
+    data_dir = pg_wal.parent
+    try:
+        with open(data_dir / "global" / "pg_control", "rb") as f:
+            (sysid,) = struct.unpack("<Q", f.read(8))
+        major = int((data_dir / "PG_VERSION").read_text().strip())
+        segment_size = next(
+            (e.stat().st_size for e in os.scandir(pg_wal) if walnames.is_segment(e.name)),
+            walnames.DEFAULT_SEGMENT_SIZE,
+        )
+    except (OSError, ValueError, struct.error) as exc:
+        raise StellarError(
+            f"cannot read the cluster identity under {data_dir}: {exc}",
+            hint="the archiver needs read access to the PostgreSQL data directory",
+            code=ExitCode.HOST,
+        ) from None
+    return ClusterIdentity(str(sysid), major * 10000, segment_size)
+
+
+@dataclass(frozen=True)
+class ArchiverStats:
+    pending: int  # .ready files without a marker
+    lag_seconds: float  # age of the oldest pending WAL file (mtime), 0 when none
+    last_archived: str | None
+    last_archived_at: float | None  # Unix time
+    bytes_uploaded_total: int  # stored (encoded) bytes
+    uploads_total: int
+    failures_total: int
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class Round:
+    archived: int  # markers written this round (uploads and already-present objects)
+    failed: int
+
+
+def _write_marker(path: Path, digest: str) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(digest + "\n")
+    os.chmod(temp, 0o644)
+    os.replace(temp, path)
+
+
+class Archiver:
+    def __init__(
+        self,
+        repo: Repository,
+        pg_wal: Path,
+        spool: Path,
+        *,
+        level: int = 3,
+        key: bytes | None = None,
+        concurrency: int = 4,
+        identity: ClusterIdentity | None = None,
+    ) -> None:
+        self.repo = repo
+        self.pg_wal = pg_wal
+        self.status_dir = pg_wal / "archive_status"
+        self.spool = spool
+        self.markers = spool / MARKERS
+        self._level = level
+        self._key = key
+        self._codec = codec.codec_name(key)
+        self._identity = identity
+        self._sysid: str | None = None  # set once repo.json is checked
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="wal-upload")
+        self._confirmed: set[str] = set()  # markers this process wrote or checked
+        self._lock = threading.Lock()
+        self._last_archived: str | None = None
+        self._last_archived_at: float | None = None
+        self._bytes = 0
+        self._uploads = 0
+        self._failures = 0
+        self._last_error: str | None = None
+        self.prepare_spool()
+
+    @classmethod
+    def from_config(cls, config: Config, pg_wal: Path, spool: Path) -> Archiver:
+        backup = config.backup
+        return cls(
+            repository_from(backup, config.s3),
+            pg_wal,
+            spool,
+            level=backup.compression_level,
+            key=codec.encryption_key(backup),
+            concurrency=backup.upload_concurrency,
+        )
+
+    def prepare_spool(self) -> None:
+        # archive_command runs as postgres: it must reach the markers, never write them.
+        for d in (self.spool, self.markers):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o755)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # ----------------------------------------------------------------- scanning
+
+    def _ready(self) -> list[str]:
+        try:
+            entries = os.listdir(self.status_dir)
+        except FileNotFoundError:
+            return []
+        names = (e.removesuffix(".ready") for e in entries if e.endswith(".ready"))
+        return sorted(n for n in names if walnames.is_wal_file(n))
+
+    def _pending(self) -> Iterator[str]:
+        for name in self._ready():
+            if name not in self._confirmed or not (self.markers / name).exists():
+                yield name
+
+    def _check_repository(self) -> str:
+        if self._sysid is None:
+            identity = self._identity or read_identity(self.repo)
+            if identity is None:
+                identity = local_identity(self.pg_wal)
+            ensure_identity(self.repo, identity)
+            self._sysid = identity.system_identifier
+        return self._sysid
+
+    # ----------------------------------------------------------------- one file
+
+    def _archive(self, name: str, sysid: str) -> bool:
+        """Upload one WAL file and write its marker; False when it vanished meanwhile."""
+        path = self.pg_wal / name
+        try:
+            data = path.read_bytes()
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            return False  # archived and removed by Postgres in the meantime
+        digest = hashlib.sha256(data).hexdigest()
+        marker = self.markers / name
+        with contextlib.suppress(FileNotFoundError):
+            if marker.read_text().strip() == digest:
+                self._confirm(name, uploaded=0)
+                return True
+            marker.unlink()  # from an earlier file of the same name: check the store again
+        if walnames.is_segment(name) or walnames.is_partial(name):
+            check_segment(name, data, sysid)
+        key = f"wal/{name}"
+        existing = self.repo.head(key)
+        stored = 0
+        if existing is not None:
+            if existing.meta.get("sha256") != digest:
+                raise ArchiveError(
+                    f"{self.repo.description} already holds {key} with other content "
+                    f"(sha256 {existing.meta.get('sha256', 'unknown')}, this file {digest})",
+                    hint="two clusters archive to one prefix, or a timeline was reused; "
+                    "use another backup.prefix for a new cluster",
+                )
+        else:
+            body = codec.encode(data, self._level, self._key)
+            meta = {
+                "sha256": digest,
+                "size": str(len(data)),
+                "codec": self._codec,
+                "sysid": sysid,
+                "mtime": repr(mtime),
+            }
+            self.repo.put(key, body, meta)
+            stored = len(body)
+        _write_marker(marker, digest)
+        self._confirm(name, uploaded=stored)
+        return True
+
+    def _confirm(self, name: str, uploaded: int) -> None:
+        with self._lock:
+            self._confirmed.add(name)
+            self._last_archived = name
+            self._last_archived_at = time.time()
+            if uploaded:
+                self._bytes += uploaded
+                self._uploads += 1
+
+    def _record_failure(self, name: str, exc: BaseException) -> None:
+        message = exc.message if isinstance(exc, StellarError) else f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self._failures += 1
+            self._last_error = message
+        log.error("wal archive failed", wal=name, error=message)
+
+    # ----------------------------------------------------------------- rounds
+
+    def run_once(self) -> Round:
+        """Upload every pending WAL file (in parallel), then drop markers of removed files."""
+        sysid = self._check_repository()
+        names = list(self._pending())
+        futures = {name: self._pool.submit(self._archive, name, sysid) for name in names}
+        archived = failed = 0
+        for name, future in futures.items():
+            try:
+                archived += int(future.result())
+            except Exception as exc:  # one bad file must not stop the others
+                failed += 1
+                self._record_failure(name, exc)
+        self._drop_stale_markers()
+        return Round(archived, failed)
+
+    def _drop_stale_markers(self) -> None:
+        try:
+            markers = os.listdir(self.markers)
+        except FileNotFoundError:
+            return
+        for name in markers:
+            if name.startswith(".") or (self.pg_wal / name).exists():
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                (self.markers / name).unlink()
+            with self._lock:
+                self._confirmed.discard(name)
+
+    def run(self, stop: threading.Event, interval: float = 0.2) -> None:
+        """Archive until `stop` is set; on failures, retry with a capped backoff."""
+        delay = interval
+        try:
+            while not stop.is_set():
+                try:
+                    result = self.run_once()
+                    failed = result.failed > 0
+                except Exception as exc:  # the store may be down: keep going, keep reporting
+                    self._record_failure("-", exc)
+                    failed = True
+                delay = min(BACKOFF_CAP_S, max(delay * 2, 0.5)) if failed else interval
+                if failed:
+                    log.warning("wal archiving behind, retrying", retry_in_s=delay)
+                stop.wait(delay)
+        finally:
+            self.close()
+
+    def stats(self) -> ArchiverStats:
+        now = time.time()
+        pending = [n for n in self._ready() if not (self.markers / n).exists()]
+        oldest: float | None = None
+        for name in pending:
+            with contextlib.suppress(FileNotFoundError):
+                mtime = (self.pg_wal / name).stat().st_mtime
+                oldest = mtime if oldest is None else min(oldest, mtime)
+        with self._lock:
+            return ArchiverStats(
+                pending=len(pending),
+                lag_seconds=0.0 if oldest is None else max(0.0, now - oldest),
+                last_archived=self._last_archived,
+                last_archived_at=self._last_archived_at,
+                bytes_uploaded_total=self._bytes,
+                uploads_total=self._uploads,
+                failures_total=self._failures,
+                last_error=self._last_error,
+            )
+
+
+def run_archiver(config: Config, pg_wal: Path, spool: Path, stop: threading.Event) -> None:
+    """The agent's entry: archive `pg_wal` into the configured repository until `stop`."""
+    Archiver.from_config(config, pg_wal, spool).run(stop)

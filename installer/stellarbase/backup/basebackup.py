@@ -1,0 +1,289 @@
+"""`backup now`: a pg_basebackup tar stream, encoded on the fly into the repository.
+
+The stream goes from pg_basebackup's stdout through the codec into a multipart upload;
+nothing is staged on local disk. WAL is not included (`-X none`): the archiver already
+holds it. The manifest is written last, so a backup without one is visibly incomplete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+
+from stellarbase.backup import codec, walnames
+from stellarbase.backup.repo import ClusterIdentity, Repository, ensure_identity
+from stellarbase.config import BackupConfig
+from stellarbase.errors import ExitCode, StellarError
+from stellarbase.run import BASE_ENV
+
+log = structlog.get_logger()
+
+MANIFEST_FORMAT = 1
+_READ = 1024 * 1024
+_LABEL_START = re.compile(r"^START WAL LOCATION: ([0-9A-F]+/[0-9A-F]+)", re.M)
+_LABEL_TLI = re.compile(r"^START TIMELINE: (\d+)", re.M)
+
+
+class BackupError(StellarError):
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(
+            message,
+            hint=hint or "look at the PostgreSQL log; run again with --debug for details",
+            code=ExitCode.FAILURE,
+        )
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cluster_identity(conninfo: str) -> tuple[ClusterIdentity, list[str]]:
+    """The cluster's identity and the names of its extra tablespaces."""
+    import psycopg
+
+    try:
+        with psycopg.connect(conninfo, connect_timeout=10) as conn:
+            row = conn.execute(
+                "SELECT (pg_control_system()).system_identifier::text, "
+                "current_setting('server_version_num')::int, "
+                # pg_settings gives the size in bytes (unit B) since PostgreSQL 11.
+                "(SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')"
+            ).fetchone()
+            spaces = conn.execute(
+                "SELECT spcname FROM pg_tablespace "
+                "WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY 1"
+            ).fetchall()
+    except psycopg.Error as exc:
+        raise BackupError(
+            f"cannot query PostgreSQL for the backup: {str(exc).strip().splitlines()[0]}",
+            hint="the backup connects as the local superuser; check that PostgreSQL runs",
+        ) from None
+    assert row is not None  # a SELECT without FROM always returns one row
+    return ClusterIdentity(str(row[0]), int(row[1]), int(row[2])), [s[0] for s in spaces]
+
+
+def _split_password(conninfo: str) -> tuple[str, dict[str, str]]:
+    """The conninfo without its password, and the env that carries it instead (not argv)."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(conninfo)
+    password = params.pop("password", None)
+    env = {"PGPASSWORD": str(password)} if password is not None else {}
+    return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None}), env
+
+
+def _new_id(repo: Repository) -> tuple[str, dt.datetime]:
+    while True:
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        backup_id = now.strftime("%Y%m%dT%H%M%SZ")
+        if repo.head(f"backups/{backup_id}/manifest.json") is None:
+            return backup_id, now
+        time.sleep(1.0)  # two backups in one second: the id is the start time
+
+
+class _TarTap:
+    """Follows the tar stream as it passes and keeps backup_label and backup_manifest.
+
+    pg_basebackup sends backup_label first and, writing a tar to stdout, appends
+    backup_manifest last; together they give the WAL range the backup needs.
+    """
+
+    WANTED = ("backup_label", "backup_manifest")
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self._header = bytearray()
+        self._skip = 0
+        self._name: str | None = None
+        self._body = bytearray()
+        self._remaining = 0
+        self._padding = 0
+        self._ended = False
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and not self._ended:
+            if self._skip:
+                n = min(self._skip, len(view))
+                self._skip -= n
+                view = view[n:]
+            elif self._name is not None:
+                n = min(self._remaining, len(view))
+                self._body += view[:n]
+                self._remaining -= n
+                view = view[n:]
+                if not self._remaining:
+                    self.files[self._name] = bytes(self._body)
+                    self._name, self._body = None, bytearray()
+                    self._skip = self._padding
+            else:
+                n = min(512 - len(self._header), len(view))
+                self._header += view[:n]
+                view = view[n:]
+                if len(self._header) == 512:
+                    self._start_member(bytes(self._header))
+                    self._header.clear()
+
+    def _start_member(self, header: bytes) -> None:
+        if not header.strip(b"\0"):
+            self._ended = True  # the end-of-archive blocks
+            return
+        name = header[:100].split(b"\0", 1)[0].decode(errors="replace")
+        prefix = header[345:500].split(b"\0", 1)[0].decode(errors="replace")
+        if prefix:
+            name = f"{prefix}/{name}"
+        field = header[124:136]
+        if field[0] & 0x80:  # base-256 for sizes past the octal field's range
+            size = int.from_bytes(field[1:], "big")
+        else:
+            size = int(field.strip(b"\0 ") or b"0", 8)
+        padded = -(-size // 512) * 512
+        if name in self.WANTED and header[156:157] in (b"0", b"\0"):
+            self._name, self._remaining, self._padding = name, size, padded - size
+            if size == 0:
+                self.files[name] = b""
+                self._name, self._skip = None, self._padding
+        else:
+            self._skip = padded
+
+
+def _positions(files: dict[str, bytes]) -> tuple[int, int, int, int]:
+    """(start LSN, start timeline, stop LSN, stop timeline) from backup_label and manifest."""
+    label = files.get("backup_label", b"").decode(errors="replace")
+    start = _LABEL_START.search(label)
+    start_tli = _LABEL_TLI.search(label)
+    if start is None or start_tli is None:
+        raise BackupError("the backup stream has no backup_label with its WAL start point")
+    try:
+        ranges = json.loads(files["backup_manifest"])["WAL-Ranges"]
+        last = ranges[-1]
+        stop_lsn, stop_tli = walnames.parse_lsn(last["End-LSN"]), int(last["Timeline"])
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise BackupError(
+            f"the backup stream has no usable backup_manifest WAL range ({exc!r})",
+            hint="pg_basebackup must not run with --no-manifest",
+        ) from None
+    start_lsn = walnames.parse_lsn(start.group(1))
+    if stop_lsn < start_lsn:
+        raise BackupError("the backup's WAL end point lies before its start point")
+    return start_lsn, int(start_tli.group(1)), stop_lsn, stop_tli
+
+
+def _tail(stream: IO[bytes]) -> str:
+    stream.seek(0)
+    return stream.read().decode(errors="replace")
+
+
+def take_backup(
+    repo: Repository, conninfo: str, bindir: Path, backup: BackupConfig, label: str
+) -> dict[str, Any]:
+    """Take a full base backup into the repository and return its manifest."""
+    ident, spaces = cluster_identity(conninfo)
+    if spaces:
+        raise BackupError(
+            f"the cluster has tablespaces outside the data directory: {', '.join(spaces)}",
+            hint="a tar stream to stdout carries only the main data directory; move those "
+            "tables to pg_default (ALTER TABLE … SET TABLESPACE pg_default) and drop them",
+        )
+    ensure_identity(repo, ident)
+    key = codec.encryption_key(backup)
+    codec_name = codec.codec_name(key)
+    backup_id, started = _new_id(repo)
+    obj = f"backups/{backup_id}/base.tar.zst"
+    writer = repo.open_write(obj, {"codec": codec_name, "sysid": ident.system_identifier})
+    safe_conninfo, env = _split_password(conninfo)
+    argv = [
+        str(bindir / "pg_basebackup"),
+        "-d",
+        safe_conninfo,
+        "-D",
+        "-",
+        "-Ft",
+        "-X",
+        "none",
+        "-c",
+        "fast",
+        "-v",
+        "-l",
+        f"stellarbase {backup_id}",
+    ]
+    log.info("base backup starting", id=backup_id, repo=repo.description)
+    sha = hashlib.sha256()
+    encoder = codec.StreamEncoder(backup.compression_level, key)
+    tap = _TarTap()
+    raw_bytes = 0
+    with tempfile.TemporaryFile() as errf:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=errf,
+                env={**BASE_ENV, "LC_ALL": "C", **env},
+            )
+        except OSError as exc:
+            writer.abort()
+            raise BackupError(
+                f"cannot run {argv[0]}: {exc}",
+                hint="install the PostgreSQL client binaries of the server's version",
+            ) from None
+        try:
+            assert proc.stdout is not None
+            while chunk := proc.stdout.read(_READ):
+                sha.update(chunk)
+                tap.feed(chunk)
+                raw_bytes += len(chunk)
+                writer.write(encoder.write(chunk))
+            code = proc.wait(timeout=60)
+            stderr = _tail(errf)
+            if code != 0:
+                last = [line for line in stderr.splitlines() if line.strip()][-1:] or ["?"]
+                raise BackupError(f"pg_basebackup failed with exit code {code}: {last[0]}")
+            start_lsn, timeline, stop_lsn, stop_tli = _positions(tap.files)
+            writer.write(encoder.finish())
+            stored_bytes = writer.commit()
+        except BaseException:
+            writer.abort()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise
+        finally:
+            if proc.stdout is not None:
+                proc.stdout.close()
+    finished = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    size = ident.wal_segment_size
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "id": backup_id,
+        "label": label,
+        "system_identifier": ident.system_identifier,
+        "pg_version": ident.pg_version,
+        "wal_segment_size": size,
+        "timeline": timeline,
+        "start_lsn": walnames.format_lsn(start_lsn),
+        "stop_lsn": walnames.format_lsn(stop_lsn),
+        "start_wal": walnames.segment_of(start_lsn, timeline, size).name(size),
+        # The last segment the backup needs holds the byte before the end point.
+        "stop_wal": walnames.segment_of(max(stop_lsn - 1, start_lsn), stop_tli, size).name(size),
+        "start_time": _iso(started),
+        "stop_time": _iso(finished),
+        "raw_bytes": raw_bytes,
+        "stored_bytes": stored_bytes,
+        "sha256": sha.hexdigest(),
+        "codec": codec_name,
+        "objects": [obj],
+    }
+    body = (json.dumps(manifest, indent=2) + "\n").encode()
+    repo.put(f"backups/{backup_id}/manifest.json", body, {})
+    log.info("base backup done", id=backup_id, raw_bytes=raw_bytes, stored_bytes=stored_bytes)
+    return manifest
