@@ -23,7 +23,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -530,8 +530,7 @@ class RestoreResult:
     cluster: Cluster | None = field(default=None, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("cluster")
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cluster"}
         data["notes"] = list(self.notes)
         return data
 
