@@ -19,6 +19,7 @@ from stellarbase.files import copy_atomic, file_digest, symlink_atomic, write_at
 from stellarbase.output import Status, StepResult
 from stellarbase.paths import USER, HostPaths
 from stellarbase.plan import (
+    ConfigureArchiving,
     CopyFile,
     DaemonReload,
     EnsureDatabase,
@@ -99,6 +100,7 @@ class Executor:
             StartUnit: self._start_unit,
             InitPostgres: self._init_postgres,
             EnsureDatabase: self._ensure_database,
+            ConfigureArchiving: self._configure_archiving,
             Migrate: self._migrate,
             WaitHealthy: self._wait_healthy,
         }
@@ -265,6 +267,24 @@ class Executor:
         if not self.dry_run:
             localdeps.init_cluster(step.bindir, step.data_dir, USER, step.admin_password)
         return "initdb with data checksums and scram-sha-256", ""
+
+    def _configure_archiving(
+        self, step: ConfigureArchiving, _: state.State
+    ) -> tuple[str | None, str]:
+        if self.dry_run:
+            return None, ""  # needs the server running; the real run reports what it changed
+        changed, restart = localdeps.configure_settings(
+            step.port, step.admin_password, step.settings, step.timeout
+        )
+        if not changed:
+            return None, ""
+        detail = "set " + ", ".join(changed)
+        if restart:
+            self._units = {}
+            systemd.restart(step.unit)
+            localdeps.wait_until_up(step.port, step.admin_password, step.timeout)
+            detail += f"; restarted {step.unit} for " + ", ".join(restart)
+        return detail, ""
 
     def _ensure_database(
         self, step: EnsureDatabase, current: state.State

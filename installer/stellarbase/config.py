@@ -269,6 +269,11 @@ class Config(Model):
                     f"{dep} is configured by URL but dependencies make it local: "
                     f"set dependencies.{dep}=external to use that server"
                 )
+        if self.backup.enabled and self.mode_of("postgres") != DependencyMode.LOCAL:
+            raise ValueError(
+                "backups archive the WAL of the local PostgreSQL: with an external server, "
+                "set backup.repository=none and back it up where it runs"
+            )
         if self.backup.repository == "s3" and self.s3 is None:
             raise ValueError("backup.repository is s3 but there is no s3 section: configure s3")
         if self.backup.repository.startswith("file://") and self.tier != Tier.PILOT:

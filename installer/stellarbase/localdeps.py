@@ -239,3 +239,55 @@ def _connect_when_up(port: int, password: str, dbname: str, timeout: float) -> p
                     code=ExitCode.UNHEALTHY,
                 ) from None
             time.sleep(0.2)
+
+
+def wait_until_up(port: int, admin_password: str, timeout: float) -> None:
+    _connect_when_up(port, admin_password, "postgres", timeout).close()
+
+
+def configure_settings(
+    port: int, admin_password: str, settings: tuple[tuple[str, str], ...], timeout: float
+) -> tuple[list[str], list[str]]:
+    """ALTER SYSTEM what differs, reload; returns (what changed, what needs a restart).
+
+    A value of "" resets the setting to PostgreSQL's default.
+    """
+    from psycopg import sql
+
+    changed: list[str] = []
+    with _connect_when_up(port, admin_password, "postgres", timeout) as admin:
+        for name, value in settings:
+            row = admin.execute(
+                "SELECT setting, unit, boot_val, source FROM pg_settings WHERE name = %s", (name,)
+            ).fetchone()
+            if row is None:
+                continue
+            if _same_setting(row, value):
+                continue
+            if value:
+                admin.execute(
+                    sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                        sql.Identifier(name), sql.Literal(value)
+                    )
+                )
+                changed.append(f"{name}={value}" if name != "archive_command" else name)
+            else:
+                admin.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(name)))
+                changed.append(f"{name} to its default")
+        if changed:
+            admin.execute("SELECT pg_reload_conf()")
+            time.sleep(0.2)  # the postmaster applies the reload asynchronously
+        names = [name for name, _ in settings]
+        pending = admin.execute(
+            "SELECT name FROM pg_settings WHERE pending_restart AND name = ANY(%s)", (names,)
+        ).fetchall()
+    return changed, [row[0] for row in pending]
+
+
+def _same_setting(row: tuple[str, str | None, str, str], wanted: str) -> bool:
+    setting, unit, boot_val, source = row
+    if not wanted:
+        return source in ("default", "override") or setting == boot_val
+    if unit == "s" and wanted.endswith("s") and wanted[:-1].isdigit():
+        return setting == wanted[:-1]
+    return setting == wanted

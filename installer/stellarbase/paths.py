@@ -84,6 +84,11 @@ class HostPaths:
         return self.state_dir / "postgres"
 
     @property
+    def wal_spool(self) -> Path:
+        """Markers of WAL files the agent has made durable; archive_command reads them."""
+        return self.state_dir / "wal-spool"
+
+    @property
     def redis_data(self) -> Path:
         return self.state_dir / "redis"
 

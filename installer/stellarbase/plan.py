@@ -118,6 +118,17 @@ class EnsureDatabase:
 
 
 @dataclass(frozen=True)
+class ConfigureArchiving:
+    """PostgreSQL settings for WAL archiving, by ALTER SYSTEM; restarts only when needed."""
+
+    port: int
+    admin_password: str
+    settings: tuple[tuple[str, str], ...]  # name, value ("" resets to the default)
+    unit: str
+    timeout: float
+
+
+@dataclass(frozen=True)
 class Migrate:
     url: str
     password: str | None
@@ -143,6 +154,7 @@ Step = (
     | StartUnit
     | InitPostgres
     | EnsureDatabase
+    | ConfigureArchiving
     | Migrate
     | WaitHealthy
 )
@@ -212,6 +224,13 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
         mine(EnsureDir(paths.postgres_data, USER, GROUP, 0o700))  # initdb insists on 0700
     if local.redis:
         mine(EnsureDir(paths.redis_data, USER, GROUP, 0o750))
+    backups = render.backups_on(config, local)
+    if backups:
+        # 0755: archive_command runs as the PostgreSQL user and reads the markers.
+        mine(EnsureDir(paths.wal_spool, USER, GROUP, 0o755))
+        repo = config.backup.repository
+        if repo.startswith("file://"):  # ensured, never owned: uninstall keeps backups
+            steps.append(EnsureDir(paths.at(repo.removeprefix("file://")), USER, GROUP, 0o750))
     mine(EnsureDir(paths.etc, "root", GROUP, 0o750))
     mine(EnsureDir(paths.service_settings_dir, "root", GROUP, 0o750))
     mine(EnsureDir(paths.opt, "root", "root", 0o755))
@@ -311,6 +330,15 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
                     timeout,
                 )
             )
+            steps.append(
+                ConfigureArchiving(
+                    config.local.postgres.port,
+                    facts.secret(ADMIN_PASSWORD),
+                    archive_settings(config, paths, backups),
+                    render.POSTGRES_UNIT,
+                    timeout,
+                )
+            )
         if database:
             steps.append(Migrate(*database, timeout))
         for unit in instances:
@@ -324,6 +352,11 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
                 ]
             )
             steps.append(StartUnit(unit.name, digest(inputs), port=unit.port))
+        if backups:
+            timer = (
+                unit_files[render.BACKUP_TIMER].encode() + unit_files[render.BACKUP_UNIT].encode()
+            )
+            steps.append(StartUnit(render.BACKUP_TIMER, digest(timer)))
         # Restarting the target would restart every service (PartOf=): only ever start it.
         steps.append(StartUnit(render.TARGET, "", restart_on_change=False))
         steps.append(
@@ -334,6 +367,22 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
             )
         )
     return Plan(tuple(steps), owned_views, endpoints, database)
+
+
+def archive_settings(
+    config: cfg.Config, paths: HostPaths, backups: bool
+) -> tuple[tuple[str, str], ...]:
+    """With backups on: archive every WAL file through the agent. Off: PostgreSQL's defaults."""
+    if not backups:
+        return (("archive_mode", ""), ("archive_command", ""), ("archive_timeout", ""))
+    from stellarbase.backup.archiver import archive_command
+
+    return (
+        ("wal_level", "replica"),
+        ("archive_mode", "on"),
+        ("archive_command", archive_command(Path(paths.host_view(paths.wal_spool)))),
+        ("archive_timeout", f"{config.backup.archive_timeout_seconds}s"),
+    )
 
 
 def _base_url(bind: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> str:
@@ -366,6 +415,9 @@ def describe(step: Step) -> str:
             return f"initialise the local PostgreSQL cluster in {step.data_dir}"
         case EnsureDatabase():
             return "ensure the local database, role and extensions"
+        case ConfigureArchiving():
+            on = dict(step.settings).get("archive_mode") == "on"
+            return "configure WAL archiving" if on else "keep WAL archiving off"
         case Migrate():
             return "apply database migrations"
         case WaitHealthy():

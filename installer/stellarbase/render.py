@@ -20,6 +20,8 @@ INFERENCE_TEMPLATE = "stellarbase-inference@.service"
 DEFAULT_INFERENCE_COMMAND = "/opt/stellarbase/current/stellarbase run inference"
 POSTGRES_UNIT = "stellarbase-postgres.service"
 REDIS_UNIT = "stellarbase-redis.service"
+BACKUP_UNIT = "stellarbase-backup.service"
+BACKUP_TIMER = "stellarbase-backup.timer"
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ def render_units(
             "description": entry.description,
             "command": command,
             "limits": getattr(config, name).limits,
+            "rw_paths": backup_paths(config, paths) if name == "agent" else [],
         }
         out[entry.unit] = env.get_template(f"{entry.unit}.j2").render(
             svc=svc,
@@ -137,8 +140,33 @@ def render_units(
         )
     services = [*unit_instances(config), *inference_instances(config, devices)]
     wants = [*local.units(), *(u.name for u in services)]
+    if backups_on(config, local):
+        out[BACKUP_UNIT] = env.get_template(f"{BACKUP_UNIT}.j2").render(
+            binary=binary,
+            postgres_unit=POSTGRES_UNIT,
+            rw_paths=[paths.host_view(paths.state_dir), *backup_paths(config, paths)[1:]],
+        )
+        out[BACKUP_TIMER] = env.get_template(f"{BACKUP_TIMER}.j2").render(
+            schedule=config.backup.schedule
+        )
+        wants.append(BACKUP_TIMER)
     out[TARGET] = env.get_template(f"{TARGET}.j2").render(wants=wants)
     return out
+
+
+def backups_on(config: cfg.Config, local: LocalServers) -> bool:
+    """WAL archiving and base backups run next to the local PostgreSQL."""
+    return config.backup.enabled and local.postgres is not None
+
+
+def backup_paths(config: cfg.Config, paths: HostPaths) -> list[str]:
+    """What the agent writes when backups are on: the WAL spool, and a file repository."""
+    if not config.backup.enabled:
+        return []
+    found = [paths.host_view(paths.wal_spool)]
+    if config.backup.repository.startswith("file://"):
+        found.append(config.backup.repository.removeprefix("file://"))
+    return found
 
 
 def render_redis_conf(config: cfg.Config, paths: HostPaths) -> str:

@@ -13,13 +13,16 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 from pydantic import ValidationError
 
 from stellarbase import __version__, checks, gpu, health, notify
@@ -42,7 +45,10 @@ class Service:
         self._ready_lock = threading.Lock()
         self._ready: tuple[float, list[checks.CheckResult]] | None = None
         self._stop = threading.Event()
+        self.archiver: Any = None
         self._metrics()
+        if settings.service == "agent" and settings.backup is not None:
+            self._start_archiver()
 
     def _metrics(self) -> None:
         build = Gauge(
@@ -70,6 +76,31 @@ class Service:
             ["dependency"],
             registry=self.registry,
         )
+
+    def _start_archiver(self) -> None:
+        """The WAL archiver of the local PostgreSQL: uploads ahead of archive_command."""
+        from stellarbase.backup import codec
+        from stellarbase.backup.archiver import Archiver
+        from stellarbase.backup.repo import repository_from
+        from stellarbase.paths import HostPaths
+
+        backup = self.settings.backup
+        assert backup is not None
+        paths = HostPaths()
+        self.archiver = Archiver(
+            repository_from(backup, self.settings.s3),
+            paths.postgres_data / "pg_wal",
+            paths.wal_spool,
+            level=backup.compression_level,
+            key=codec.encryption_key(backup),
+            concurrency=backup.upload_concurrency,
+        )
+        self.registry.register(BackupCollector(self.archiver, paths.state_dir))
+        thread = threading.Thread(
+            target=self.archiver.run, args=(self._stop,), name="archiver", daemon=True
+        )
+        thread.start()
+        log.info("wal archiver started", pg_wal=str(paths.postgres_data / "pg_wal"))
 
     # --- readiness --------------------------------------------------------------------------
 
@@ -116,6 +147,69 @@ class Service:
         host = f"[{host}]" if ":" in host else host
         code, _ = health.probe(f"http://{host}:{self.port}/healthz", timeout=2.0)
         return code == 200
+
+
+class BackupCollector(Collector):
+    """Backup metrics read fresh at scrape time: the archiver's counters, the last backup."""
+
+    def __init__(self, archiver: Any, state_dir: Path) -> None:
+        self.archiver = archiver
+        self.status_file = state_dir / "backup-status.json"
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.archiver.stats()
+        yield GaugeMetricFamily(
+            "stellarbase_backup_wal_archive_lag_segments",
+            "WAL files PostgreSQL has finished that are not yet durable in the repository",
+            value=stats.pending,
+        )
+        yield GaugeMetricFamily(
+            "stellarbase_backup_wal_archive_lag_seconds",
+            "Age of the oldest WAL file not yet durable in the repository (0: none waiting)",
+            value=stats.lag_seconds,
+        )
+        yield GaugeMetricFamily(
+            "stellarbase_backup_wal_last_archived_timestamp_seconds",
+            "When the last WAL file became durable in the repository (Unix time)",
+            value=stats.last_archived_at or 0,
+        )
+        uploaded = CounterMetricFamily(
+            "stellarbase_backup_uploaded_bytes",
+            "Bytes stored in the repository, by operation",
+            labels=["operation"],
+        )
+        uploaded.add_metric(["wal"], stats.bytes_uploaded_total)
+        yield uploaded
+        uploads = CounterMetricFamily(
+            "stellarbase_backup_uploads", "Objects stored, by operation", labels=["operation"]
+        )
+        uploads.add_metric(["wal"], stats.uploads_total)
+        yield uploads
+        status = _read_json(self.status_file)
+        failures = CounterMetricFamily(
+            "stellarbase_backup_failures", "Failed attempts, by operation", labels=["operation"]
+        )
+        failures.add_metric(["wal"], stats.failures_total)
+        failures.add_metric(["base_backup"], float(status.get("failures", 0)))
+        yield failures
+        yield GaugeMetricFamily(
+            "stellarbase_backup_last_success_timestamp_seconds",
+            "When the last base backup finished (Unix time; 0: none yet on this host)",
+            value=float(status.get("last_success", 0)),
+        )
+        yield GaugeMetricFamily(
+            "stellarbase_backup_last_size_bytes",
+            "Stored size of the last base backup",
+            value=float(status.get("last_stored_bytes", 0)),
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _handler(service: Service) -> type[BaseHTTPRequestHandler]:
