@@ -25,7 +25,7 @@ import pytest
 from stellarbase.backup import catalog, restore
 from stellarbase.backup.archiver import Archiver, archive_command
 from stellarbase.backup.basebackup import take_backup
-from stellarbase.backup.repo import FileRepository, Repository, repository_from
+from stellarbase.backup.repo import Repository, repository_from
 from stellarbase.config import BackupConfig, S3Config
 from stellarbase.errors import StellarError
 from tests import servers
@@ -62,7 +62,8 @@ class Primary:
 
     def query(self, sql: str) -> Any:
         with psycopg.connect(self.url(), autocommit=True) as conn:
-            row = conn.execute(sql).fetchone()
+            cur = conn.execute(sql)
+            row = cur.fetchone() if cur.description else None
             return row[0] if row else None
 
     def pgbench(self, *args: str) -> subprocess.Popen[bytes]:
@@ -219,3 +220,164 @@ def test_restore_to_time_and_latest_loses_nothing(
         assert restored_counts(scratch / "latest", restore.Target.latest(), primary) == final
     finally:
         primary.close()
+
+
+# --------------------------------------------------------------------------- (3) damage
+
+
+def other_content(repo_root: Path, name: str) -> None:
+    """Replace a stored WAL file by a valid encoding of other bytes; metadata untouched."""
+    from stellarbase.backup import codec
+
+    path = repo_root / "wal" / name
+    size = len(codec.decode(path.read_bytes(), codec.ZSTD, None))
+    path.write_bytes(codec.encode(b"\x5a" * size, 3, None))
+
+
+def test_damaged_or_missing_wal_is_named_and_restore_refuses(
+    file_repo: tuple[Repository, BackupConfig], scratch: Path
+) -> None:
+    repo, config = file_repo
+    primary = start_primary(scratch, repo, config)
+    try:
+        primary.query("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g")
+        primary.backup()
+        names = []
+        for _ in range(4):
+            primary.query("INSERT INTO t SELECT g FROM generate_series(1, 1000) g")
+            names.append(primary.switch_and_wait())
+    finally:
+        primary.close()
+    assert catalog.verify(repo, None).ok
+    damaged, lost = names[1], names[2]
+
+    other_content(scratch / "repo" / "pg", damaged)
+    report = catalog.verify(repo, None)
+    assert [p.subject for p in report.problems] == [f"wal/{damaged}"]
+    assert "checksum mismatch" in report.problems[0].message
+    with pytest.raises(StellarError) as damaged_exc:
+        restore.restore_into(
+            repo,
+            None,
+            restore.Target.latest(),
+            data_dir=scratch / "r1",
+            bindir=BINDIR,
+            run_as=RUN_AS,
+        )
+    assert damaged in damaged_exc.value.message
+    assert "checksum mismatch" in damaged_exc.value.message
+
+    repo.delete([f"wal/{lost}"])
+    report = catalog.verify(repo, None)
+    assert {p.subject for p in report.problems} == {f"wal/{damaged}", lost}
+    with pytest.raises(StellarError) as gap_exc:
+        restore.restore_into(
+            repo,
+            None,
+            restore.Target.latest(),
+            data_dir=scratch / "r2",
+            bindir=BINDIR,
+            run_as=RUN_AS,
+        )
+    message = gap_exc.value.message
+    assert lost in message and "restores only up to" in message and names[1] in message
+    assert not (scratch / "r2").exists(), "a refused restore must not write anything"
+
+
+# --------------------------------------------------------------------------- (4) expire
+
+
+def count_t(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM t").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def test_expire_keeps_what_kept_backups_need_across_timelines(
+    file_repo: tuple[Repository, BackupConfig], scratch: Path
+) -> None:
+    repo, config = file_repo
+    primary = start_primary(scratch, repo, config)
+    branch: restore.RestoreResult | None = None
+    spool2 = scratch / "spool2"
+    spool2.mkdir(mode=0o755)
+    stop2 = threading.Event()
+    try:
+        primary.query("CREATE TABLE t (g int)")
+        first = primary.backup()
+        primary.query("INSERT INTO t SELECT generate_series(1, 100)")
+        primary.switch_and_wait()
+        second = primary.backup()
+        primary.query("INSERT INTO t SELECT generate_series(1, 100)")
+        time.sleep(0.1)
+        at = primary.query("SELECT clock_timestamp()")
+        time.sleep(0.1)
+        primary.query("INSERT INTO t SELECT generate_series(1, 1000)")  # stays on timeline 1
+        primary.switch_and_wait()
+
+        branch = restore.restore_into(
+            repo,
+            None,
+            restore.Target.at_time(at),
+            data_dir=scratch / "tl2",
+            bindir=BINDIR,
+            run_as=RUN_AS,
+            keep_running=True,
+            settings={"archive_mode": "on", "archive_command": archive_command(spool2)},
+        )
+        assert branch.backup_id == second["id"]
+        cluster = branch.cluster
+        assert cluster is not None
+        stop2, _ = start_archiver(repo, scratch / "tl2" / "pg_wal", spool2, None)
+        url2 = f"postgresql://postgres@/stellarbase?host={cluster.socket_dir}&port={cluster.port}"
+        assert count_t(url2) == 200
+        with psycopg.connect(url2, autocommit=True) as conn:
+            conn.execute("INSERT INTO t SELECT generate_series(1, 50)")
+        switch_and_wait(url2, repo)
+        third = take_backup(
+            repo, url2.replace("/stellarbase?", "/postgres?"), BINDIR, config, "tl2"
+        )
+        assert third["timeline"] == 2
+        with psycopg.connect(url2, autocommit=True) as conn:
+            conn.execute("INSERT INTO t SELECT generate_series(1, 50)")
+        switch_and_wait(url2, repo)
+    finally:
+        stop2.set()
+        if branch is not None and branch.cluster is not None:
+            branch.cluster.stop()
+        primary.close()
+
+    before = catalog.load_catalog(repo)
+    plan = catalog.expire(repo, 2, None, datetime.now(UTC))
+    assert plan.backups == (first["id"],)
+    assert plan.keep == tuple(sorted((second["id"], third["id"])))
+    assert plan.wal and first["start_wal"] in plan.wal
+    assert all(not n.endswith(".history") for n in plan.wal)
+
+    after = catalog.load_catalog(repo)
+    assert [b.id for b in after.backups] == [second["id"], third["id"]]
+    assert "00000002.history" in after.wal
+    assert set(before.wal) - set(after.wal) == set(plan.wal)
+    for backup in after.backups:
+        chain = catalog.continuity(after, backup)
+        assert chain.restorable and not chain.gap, backup.id
+        assert chain.timeline == 2
+
+    # The oldest kept backup (timeline 1) still restores to the newest point (timeline 2).
+    again = restore.restore_into(
+        repo,
+        None,
+        restore.Target.latest(),
+        backup_id=second["id"],
+        data_dir=scratch / "again",
+        bindir=BINDIR,
+        run_as=RUN_AS,
+        keep_running=True,
+    )
+    assert again.cluster is not None
+    try:
+        url = f"postgresql://postgres@/stellarbase?host={again.cluster.socket_dir}&port={again.cluster.port}"
+        assert count_t(url) == 300
+    finally:
+        again.cluster.stop()
