@@ -218,6 +218,11 @@ def test_restore_to_time_and_latest_loses_nothing(
 
         assert restored_counts(scratch / "at", restore.Target.at_time(at), primary) == expected_at
         assert restored_counts(scratch / "latest", restore.Target.latest(), primary) == final
+
+        report = catalog.verify(repo, restore_key(config))
+        assert report.ok, report.messages
+        drill = restore.drill(repo, restore_key(config), BINDIR, RUN_AS, scratch)
+        assert drill.tables >= 4 and drill.rows >= final[0] + 200_000
     finally:
         primary.close()
 

@@ -305,10 +305,6 @@ def _newest_numbers(catalog: Catalog) -> dict[int, int]:
     return newest
 
 
-def segment_end_lsn(segment: walnames.Segment, segment_size: int) -> int:
-    return segment.start_lsn(segment_size) + segment_size
-
-
 # --------------------------------------------------------------------------- list
 
 

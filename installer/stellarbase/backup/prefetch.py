@@ -130,6 +130,8 @@ class Prefetcher:
                     cursor = max(cursor, self._index.get(name, -1))
                     if name in inflight or (self._spool / name).exists():
                         continue
+                    if not (self._spool / f"{name}.want").exists():
+                        continue  # consumed since the listing: restore_command drops .want first
                     if name in failed:
                         self._fail(failed[name])
                         break
