@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from stellarbase.backup import catalog, restore
+from stellarbase.backup import catalog, restore, verify
 from stellarbase.backup.archiver import Archiver, archive_command
 from stellarbase.backup.basebackup import take_backup
 from stellarbase.backup.repo import Repository, repository_from
@@ -219,7 +219,7 @@ def test_restore_to_time_and_latest_loses_nothing(
         assert restored_counts(scratch / "at", restore.Target.at_time(at), primary) == expected_at
         assert restored_counts(scratch / "latest", restore.Target.latest(), primary) == final
 
-        report = catalog.verify(repo, restore_key(config))
+        report = verify.verify(repo, restore_key(config))
         assert report.ok, report.messages
         drill = restore.drill(repo, restore_key(config), BINDIR, RUN_AS, scratch)
         assert drill.tables >= 4 and drill.rows >= final[0] + 200_000
@@ -253,11 +253,11 @@ def test_damaged_or_missing_wal_is_named_and_restore_refuses(
             names.append(primary.switch_and_wait())
     finally:
         primary.close()
-    assert catalog.verify(repo, None).ok
+    assert verify.verify(repo, None).ok
     damaged, lost = names[1], names[2]
 
     other_content(scratch / "repo" / "pg", damaged)
-    report = catalog.verify(repo, None)
+    report = verify.verify(repo, None)
     assert [p.subject for p in report.problems] == [f"wal/{damaged}"]
     assert "checksum mismatch" in report.problems[0].message
     with pytest.raises(StellarError) as damaged_exc:
@@ -273,7 +273,7 @@ def test_damaged_or_missing_wal_is_named_and_restore_refuses(
     assert "checksum mismatch" in damaged_exc.value.message
 
     repo.delete([f"wal/{lost}"])
-    report = catalog.verify(repo, None)
+    report = verify.verify(repo, None)
     assert {p.subject for p in report.problems} == {f"wal/{damaged}", lost}
     with pytest.raises(StellarError) as gap_exc:
         restore.restore_into(
