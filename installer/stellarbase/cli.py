@@ -11,6 +11,7 @@ import typer
 from typer.exceptions import TyperException
 
 from stellarbase import __version__
+from stellarbase.backup.cli import backup_app
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.output import Format, emit, emit_error
 from stellarbase.paths import HostPaths
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show the merged configuration or its JSON Schema.")
 app.add_typer(config_app, name="config")
+app.add_typer(backup_app, name="backup")
 
 
 class _Session:

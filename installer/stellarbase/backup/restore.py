@@ -477,25 +477,49 @@ def restore_live(
     backup_id: str | None = None,
     force: bool = False,
 ) -> RestoreResult:
-    """Restore the cluster `unit` runs: stop it, restore in place, start it again."""
+    """Restore the cluster `unit` runs: stop it, restore in place, start it again.
+
+    The old data directory is moved aside, not deleted; when the restore fails it is put
+    back and the unit started on it, so a failed restore loses nothing.
+    """
+    from datetime import UTC, datetime
+
     from stellarbase import systemd
 
     plan_restore(load_catalog(repo, key), target, backup_id)  # refuse before stopping
     if not force:
         check_data_dir(data_dir, force=False)
     systemd.stop([unit])
-    result = restore_into(
-        repo,
-        key,
-        target,
-        data_dir=data_dir,
-        bindir=bindir,
-        run_as=run_as,
-        backup_id=backup_id,
-        force=True,
-    )
+    aside: Path | None = None
+    if data_dir.is_dir() and any(data_dir.iterdir()):
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        aside = data_dir.with_name(f"{data_dir.name}.before-restore-{stamp}")
+        st = data_dir.stat()
+        data_dir.rename(aside)
+        data_dir.mkdir(mode=0o700)
+        os.chown(data_dir, st.st_uid, st.st_gid)
+    try:
+        result = restore_into(
+            repo,
+            key,
+            target,
+            data_dir=data_dir,
+            bindir=bindir,
+            run_as=run_as,
+            backup_id=backup_id,
+            force=True,
+        )
+    except BaseException:
+        if aside is not None:
+            shutil.rmtree(data_dir, ignore_errors=True)
+            aside.rename(data_dir)
+        systemd.start(unit)
+        raise
     systemd.start(unit)
-    return replace(result, notes=(f"started {unit} again",))
+    notes = [f"started {unit} again"]
+    if aside is not None:
+        notes.append(f"the cluster it replaced is kept in {aside}: remove it when done")
+    return replace(result, notes=tuple(notes))
 
 
 # --------------------------------------------------------------------------- drill

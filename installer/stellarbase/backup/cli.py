@@ -1,0 +1,166 @@
+"""`stellarbase backup …`: the command line of backups; the work is in `backup.commands`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stellarbase.output import Format
+
+backup_app = typer.Typer(
+    help="Base backups, WAL archive and point-in-time restore of PostgreSQL.",
+    no_args_is_help=True,
+)
+
+Root = Annotated[
+    Path, typer.Option("--root", help="Host root all paths hang off (a test dir; / is live).")
+]
+Output = Annotated[Format, typer.Option("--output", "-o", help="text for people, json for tools.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Debug logs and tracebacks.")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="Site config file (YAML).")]
+Sets = Annotated[list[str] | None, typer.Option("--set", help="Override one key (repeatable).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]
+
+
+def _begin(output: Format, debug: bool) -> None:
+    from stellarbase import cli
+
+    cli._begin(output, debug)
+
+
+def _emit(result: object, output: Format, quiet: bool = False) -> None:
+    from stellarbase.output import Result, emit
+
+    assert isinstance(result, Result)
+    if not quiet or output == Format.JSON:
+        emit(result, output)
+    code = result.info.get("exit_code", 0)
+    if code:
+        raise typer.Exit(int(code))
+
+
+@backup_app.command("now")
+def backup_now(
+    label: Annotated[str, typer.Option("--label", help="A label kept in the manifest.")] = "",
+    config: ConfigFile = None,
+    set_: Sets = None,
+    root: Root = Path("/"),
+    output: Output = Format.TEXT,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Take a full base backup now, streamed into the repository."""
+    from stellarbase.backup import commands
+
+    _begin(output, debug)
+    _emit(commands.backup_now(commands.context(root, config, set_), label), output, quiet)
+
+
+@backup_app.command("list")
+def backup_list(
+    config: ConfigFile = None,
+    set_: Sets = None,
+    root: Root = Path("/"),
+    output: Output = Format.TEXT,
+    debug: Debug = False,
+) -> None:
+    """Backups with sizes and WAL range, and the window each can restore to."""
+    from stellarbase.backup import commands
+
+    _begin(output, debug)
+    _emit(commands.backup_list(commands.context(root, config, set_)), output)
+
+
+@backup_app.command("verify")
+def backup_verify(
+    config: ConfigFile = None,
+    set_: Sets = None,
+    root: Root = Path("/"),
+    output: Output = Format.TEXT,
+    debug: Debug = False,
+) -> None:
+    """Check every object's checksum and the WAL chain from each backup to the newest."""
+    from stellarbase.backup import commands
+
+    _begin(output, debug)
+    _emit(commands.backup_verify(commands.context(root, config, set_)), output)
+
+
+@backup_app.command("expire")
+def backup_expire(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show, remove nothing.")] = False,
+    config: ConfigFile = None,
+    set_: Sets = None,
+    root: Root = Path("/"),
+    output: Output = Format.TEXT,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Remove backups past the retention, and WAL no kept backup needs."""
+    from stellarbase.backup import commands
+
+    _begin(output, debug)
+    _emit(commands.backup_expire(commands.context(root, config, set_), dry_run), output, quiet)
+
+
+@backup_app.command("restore")
+def backup_restore(
+    to_time: Annotated[
+        str | None, typer.Option("--to-time", help="ISO 8601 time, e.g. 2026-11-22T14:00:00Z.")
+    ] = None,
+    to_lsn: Annotated[str | None, typer.Option("--to-lsn", help="An LSN like 0/3000028.")] = None,
+    latest: Annotated[bool, typer.Option("--latest", help="Everything archived.")] = False,
+    backup_id: Annotated[str | None, typer.Option("--backup", help="Start from this one.")] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Restore into this directory instead of the live one."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the live cluster (it is moved aside first).")
+    ] = False,
+    config: ConfigFile = None,
+    set_: Sets = None,
+    root: Root = Path("/"),
+    output: Output = Format.TEXT,
+    debug: Debug = False,
+) -> None:
+    """Restore to a time, an LSN or the latest archived WAL; PostgreSQL ends promoted."""
+    from stellarbase.backup import commands
+
+    _begin(output, debug)
+    target = commands.parse_target(to_time, to_lsn, latest)
+    ctx = commands.context(root, config, set_)
+    _emit(commands.backup_restore(ctx, target, backup_id, data_dir, force), output)
+
+
+@backup_app.command("drill")
+def backup_drill(
+    config: ConfigFile = None,
+    set_: Sets = None,
+    root: Root = Path("/"),
+    output: Output = Format.TEXT,
+    debug: Debug = False,
+) -> None:
+    """Restore the newest backup to a scratch cluster, query it, report the RTO, clean up."""
+    from stellarbase.backup import commands
+
+    _begin(output, debug)
+    _emit(commands.backup_drill(commands.context(root, config, set_)), output)
+
+
+@backup_app.command("archiver", hidden=True)
+def backup_archiver(
+    pg_wal: Annotated[Path, typer.Option("--pg-wal", help="The cluster's pg_wal directory.")],
+    spool: Annotated[Path, typer.Option("--spool", help="Where the durable markers go.")],
+    config: ConfigFile = None,
+    set_: Sets = None,
+    root: Root = Path("/"),
+    debug: Debug = False,
+) -> None:
+    """Run the WAL archiver in the foreground (the agent runs the same loop)."""
+    from stellarbase.backup import commands
+
+    _begin(Format.TEXT, debug)
+    commands.run_archiver(commands.context(root, config, set_), pg_wal, spool)
