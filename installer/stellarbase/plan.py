@@ -312,6 +312,8 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
     }
     if paths.live:
         wanted = {*local.units(), *(u.name for u in instances)}
+        if backups:
+            wanted.add(render.BACKUP_TIMER)
         gone = tuple(u for u in facts.previous_units if u not in wanted and u != render.TARGET)
         if gone:
             steps.append(StopUnits(gone))
