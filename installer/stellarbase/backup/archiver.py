@@ -43,7 +43,7 @@ log = structlog.get_logger()
 
 MARKERS = "archived"
 WAIT_STEPS = 100  # archive_command waits WAIT_STEPS * 0.1 s for the marker
-BACKOFF_CAP_S = 30.0
+BACKOFF_CAP_S = 5.0
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/-]+$")
 
 # XLogLongPageHeaderData (access/xlog_internal.h), little-endian on the hosts we support:

@@ -1,0 +1,177 @@
+"""A bad day for the WAL archive: the store unreachable for a minute under write load, and
+the archiver killed with SIGKILL while it uploads. Nothing may be missing afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+
+from stellarbase.backup import restore, verify
+from stellarbase.backup.repo import Repository, repository_from
+from stellarbase.config import BackupConfig, S3Config
+from tests import servers
+from tests.integration.test_backup_restore import (
+    BINDIR,
+    RUN_AS,
+    counts,
+    restore_key,
+    scratch,  # noqa: F401 -- a fixture
+)
+from tests.proxy import Proxy
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+OUTAGE_S = 60.0
+
+
+class ArchiverProcess:
+    """`stellarbase backup archiver` as its own process, the way the agent runs the loop."""
+
+    def __init__(self, site: Path, pg_wal: Path, spool: Path, env: dict[str, str]) -> None:
+        self.argv = [
+            sys.executable, "-m", "stellarbase", "backup", "archiver",
+            "--config", str(site), "--pg-wal", str(pg_wal), "--spool", str(spool),
+        ]  # fmt: skip
+        self.env = env
+        self.proc = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.argv, env=self.env, stdout=subprocess.DEVNULL)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.proc = self._start()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def ready_files(pg_wal: Path) -> int:
+    return sum(1 for n in os.listdir(pg_wal / "archive_status") if n.endswith(".ready"))
+
+
+def test_outage_and_sigkill_lose_no_wal(s3_server: servers.S3Server, scratch: Path) -> None:  # noqa: F811
+    proxy = Proxy("127.0.0.1", int(s3_server.endpoint.rsplit(":", 1)[1]))
+    prefix = f"outage/{scratch.name}"
+    s3 = {"endpoint": proxy.url, "bucket": s3_server.bucket, "region": s3_server.region}
+    site = scratch / "site.yaml"
+    site.write_text(
+        yaml.safe_dump(
+            {"tier": "pilot", "backup": {"repository": "s3", "prefix": prefix}, "s3": s3}
+        )
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "installer"), str(REPO_ROOT)]),
+        "STELLARBASE_S3__ACCESS_KEY": s3_server.access_key,
+        "STELLARBASE_S3__SECRET_KEY": s3_server.secret_key,
+    }
+    config = BackupConfig(repository="s3", prefix=prefix)
+    direct = S3Config(
+        endpoint=s3_server.endpoint,
+        bucket=s3_server.bucket,
+        region=s3_server.region,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+    )
+    repo: Repository = repository_from(config, direct)  # the test's own view, no proxy
+
+    spool = scratch / "spool"
+    spool.mkdir(mode=0o755)
+    from stellarbase.backup.archiver import archive_command
+
+    server = servers.start_postgres(
+        scratch / "primary",
+        extra={
+            "archive_mode": "on",
+            "archive_command": archive_command(spool),
+            "archive_timeout": "10s",
+            "max_wal_size": "512MB",
+        },
+    )
+    pg_wal = server.data_dir / "pg_wal"
+    archiver = ArchiverProcess(site, pg_wal, spool, env)
+    url = f"postgresql://postgres:{server.admin_password}@{server.host}:{server.port}/"
+    bench_env = {**os.environ, "PGPASSWORD": server.admin_password}
+    bench = ["pgbench", "-h", server.host, "-p", str(server.port), "-U", "postgres"]
+    try:
+        assert subprocess.run([*bench, "-i", "-s", "2", "-q", "stellarbase"], env=bench_env,
+                              capture_output=True, timeout=120).returncode == 0  # fmt: skip
+        from stellarbase.backup.basebackup import take_backup
+
+        take_backup(repo, url + "postgres", BINDIR, config, "before the outage")
+
+        load = subprocess.Popen(
+            [*bench, "-n", "-c", "2", "-T", str(int(OUTAGE_S + 25)), "-R", "300", "stellarbase"],
+            env=bench_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(5)
+        with proxy.outage():
+            time.sleep(OUTAGE_S / 2)
+            with psycopg.connect(url + "stellarbase", autocommit=True) as conn:
+                conn.execute("SELECT pg_switch_wal()")  # at least one segment must wait
+            time.sleep(OUTAGE_S / 2)
+            waiting = ready_files(pg_wal)
+            with psycopg.connect(url + "stellarbase") as conn:
+                row = conn.execute("SELECT failed_count FROM pg_stat_archiver").fetchone()
+        assert waiting >= 1, "the outage held nothing back: it did not cut the store off"
+        assert row is not None and row[0] >= 1  # PostgreSQL saw archiving fail and kept WAL
+
+        # Kill the archiver mid-way through the backlog: once uploads have resumed and
+        # files are still waiting.
+        before = sum(1 for _ in repo.list("wal/"))
+        deadline = time.monotonic() + 60
+        while sum(1 for _ in repo.list("wal/")) == before:
+            assert time.monotonic() < deadline, "archiving did not resume after the outage"
+            time.sleep(0.05)
+        assert ready_files(pg_wal) >= 1
+        archiver.kill()
+        archiver.restart()
+        assert load.wait(timeout=120) == 0, load.stderr.read() if load.stderr else ""
+
+        with psycopg.connect(url + "stellarbase", autocommit=True) as conn:
+            final = counts(conn)
+            last = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()
+        assert last is not None
+        deadline = time.monotonic() + 180
+        while repo.head(f"wal/{last[0]}") is None:
+            assert time.monotonic() < deadline, f"{last[0]} was not archived after the outage"
+            time.sleep(0.5)
+    finally:
+        archiver.stop()
+        proxy.close()
+        server.stop()
+
+    report = verify.verify(repo, None)
+    assert report.ok, report.messages
+    result = restore.restore_into(
+        repo,
+        restore_key(config),
+        restore.Target.latest(),
+        data_dir=scratch / "restored",
+        bindir=BINDIR,
+        run_as=RUN_AS,
+        keep_running=True,
+    )
+    assert result.cluster is not None
+    try:
+        with psycopg.connect(**result.cluster.conninfo(dbname="stellarbase")) as conn:
+            assert counts(conn) == final
+    finally:
+        result.cluster.stop()
