@@ -24,7 +24,7 @@ import psycopg
 import pytest
 
 from stellarbase.backup import codec, walnames
-from stellarbase.backup.archiver import Archiver, archive_command
+from stellarbase.backup.archiver import Archiver, archive_command, file_identity
 from stellarbase.backup.basebackup import BackupError, take_backup
 from stellarbase.backup.repo import (
     PART_SIZE,
@@ -222,7 +222,8 @@ def test_archiver_refuses_foreign_and_conflicting_segments(
     assert repo.head(f"wal/{foreign}") is None
     info = repo.head(f"wal/{ours}")
     assert info is not None
-    assert info.meta["sha256"] == (markers / ours).read_text().strip()
+    assert info.meta["sha256"] == hashlib.sha256((pg_wal / ours).read_bytes()).hexdigest()
+    assert (markers / ours).read_text().strip() == file_identity((pg_wal / ours).stat())
     assert info.meta["codec"] == "zstd+aes256gcm" and info.meta["sysid"] == "1"
     assert (
         codec.decode(repo.get(f"wal/{ours}"), info.meta["codec"], KEY)
@@ -290,10 +291,15 @@ def test_archive_command_checks_the_marker(tmp_path: Path) -> None:
     def run() -> int:
         return subprocess.run(["sh", "-c", command], cwd=data_dir, timeout=30).returncode
 
-    (spool / "archived" / name).write_text(hashlib.sha256(b"other").hexdigest() + "\n")
-    assert run() == 1
-    (spool / "archived" / name).write_text(hashlib.sha256(b"wal bytes").hexdigest() + "\n")
+    wal = data_dir / "pg_wal" / name
+    (spool / "archived" / name).write_text(file_identity(wal.stat()) + "\n")
     assert run() == 0
+    os.utime(wal, (0, wal.stat().st_mtime + 5))  # rewritten since the upload
+    assert run() == 1
+    wal.unlink()
+    wal.write_bytes(b"wal bytes")  # recreated: another file under the same name
+    os.utime(wal, (0, wal.stat().st_mtime - 5))
+    assert run() == 1
     with pytest.raises(ValueError):
         archive_command(Path("/var/lib/spool with space"))
 
