@@ -17,6 +17,7 @@ class ExitCode(enum.IntEnum):
     APPLY = 6  # a step of the plan failed while changing the host
     UNHEALTHY = 7  # services did not become healthy before the deadline
     MIGRATION = 8  # a schema migration was refused or failed (a failed one leaves nothing behind)
+    BACKUP = 9  # a backup, archive or restore was refused or failed (damage, gap, busy dir)
     CHECKS_WARNED = 10  # preflight/doctor: warnings, no failure
     CHECKS_FAILED = 11  # preflight/doctor: at least one check failed
     INTERRUPTED = 130

@@ -57,7 +57,7 @@ class ArchiveError(StellarError):
     """A WAL file that must not be archived as it is (foreign, damaged, conflicting)."""
 
     def __init__(self, message: str, hint: str) -> None:
-        super().__init__(message, hint=hint, code=ExitCode.FAILURE)
+        super().__init__(message, hint=hint, code=ExitCode.BACKUP)
 
 
 def archive_command(spool_dir: Path) -> str:

@@ -38,7 +38,7 @@ class BackupError(StellarError):
         super().__init__(
             message,
             hint=hint or "look at the PostgreSQL log; run again with --debug for details",
-            code=ExitCode.FAILURE,
+            code=ExitCode.BACKUP,
         )
 
 

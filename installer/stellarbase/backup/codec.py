@@ -44,7 +44,7 @@ class CodecError(StellarError):
             message,
             hint="check backup.encryption_key; a damaged object must be restored from "
             "another backup",
-            code=ExitCode.FAILURE,
+            code=ExitCode.BACKUP,
         )
 
 

@@ -208,7 +208,7 @@ def backup_verify(ctx: BackupContext) -> Result:
         "ok": not problems,
     }
     if problems:
-        info["exit_code"] = int(ExitCode.CHECKS_FAILED)
+        info["exit_code"] = int(ExitCode.BACKUP)
     return Result("backup verify", info=info, lines=lines)
 
 

@@ -154,6 +154,6 @@ def wait_promoted(cluster: Cluster, prefetcher: Prefetcher | None, deadline_s: f
             raise StellarError(
                 f"{failure}; {cluster.data_dir} is left half-restored",
                 hint=f"see {cluster.log_file}; fix the cause and restore again with --force",
-                code=ExitCode.FAILURE,
+                code=ExitCode.BACKUP,
             ).with_details(tail)
         time.sleep(0.2)

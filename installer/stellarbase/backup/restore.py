@@ -85,7 +85,7 @@ class Target:
 
 
 def _refuse(message: str, hint: str) -> StellarError:
-    return StellarError(message, hint=hint, code=ExitCode.FAILURE)
+    return StellarError(message, hint=hint, code=ExitCode.BACKUP)
 
 
 # --------------------------------------------------------------------------- the plan
