@@ -25,6 +25,7 @@ from stellarbase.plan import (
     EnsureDatabase,
     EnsureDir,
     EnsureUser,
+    FirstBackup,
     InitPostgres,
     Migrate,
     Plan,
@@ -101,6 +102,7 @@ class Executor:
             InitPostgres: self._init_postgres,
             EnsureDatabase: self._ensure_database,
             ConfigureArchiving: self._configure_archiving,
+            FirstBackup: self._first_backup,
             Migrate: self._migrate,
             WaitHealthy: self._wait_healthy,
         }
@@ -285,6 +287,15 @@ class Executor:
             localdeps.wait_until_up(step.port, step.admin_password, step.timeout)
             detail += f"; restarted {step.unit} for " + ", ".join(restart)
         return detail, ""
+
+    def _first_backup(self, step: FirstBackup, current: state.State) -> tuple[str | None, str]:
+        if current.features.get("first_backup"):
+            return None, ""
+        if not self.dry_run:
+            systemd.start(step.unit)  # runs on; `stellarbase backup list` shows it
+            current.features["first_backup"] = True
+            self._save(current)
+        return "started; it runs in the background", ""
 
     def _ensure_database(
         self, step: EnsureDatabase, current: state.State

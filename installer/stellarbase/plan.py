@@ -129,6 +129,13 @@ class ConfigureArchiving:
 
 
 @dataclass(frozen=True)
+class FirstBackup:
+    """Once per host, right after backups are turned on: a base backup to restore from."""
+
+    unit: str
+
+
+@dataclass(frozen=True)
 class Migrate:
     url: str
     password: str | None
@@ -155,6 +162,7 @@ Step = (
     | InitPostgres
     | EnsureDatabase
     | ConfigureArchiving
+    | FirstBackup
     | Migrate
     | WaitHealthy
 )
@@ -368,6 +376,8 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
                 timeout=config.health.timeout_seconds,
             )
         )
+        if backups:  # after the gate: the agent must archive for a backup to complete
+            steps.append(FirstBackup(render.BACKUP_UNIT))
     return Plan(tuple(steps), owned_views, endpoints, database)
 
 
@@ -420,6 +430,8 @@ def describe(step: Step) -> str:
         case ConfigureArchiving():
             on = dict(step.settings).get("archive_mode") == "on"
             return "configure WAL archiving" if on else "keep WAL archiving off"
+        case FirstBackup():
+            return f"start the first base backup ({step.unit})"
         case Migrate():
             return "apply database migrations"
         case WaitHealthy():

@@ -48,9 +48,12 @@ def daemon_reload() -> None:
     run(["systemctl", "daemon-reload"], timeout=120)
 
 
-def start(unit: str) -> None:
+def start(unit: str, wait: bool = False) -> None:
     # --no-block: the health gate waits for all units together, not one after the other.
-    run(["systemctl", "start", "--no-block", unit], timeout=60)
+    if wait:
+        run(["systemctl", "start", unit], timeout=300)
+    else:
+        run(["systemctl", "start", "--no-block", unit], timeout=60)
 
 
 def restart(unit: str) -> None:

@@ -73,6 +73,7 @@ def test_pilot_with_a_file_repository_is_archived_backed_up_and_restorable(
     archiving = steps["configure WAL archiving"]
     assert archiving["status"] == "changed"
     assert "restarted stellarbase-postgres.service for archive_mode" in archiving["detail"]
+    assert steps["start the first base backup (stellarbase-backup.service)"]["status"] == "changed"
     assert pilot.sql("SHOW archive_mode") == "on"
     assert pilot.sql("SHOW archive_timeout") == "10s"
     assert systemd_sandbox.systemctl("is-active", "stellarbase-backup.timer").stdout.strip() == (
@@ -96,12 +97,11 @@ def test_pilot_with_a_file_repository_is_archived_backed_up_and_restorable(
         timeout=30,
     )
 
-    # A base backup through the same unit the timer starts.
+    # The first backup install started, or one more through the unit the timer starts.
     systemd_sandbox.systemctl("start", "stellarbase-backup.service")
     listing = pilot.sb("backup", "list", "-o", "json")
     assert listing.returncode == 0, listing.stdout + listing.stderr
-    backups = json.loads(listing.stdout)["backups"]
-    assert len(backups) == 1
+    assert len(json.loads(listing.stdout)["backups"]) in (1, 2)
 
     scrape = pilot.metrics()
     assert _metric(scrape, "stellarbase_backup_last_success_timestamp_seconds") > 0

@@ -547,9 +547,9 @@ def restore_live(
         if aside is not None:
             shutil.rmtree(data_dir, ignore_errors=True)
             aside.rename(data_dir)
-        systemd.start(unit)
+        systemd.start(unit, wait=True)
         raise
-    systemd.start(unit)
+    systemd.start(unit, wait=True)
     notes = [f"started {unit} again"]
     if aside is not None:
         notes.append(f"the cluster it replaced is kept in {aside}: remove it when done")
