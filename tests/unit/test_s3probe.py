@@ -93,10 +93,10 @@ def test_signature_matches_the_aws_examples(
 
 
 def test_a_signed_request_carries_what_s3_checks() -> None:
+    extra = {"Range": "bytes=0-9"}
     headers = s3probe.sign_request(
-        "GET", EXAMPLE_HOST, "/test.txt", {}, b"", EXAMPLE, "us-east-1", EXAMPLE_TIME,
-        {"Range": "bytes=0-9"},
-    )  # fmt: skip
+        "GET", EXAMPLE_HOST, "/test.txt", {}, b"", EXAMPLE, "us-east-1", EXAMPLE_TIME, extra
+    )
     assert headers["x-amz-date"] == EXAMPLE_DATE
     assert headers["x-amz-content-sha256"] == EMPTY
     assert "SignedHeaders=host;range;x-amz-content-sha256;x-amz-date," in headers["authorization"]
