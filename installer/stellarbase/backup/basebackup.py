@@ -218,7 +218,7 @@ def take_backup(
     ]
     log.info("base backup starting", id=backup_id, repo=repo.description)
     sha = hashlib.sha256()
-    encoder = codec.StreamEncoder(backup.compression_level, key)
+    encoder = codec.StreamEncoder(backup.compression_level, key, threads=-1)
     tap = _TarTap()
     raw_bytes = 0
     with tempfile.TemporaryFile() as errf:

@@ -111,9 +111,11 @@ class _Sealer:
 class StreamEncoder:
     """Incremental encoder: feed write() and send what it returns; finish() ends the object."""
 
-    def __init__(self, level: int, key: bytes | None, size: int = -1) -> None:
+    def __init__(self, level: int, key: bytes | None, size: int = -1, threads: int = 0) -> None:
+        # threads > 0 (or -1: one per CPU) compresses in zstd's own worker threads, for
+        # long streams such as a base backup; the output is one ordinary zstd frame.
         compressor = zstandard.ZstdCompressor(
-            level=level, write_checksum=True, write_content_size=size >= 0
+            level=level, write_checksum=True, write_content_size=size >= 0, threads=threads
         )
         self._zstd = compressor.compressobj(size=size)
         self._sealer = _Sealer(key) if key is not None else None
