@@ -29,6 +29,7 @@ HOST_FINDINGS = {
     "host.memory",
     "host.disk",
     "host.ports",
+    "host.backup",
     "host.systemd",
     "host.clock",
     "host.nofile",
@@ -449,3 +450,15 @@ def test_host_checks_run_no_commands_when_those_are_skipped(tmp_path: Path) -> N
     # The autouse fixture makes any command fail the test: only systemd and clock run one.
     found = _host_findings(_config(), HostPaths(tmp_path), skip=COMMAND_CHECKS)
     assert set(found) == HOST_FINDINGS - set(COMMAND_CHECKS)
+
+
+def test_backup_repository_findings(tmp_path: Path) -> None:
+    paths = HostPaths(tmp_path)
+    off = host_checks.backup_finding(_config(), paths)
+    assert off.level == Level.NOTE and "backup.repository" in off.hint
+    assert host_checks.backup_finding(_config(tier="department"), paths).level == Level.WARN
+    config = _config("backup.repository=file:///srv/backups")
+    assert host_checks.backup_finding(config, paths).level == Level.PASS  # / is writable
+    (tmp_path / "srv").write_text("a file where the directory should go")
+    blocked = host_checks.backup_finding(config, paths)
+    assert blocked.level == Level.FAIL and "install -d" in blocked.hint

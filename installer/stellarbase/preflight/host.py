@@ -54,6 +54,12 @@ def checks(ctx: Context) -> list[Check]:
         ),
         Check("host.ports", lambda: [ports_finding(ctx.config, ctx.own_ports)], 10.0),
         Check(
+            "host.backup",
+            lambda: [backup_finding(ctx.config, ctx.paths)],
+            10.0,
+            "the file system of the backup repository does not answer: a hung network mount?",
+        ),
+        Check(
             "host.systemd",
             lambda: [systemd_finding()],
             COMMAND_TIMEOUT + 5,
@@ -193,6 +199,37 @@ def disk_finding(paths: HostPaths, minimum_gib: float) -> Finding:
         f"free space there or mount a larger volume at {_shown(paths, target)}, "
         "or lower requirements.min_disk_gib",
     )
+
+
+def backup_finding(config: Config, paths: HostPaths) -> Finding:
+    """Where backups go: off (a warning beyond the pilot), S3 (checked by s3.*), or a dir."""
+    repo = config.backup.repository
+    if repo == "none":
+        hint = "set backup.repository=s3 (with an s3 section) to archive WAL and back up daily"
+        if config.tier == "pilot":
+            return noted("host.backup", "backups are off", hint)
+        return warned("host.backup", "backups are off", f"backups on the {config.tier} tier", hint)
+    if repo == "s3":
+        return passed("host.backup", f"WAL and base backups to s3://{_bucket(config)}")
+    target = paths.at(repo.removeprefix("file://"))
+    at = target
+    while not at.exists() and at != at.parent:
+        at = at.parent
+    if not at.is_dir() or not os.access(at, os.W_OK | os.X_OK):
+        return failed(
+            "host.backup",
+            f"{_shown(paths, at)} is not a writable directory",
+            f"a writable directory for {repo}",
+            f"create it (`install -d -m 0750 {_shown(paths, target)}`) or point "
+            "backup.repository elsewhere",
+        )
+    free = shutil.disk_usage(at).free
+    value = f"WAL and base backups to {_shown(paths, target)} ({free / GIB:.1f} GiB free)"
+    return passed("host.backup", value, "a writable directory; another disk than the data")
+
+
+def _bucket(config: Config) -> str:
+    return config.s3.bucket if config.s3 is not None else "?"
 
 
 def _shown(paths: HostPaths, path: Path) -> str:
