@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(postgresql redis-server python3-venv python3-dev binutils procps util-linux curl)
+APT_PACKAGES=(postgresql redis-server python3-venv python3-dev binutils procps util-linux curl
+    prometheus)  # for promtool: tests/test_observability.py checks the alert rules and a scrape
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -13,7 +14,7 @@ if ((${#missing[@]})); then
     echo "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    # policy-rc.d keeps apt from starting the distribution's postgresql/redis services: the
+    # policy-rc.d keeps apt from starting the distribution's postgresql/redis/prometheus: the
     # tests start their own servers on free ports.
     printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
