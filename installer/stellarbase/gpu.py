@@ -20,6 +20,7 @@ FAKE_ENV = "STELLARBASE_FAKE_NVML"
 class MigDevice:
     uuid: str  # "MIG-…", what CUDA_VISIBLE_DEVICES takes
     memory_total_bytes: int = 0
+    memory_used_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class Gpu:
     temperature_c: float | None = None
     power_w: float | None = None
     utilization_pct: float | None = None
+    # XID errors counted by the source itself (the fake); NVML reports them only as events,
+    # which nvml.XidWatcher counts.
+    xid_errors: int | None = None
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,11 @@ class FakeSource:
                 memory_used_bytes=int(g.get("memory_used_bytes", 0)),
                 mig_enabled=bool(g.get("mig_devices")) or bool(g.get("mig_enabled")),
                 mig_devices=tuple(
-                    MigDevice(m["uuid"], int(m.get("memory_total_bytes", 0)))
+                    MigDevice(
+                        m["uuid"],
+                        int(m.get("memory_total_bytes", 0)),
+                        int(m.get("memory_used_bytes", 0)),
+                    )
                     for m in g.get("mig_devices", [])
                 ),
                 mig_pending=g.get("mig_pending"),
@@ -82,6 +90,7 @@ class FakeSource:
                 temperature_c=g.get("temperature_c"),
                 power_w=g.get("power_w"),
                 utilization_pct=g.get("utilization_pct"),
+                xid_errors=g.get("xid_errors"),
             )
             for i, g in enumerate(data.get("gpus", []))
         )

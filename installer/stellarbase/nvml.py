@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -58,6 +59,65 @@ class NvmlSource:
         finally:
             with contextlib.suppress(nvml.NVMLError):
                 nvml.nvmlShutdown()
+
+
+class XidWatcher:
+    """Counts XID errors per GPU UUID from NVML's event stream, since the watcher started.
+
+    NVML has no XID counter to read: critical XIDs arrive only as events, so one thread
+    waits on them. GPUs that cannot deliver events are left out (no count, not zero).
+    """
+
+    WAIT_MS = 1000  # how often the thread looks at its stop flag
+
+    def __init__(self, library: Any = None) -> None:
+        self.library = library
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            nvml = self.library or importlib.import_module("pynvml")
+            nvml.nvmlInit()
+        except Exception:  # no library or driver: the inventory already reports why
+            return
+        try:
+            events = nvml.nvmlEventSetCreate()
+            try:
+                self._register(nvml, events)
+                while not stop.is_set():
+                    self._wait(nvml, events)
+            finally:
+                nvml.nvmlEventSetFree(events)
+        except nvml.NVMLError:
+            return
+        finally:
+            with contextlib.suppress(nvml.NVMLError):
+                nvml.nvmlShutdown()
+
+    def _register(self, nvml: Any, events: Any) -> None:
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            with contextlib.suppress(nvml.NVMLError):
+                nvml.nvmlDeviceRegisterEvents(handle, nvml.nvmlEventTypeXidCriticalError, events)
+                with self._lock:
+                    self._counts[_str(nvml.nvmlDeviceGetUUID(handle))] = 0
+
+    def _wait(self, nvml: Any, events: Any) -> None:
+        try:
+            data = nvml.nvmlEventSetWait(events, self.WAIT_MS)
+        except nvml.NVMLError as exc:
+            if _kind(exc) == "Timeout":
+                return
+            raise
+        if data.eventType & nvml.nvmlEventTypeXidCriticalError:
+            uuid = _str(nvml.nvmlDeviceGetUUID(data.device))  # a MIG event names its GPU
+            with self._lock:
+                self._counts[uuid] = self._counts.get(uuid, 0) + 1
 
 
 def _read(nvml: Any) -> Inventory:
@@ -130,7 +190,8 @@ def _mig_devices(nvml: Any, handle: Any) -> tuple[MigDevice, ...]:
             continue
         memory = _optional(nvml, partial(nvml.nvmlDeviceGetMemoryInfo, mig))
         total = int(memory.total) if memory is not None else 0
-        devices.append(MigDevice(_str(nvml.nvmlDeviceGetUUID(mig)), total))
+        used = int(memory.used) if memory is not None else 0
+        devices.append(MigDevice(_str(nvml.nvmlDeviceGetUUID(mig)), total, used))
     return tuple(devices)
 
 
