@@ -237,6 +237,17 @@ def run_service(
     serve(service, path, instance)
 
 
+@app.command("supervise-request", hidden=True)
+def supervise_request() -> None:
+    """Answer one restart request of the agent on stdin/stdout (stellarbase-supervise@)."""
+    from stellarbase import log as logsetup
+    from stellarbase.agent.helper import serve_connection
+
+    logsetup.setup("info", sys.stderr)
+    if not serve_connection():
+        raise typer.Exit(1)
+
+
 @app.command()
 def version() -> None:
     """Print the version."""

@@ -69,6 +69,21 @@ class WorkerConfig(ServiceConfig):
     instances: Annotated[int, Field(ge=1, le=64)] = Field(description="stellarbase-worker@N units")
 
 
+class AgentConfig(ServiceConfig):
+    interval_seconds: Annotated[float, Field(ge=1, le=300)] = Field(
+        5, description="how often the agent collects unit, service, dependency and host state"
+    )
+    restart_after_failures: Annotated[int, Field(ge=1, le=100)] = Field(
+        3, description="failed /healthz probes in a row before the agent restarts a service"
+    )
+    restart_backoff_seconds: Annotated[float, Field(ge=0, le=3600)] = Field(
+        10, description="least time between two restarts of one unit; doubles each time"
+    )
+    restart_backoff_max_seconds: Annotated[float, Field(ge=0, le=86400)] = Field(
+        600, description="cap of that doubling; a unit healthy this long starts over"
+    )
+
+
 class PostgresConfig(Model):
     url: str = Field(description="postgresql://USER@HOST:PORT/DB (no password here)")
     password: SecretStr | None = Field(None, description="kept in secrets.env only")
@@ -237,7 +252,7 @@ class Config(Model):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     api: ServiceConfig
     worker: WorkerConfig
-    agent: ServiceConfig
+    agent: AgentConfig
     health: HealthConfig
     dependencies: DependenciesConfig
     local: LocalConfig

@@ -10,6 +10,7 @@ from pydantic import SecretStr
 
 from stellarbase import config as cfg
 from stellarbase import render
+from stellarbase.agent.targets import targets_file
 from stellarbase.files import digest
 from stellarbase.localdeps import MIN_POSTGRES, MIN_REDIS, ServerBinary, missing_error
 from stellarbase.paths import GROUP, USER, HostPaths
@@ -289,6 +290,19 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
             env_file = paths.inference_env_dir / f"{device}.env"
             mine(WriteFile(env_file, unit_inputs[unit.name], "root", GROUP, 0o640))
 
+    instances = [*render.unit_instances(config), *render.inference_instances(config, devices)]
+    # Only the built-in inference server is known to serve /readyz; another command is
+    # healthy once its unit is active.
+    probed = {
+        u.name
+        for u in instances
+        if u.service != "inference" or config.inference.command == render.DEFAULT_INFERENCE_COMMAND
+    }
+    # Not an input of the agent's unit: the agent reads it again each round, so a new
+    # worker or port does not restart it.
+    agent_targets = render.render_agent_targets(config, local, devices, probed).encode()
+    mine(WriteFile(targets_file(paths), agent_targets, "root", GROUP, 0o640))
+
     unit_files = render.render_units(config, paths, local, devices)
     for unit_name, content in unit_files.items():
         mine(WriteFile(paths.unit_dir / unit_name, content.encode(), "root", "root", 0o644))
@@ -309,17 +323,9 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
     if config.postgres:
         secret = config.postgres.password
         database = (config.postgres.url, secret.get_secret_value() if secret else None)
-    instances = [*render.unit_instances(config), *render.inference_instances(config, devices)]
     endpoints = tuple((u.name, _base_url(config.bind, u.port)) for u in instances)
-    # Only the built-in inference server is known to serve /readyz; another command is
-    # healthy once its unit is active.
-    probed = {
-        u.name
-        for u in instances
-        if u.service != "inference" or config.inference.command == render.DEFAULT_INFERENCE_COMMAND
-    }
     if paths.live:
-        wanted = {*local.units(), *(u.name for u in instances)}
+        wanted = {*local.units(), render.SUPERVISE_SOCKET, *(u.name for u in instances)}
         if backups:
             wanted.add(render.BACKUP_TIMER)
         gone = tuple(u for u in facts.previous_units if u not in wanted and u != render.TARGET)
@@ -351,6 +357,10 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
             )
         if database:
             steps.append(Migrate(*database, timeout))
+        socket_inputs = b"\0".join(
+            unit_files[u].encode() for u in (render.SUPERVISE_SOCKET, render.SUPERVISE_TEMPLATE)
+        )
+        steps.append(StartUnit(render.SUPERVISE_SOCKET, digest(socket_inputs)))
         for unit in instances:
             inputs = b"\0".join(
                 [
@@ -371,7 +381,12 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
         steps.append(StartUnit(render.TARGET, "", restart_on_change=False))
         steps.append(
             WaitHealthy(
-                units=(*local.units(), *(u.name for u in instances), render.TARGET),
+                units=(
+                    *local.units(),
+                    render.SUPERVISE_SOCKET,
+                    *(u.name for u in instances),
+                    render.TARGET,
+                ),
                 ready_urls=tuple((n, f"{url}/readyz") for n, url in endpoints if n in probed),
                 timeout=config.health.timeout_seconds,
             )

@@ -11,6 +11,8 @@ import yaml
 
 from stellarbase import config as cfg
 from stellarbase import resources
+from stellarbase.agent import SUPERVISE_SOCKET as SUPERVISE_SOCKET_PATH
+from stellarbase.agent.targets import Target, Targets, render_targets, targets_file
 from stellarbase.localdeps import ServerBinary
 from stellarbase.paths import GROUP, USER, HostPaths
 from stellarbase.settings import ServiceName, load_catalog, service_settings
@@ -22,6 +24,17 @@ POSTGRES_UNIT = "stellarbase-postgres.service"
 REDIS_UNIT = "stellarbase-redis.service"
 BACKUP_UNIT = "stellarbase-backup.service"
 BACKUP_TIMER = "stellarbase-backup.timer"
+SUPERVISE_SOCKET = "stellarbase-supervise.socket"
+SUPERVISE_TEMPLATE = "stellarbase-supervise@.service"
+# The agent reads host CPU, memory and load from /proc (ProcSubset=pid hides them) and, on
+# a GPU host, asks NVML, which needs the NVIDIA devices.
+AGENT_EXTRA = ("ProcSubset=all",)
+AGENT_GPU_EXTRA = (
+    "PrivateDevices=no",
+    "DeviceAllow=char-nvidia r",
+    "DeviceAllow=char-nvidia-frontend r",
+    "DeviceAllow=char-nvidia-caps r",
+)
 
 
 @dataclass(frozen=True)
@@ -123,11 +136,13 @@ def render_units(
         command = f"{name} --settings {settings}"
         if entry.instanced:
             command = f"{name} --instance %i --settings {settings}"
+        extra = [*AGENT_EXTRA, *(AGENT_GPU_EXTRA if devices else ())] if name == "agent" else []
         svc = {
             "description": entry.description,
             "command": command,
             "limits": getattr(config, name).limits,
             "rw_paths": backup_paths(config, paths) if name == "agent" else [],
+            "extra": extra,
         }
         out[entry.unit] = env.get_template(f"{entry.unit}.j2").render(
             svc=svc,
@@ -138,8 +153,14 @@ def render_units(
             watchdog_seconds=config.health.watchdog_seconds,
             local_units=local.units(),
         )
+    out[SUPERVISE_SOCKET] = env.get_template(f"{SUPERVISE_SOCKET}.j2").render(
+        socket=SUPERVISE_SOCKET_PATH, group=GROUP
+    )
+    out[SUPERVISE_TEMPLATE] = env.get_template(f"{SUPERVISE_TEMPLATE}.j2").render(
+        binary=binary, targets_file=paths.host_view(targets_file(paths))
+    )
     services = [*unit_instances(config), *inference_instances(config, devices)]
-    wants = [*local.units(), *(u.name for u in services)]
+    wants = [*local.units(), SUPERVISE_SOCKET, *(u.name for u in services)]
     if backups_on(config, local):
         out[BACKUP_UNIT] = env.get_template(f"{BACKUP_UNIT}.j2").render(
             binary=binary,
@@ -152,6 +173,19 @@ def render_units(
         wants.append(BACKUP_TIMER)
     out[TARGET] = env.get_template(f"{TARGET}.j2").render(wants=wants)
     return out
+
+
+def render_agent_targets(
+    config: cfg.Config, local: LocalServers, devices: tuple[str, ...], probed: set[str]
+) -> str:
+    """What the agent watches: every unit of the target; `probed` ones serve /healthz."""
+    units = [Target(unit=u) for u in local.units()]
+    units.append(Target(unit=SUPERVISE_SOCKET))
+    for u in [*unit_instances(config), *inference_instances(config, devices)]:
+        units.append(Target(unit=u.name, port=u.port, probe=u.name in probed))
+    if backups_on(config, local):
+        units.append(Target(unit=BACKUP_TIMER))
+    return render_targets(Targets(units=tuple(units)))
 
 
 def backups_on(config: cfg.Config, local: LocalServers) -> bool:

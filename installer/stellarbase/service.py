@@ -1,8 +1,12 @@
-"""`stellarbase run api|worker|agent`: a real service process with health and metrics.
+"""`stellarbase run api|worker|inference`: a real service process with health and metrics.
 
 Each serves /healthz (alive), /readyz (its configured dependencies answer) and /metrics
 (Prometheus text), tells systemd when it is ready, pings the watchdog only while its own
-HTTP server answers, and stops cleanly on SIGTERM.
+HTTP server answers, and stops cleanly on SIGTERM. The agent (`stellarbase.agent`) builds
+on the same server.
+
+Test hook: while the file /run/stellarbase/fault/<unit>.healthz exists, that service's
+/healthz answers 500 (what the agent's supervision reacts to). Nothing creates it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -27,6 +32,7 @@ from pydantic import ValidationError
 
 from stellarbase import __version__, checks, gpu, health, notify
 from stellarbase import log as logsetup
+from stellarbase.agent import FAULT_DIR
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.settings import ServiceSettings
 
@@ -45,10 +51,13 @@ class Service:
         self._ready_lock = threading.Lock()
         self._ready: tuple[float, list[checks.CheckResult]] | None = None
         self._stop = threading.Event()
-        self.archiver: Any = None
+        self.fault_flag = FAULT_DIR / f"{self.unit_name()}.healthz"
         self._metrics()
-        if settings.service == "agent" and settings.backup is not None:
-            self._start_archiver()
+
+    def unit_name(self) -> str:
+        if self.settings.service == "inference":  # the unit's instance is its device
+            return f"stellarbase-inference@{os.environ.get('CUDA_VISIBLE_DEVICES', '')}.service"
+        return f"stellarbase-{self.name}.service"
 
     def _metrics(self) -> None:
         build = Gauge(
@@ -64,6 +73,9 @@ class Service:
             ["path", "code"],
             registry=self.registry,
         )
+        self._dependency_metrics()
+
+    def _dependency_metrics(self) -> None:
         self.check_up = Gauge(
             "stellarbase_dependency_up",
             "1 when the last readiness check of the dependency passed",
@@ -76,31 +88,6 @@ class Service:
             ["dependency"],
             registry=self.registry,
         )
-
-    def _start_archiver(self) -> None:
-        """The WAL archiver of the local PostgreSQL: uploads ahead of archive_command."""
-        from stellarbase.backup import codec
-        from stellarbase.backup.archiver import Archiver
-        from stellarbase.backup.repo import repository_from
-        from stellarbase.paths import HostPaths
-
-        backup = self.settings.backup
-        assert backup is not None
-        paths = HostPaths()
-        self.archiver = Archiver(
-            repository_from(backup, self.settings.s3),
-            paths.postgres_data / "pg_wal",
-            paths.wal_spool,
-            level=backup.compression_level,
-            key=codec.encryption_key(backup),
-            concurrency=backup.upload_concurrency,
-        )
-        self.registry.register(BackupCollector(self.archiver, paths.state_dir))
-        thread = threading.Thread(
-            target=self.archiver.run, args=(self._stop,), name="archiver", daemon=True
-        )
-        thread.start()
-        log.info("wal archiver started", pg_wal=str(paths.postgres_data / "pg_wal"))
 
     # --- readiness --------------------------------------------------------------------------
 
@@ -121,6 +108,20 @@ class Service:
             self._ready = (time.monotonic(), results)
             return results
 
+    def readyz(self, query: dict[str, list[str]]) -> tuple[int, bytes, str]:
+        """Status code, body and content type of /readyz."""
+        results = self.readiness()
+        ready = all(r.ok for r in results)
+        body = {
+            "status": "ready" if ready else "not ready",
+            "service": self.name,
+            "checks": [r.as_dict() for r in results],
+        }
+        return 200 if ready else 503, (json.dumps(body) + "\n").encode(), "application/json"
+
+    def healthy(self) -> bool:
+        return not self.fault_flag.exists()
+
     # --- serving ----------------------------------------------------------------------------
 
     def serve(self) -> None:
@@ -129,16 +130,20 @@ class Service:
         threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
-        notify.notify("READY=1", f"STATUS=serving on port {self.port}")
         log.info("service started", service=self.name, port=self.port, version=__version__)
-        interval = notify.watchdog_interval()
-        while not self._stop.wait(interval or 3600):
-            if interval is not None and self._alive():
-                notify.notify("WATCHDOG=1")
+        self.main_loop()
         notify.notify("STOPPING=1")
         log.info("service stopping", service=self.name)
         server.shutdown()
         server.server_close()
+
+    def main_loop(self) -> None:
+        """Until SIGTERM: ready at once, then ping the watchdog while HTTP answers."""
+        notify.notify("READY=1", f"STATUS=serving on port {self.port}")
+        interval = notify.watchdog_interval()
+        while not self._stop.wait(interval or 3600):
+            if interval is not None and self._alive():
+                notify.notify("WATCHDOG=1")
 
     def _alive(self) -> bool:
         host = str(self.settings.bind)
@@ -146,7 +151,9 @@ class Service:
             host = "127.0.0.1" if host == "0.0.0.0" else "::1"
         host = f"[{host}]" if ":" in host else host
         code, _ = health.probe(f"http://{host}:{self.port}/healthz", timeout=2.0)
-        return code == 200
+        # Any answer proves the server is not hung; an unhealthy /healthz is the agent's to
+        # act on (it restarts through systemd), not a reason to be killed by the watchdog.
+        return code != 0
 
 
 class BackupCollector(Collector):
@@ -220,18 +227,15 @@ def _handler(service: Service) -> type[BaseHTTPRequestHandler]:
             cid = self.headers.get("X-Correlation-Id") or uuid.uuid4().hex
             # Each request runs in its own thread: its log lines carry the caller's id.
             structlog.contextvars.bind_contextvars(correlation_id=cid)
-            path = self.path.split("?", 1)[0]
+            path, _, query = self.path.partition("?")
             if path == "/healthz":
-                self._send(200, {"status": "ok", "service": service.name}, cid)
+                if service.healthy():
+                    self._send(200, {"status": "ok", "service": service.name}, cid)
+                else:
+                    self._send(500, {"status": "failing", "service": service.name}, cid)
             elif path == "/readyz":
-                results = service.readiness()
-                ready = all(r.ok for r in results)
-                body = {
-                    "status": "ready" if ready else "not ready",
-                    "service": service.name,
-                    "checks": [r.as_dict() for r in results],
-                }
-                self._send(200 if ready else 503, body, cid)
+                code, data, ctype = service.readyz(parse_qs(query, keep_blank_values=True))
+                self._raw(code, data, ctype, cid)
             elif path == "/metrics":
                 self._raw(200, generate_latest(service.registry), CONTENT_TYPE_LATEST, cid)
             else:
@@ -312,4 +316,9 @@ def run_service(name: str, settings_path: Path, instance: int | None) -> None:
 
     logsetup.setup(settings.log_level, sys.stdout)
     logsetup.bind_correlation_id()
-    Service(settings, instance).serve()
+    if name == "agent":
+        from stellarbase.agent.runtime import Agent
+
+        Agent(settings).serve()
+    else:
+        Service(settings, instance).serve()

@@ -47,6 +47,16 @@ def load_catalog() -> Catalog:
     return Catalog.model_validate(data)
 
 
+class AgentSettings(Model):
+    """The agent's own knobs; the units it watches come from a file of their own (targets)."""
+
+    interval_seconds: float
+    restart_after_failures: int
+    restart_backoff_seconds: float
+    restart_backoff_max_seconds: float
+    backup_schedule: str | None = None  # OnCalendar= of base backups, when they are on
+
+
 class ServiceSettings(Model):
     """What one service reads at start (services/<name>.json); secrets come from the env.
 
@@ -63,6 +73,7 @@ class ServiceSettings(Model):
     redis: RedisConfig | None = None
     s3: S3Config | None = None
     backup: BackupConfig | None = None  # the agent's, when backups are on
+    agent: AgentSettings | None = None
 
     def port_of(self, instance: int | None) -> int:
         return self.port + (instance - 1 if instance else 0)
@@ -89,7 +100,19 @@ def service_settings(config: Config, name: ServiceName) -> ServiceSettings:
         log_level=config.log_level,
         check_timeout_seconds=config.health.check_timeout_seconds,
         backup=_strip_secrets(config.backup) if name == "agent" and config.backup.enabled else None,
+        agent=_agent_settings(config) if name == "agent" else None,
         **deps,
+    )
+
+
+def _agent_settings(config: Config) -> AgentSettings:
+    agent = config.agent
+    return AgentSettings(
+        interval_seconds=agent.interval_seconds,
+        restart_after_failures=agent.restart_after_failures,
+        restart_backoff_seconds=agent.restart_backoff_seconds,
+        restart_backoff_max_seconds=agent.restart_backoff_max_seconds,
+        backup_schedule=config.backup.schedule if config.backup.enabled else None,
     )
 
 

@@ -99,6 +99,7 @@ def test_worker_count_changes_only_what_it_concerns(tmp_path: Path, binary: Path
     changed = {s.step.split(" ")[1] for s in result.steps if s.status == Status.CHANGED}
     assert changed == {
         str(root / "etc/stellarbase/stellarbase.yaml"),
+        str(root / "etc/stellarbase/services/agent-units.json"),  # read live, not a unit input
         str(root / "etc/systemd/system/stellarbase.target"),
     }
     target = (root / "etc/systemd/system/stellarbase.target").read_text()

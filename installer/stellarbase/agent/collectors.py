@@ -1,0 +1,197 @@
+"""What the agent reads each round: thin adapters over systemctl, HTTP, the dependency
+checks, psutil, NVML and the migrations table. Each returns plain data and may raise; the
+runner turns a raise or a hang into that collector's failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stellarbase import checks, gpu, health, migrate
+from stellarbase.agent.targets import Target
+from stellarbase.config import PostgresConfig, RedisConfig, S3Config
+from stellarbase.run import run
+
+UNIT_PROPS = ("ActiveState", "SubState", "NRestarts", "MemoryCurrent", "CPUUsageNSec")
+UNSET = 2**64 - 1  # systemd's "[not set]" for an unsigned property without accounting
+
+
+@dataclass(frozen=True)
+class UnitSample:
+    active_state: str
+    sub_state: str
+    restarts: int
+    memory_bytes: int | None  # None: no memory accounting for this unit
+    cpu_seconds: float | None
+
+
+@dataclass(frozen=True)
+class ServiceProbe:
+    healthy: bool  # /healthz answered 200
+    healthz_seconds: float
+    healthz_message: str
+    ready: bool  # /readyz answered 200
+    ready_message: str
+
+
+@dataclass(frozen=True)
+class DependencySample:
+    name: str
+    up: bool
+    seconds: float
+    message: str
+    version: str | None = None
+
+
+@dataclass(frozen=True)
+class HostSample:
+    cpu_ratio: float
+    load: tuple[float, float, float]
+    memory_total: int
+    memory_available: int
+    disk_path: str
+    disk_total: int
+    disk_free: int
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    inventory: gpu.Inventory
+    xid: dict[str, int] = field(default_factory=dict)  # GPU UUID → XIDs seen (watcher)
+
+
+@dataclass(frozen=True)
+class MigrationSample:
+    applied_version: int
+    pending: int
+
+
+def unit_states(units: Sequence[str]) -> dict[str, UnitSample]:
+    """Every unit's state in one `systemctl show` (one fork per round, never per scrape)."""
+    if not units:
+        return {}
+    props = ",".join(("Id", *UNIT_PROPS))
+    out = run(["systemctl", "show", f"--property={props}", "--", *units], timeout=10)
+    return parse_show(out.stdout, units)
+
+
+def parse_show(text: str, units: Sequence[str]) -> dict[str, UnitSample]:
+    found: dict[str, UnitSample] = {}
+    for block, unit in zip(text.strip().split("\n\n"), units, strict=False):
+        p = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        memory = _unsigned(p.get("MemoryCurrent"))
+        cpu = _unsigned(p.get("CPUUsageNSec"))
+        found[unit] = UnitSample(
+            active_state=p.get("ActiveState", "unknown"),
+            sub_state=p.get("SubState", "unknown"),
+            restarts=int(p.get("NRestarts") or 0),
+            memory_bytes=memory,
+            cpu_seconds=None if cpu is None else cpu / 1e9,
+        )
+    return found
+
+
+def _unsigned(value: str | None) -> int | None:
+    if not value or not value.isdigit() or int(value) == UNSET:
+        return None
+    return int(value)
+
+
+def probe_services(
+    host: str, targets: Sequence[Target], ready_timeout: float
+) -> dict[str, ServiceProbe]:
+    """/healthz and /readyz of every service at once, so one slow service costs one timeout."""
+    probed = [t for t in targets if t.port]
+    if not probed:
+        return {}
+
+    def one(target: Target) -> ServiceProbe:
+        base = f"http://{host}:{target.port}"
+        start = time.monotonic()
+        code, body = health.probe(f"{base}/healthz", timeout=2.0)
+        seconds = time.monotonic() - start
+        ready_code, ready_body = health.probe(f"{base}/readyz", timeout=ready_timeout)
+        return ServiceProbe(
+            healthy=code == 200,
+            healthz_seconds=seconds,
+            healthz_message=_answer(code, body),
+            ready=ready_code == 200,
+            ready_message=_answer(ready_code, ready_body),
+        )
+
+    with ThreadPoolExecutor(max_workers=len(probed)) as pool:
+        return dict(zip((t.unit for t in probed), pool.map(one, probed), strict=True))
+
+
+def _answer(code: int, body: str) -> str:
+    if code == 0:
+        return f"no answer: {body.strip()[:200]}"
+    if code == 200:
+        return "ok"
+    return f"answered {code}: {failing_checks(body) or body.strip()[:200]}"
+
+
+def failing_checks(body: str) -> str:
+    """The failing checks named in a service's /readyz JSON ("redis: Connection refused")."""
+    try:
+        data = json.loads(body)
+        failing = [c for c in data.get("checks", []) if c.get("status") != "pass"]
+    except (ValueError, AttributeError):
+        return ""
+    return "; ".join(f"{c.get('name')}: {c.get('message', '')}"[:160] for c in failing)
+
+
+_VERSION = re.compile(r"^(?:PostgreSQL|Redis) (\S+)")
+
+
+def dependencies(
+    postgres: PostgresConfig | None, redis: RedisConfig | None, s3: S3Config | None, timeout: float
+) -> list[DependencySample]:
+    out = []
+    for r in checks.dependency_checks(postgres, redis, s3, timeout):
+        match = _VERSION.match(r.message) if r.ok else None
+        out.append(
+            DependencySample(r.name, r.ok, r.seconds, r.message, match[1] if match else None)
+        )
+    return out
+
+
+def host(data_dir: Path) -> HostSample:
+    import psutil
+
+    memory = psutil.virtual_memory()
+    disk = shutil.disk_usage(data_dir)
+    # interval=None: the usage since the previous call, i.e. over the last round.
+    return HostSample(
+        cpu_ratio=psutil.cpu_percent(interval=None) / 100,
+        load=os.getloadavg(),
+        memory_total=int(memory.total),
+        memory_available=int(memory.available),
+        disk_path=str(data_dir),
+        disk_total=int(disk.total),
+        disk_free=int(disk.free),
+    )
+
+
+def gpus(source: gpu.GpuSource, watcher: object | None, expect: bool) -> GpuSample:
+    """The GPUs; an NVML that cannot be read fails the collector only where GPUs serve."""
+    inventory = source.inventory()
+    if inventory.error and expect:
+        raise RuntimeError(inventory.error)
+    counts = getattr(watcher, "counts", None)
+    return GpuSample(inventory, counts() if callable(counts) else {})
+
+
+def migrations(postgres: PostgresConfig, timeout: float) -> MigrationSample:
+    password = postgres.password.get_secret_value() if postgres.password else None
+    states = migrate.migration_status(postgres.url, password, connect_timeout=timeout)
+    applied = [s.version for s in states if s.applied_at is not None]
+    pending = [s for s in states if s.applied_at is None and s.shipped]
+    return MigrationSample(max(applied, default=0), len(pending))
