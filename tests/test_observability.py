@@ -113,6 +113,7 @@ def dashboard_exprs(board: dict[str, Any]) -> dict[str, str]:
     return exprs
 
 
+@pytest.fixture
 def promtool() -> str:
     found = shutil.which("promtool")
     if found:
@@ -163,16 +164,16 @@ def test_alert_rules_carry_severity_and_a_hint() -> None:
             assert rule["annotations"]["summary"] and rule["annotations"]["description"]
 
 
-def test_promtool_accepts_the_alert_rules() -> None:
+def test_promtool_accepts_the_alert_rules(promtool: str) -> None:
     out = subprocess.run(
-        [promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, check=False
+        [promtool, "check", "rules", str(RULES)], capture_output=True, text=True, check=False
     )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_alerts_fire_on_the_series_of_their_unit_tests() -> None:
+def test_alerts_fire_on_the_series_of_their_unit_tests(promtool: str) -> None:
     out = subprocess.run(
-        [promtool(), "test", "rules", RULE_TESTS.name],
+        [promtool, "test", "rules", RULE_TESTS.name],
         cwd=PROMETHEUS,
         capture_output=True,
         text=True,
@@ -261,13 +262,14 @@ def agent_url(tmp_path: Path) -> Iterator[str]:
             proc.wait()
 
 
-def test_promtool_finds_nothing_to_complain_about_in_a_scrape(agent_url: str) -> None:
-    tool = promtool()
+def test_promtool_finds_nothing_to_complain_about_in_a_scrape(
+    promtool: str, agent_url: str
+) -> None:
     probe(f"{agent_url}/readyz", timeout=5)  # fills the per-request and per-check series
     code, scrape = probe(f"{agent_url}/metrics", timeout=10)
     assert code == 200
     assert "stellarbase_build_info{" in scrape
     out = subprocess.run(
-        [tool, "check", "metrics"], input=scrape, capture_output=True, text=True, check=False
+        [promtool, "check", "metrics"], input=scrape, capture_output=True, text=True, check=False
     )
     assert (out.returncode, out.stdout + out.stderr) == (0, "")
