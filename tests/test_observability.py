@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from stellarbase.health import probe
 from tests.servers import free_port
@@ -224,8 +225,11 @@ def test_dashboard_panels_query_the_chosen_data_source_and_do_not_overlap() -> N
 
 
 @pytest.fixture
-def agent_url(tmp_path: Path) -> Iterator[str]:
-    """`stellarbase run agent` with loopback settings and no dependencies configured."""
+def agent_url(tmp_path: Path, dead_port: int) -> Iterator[str]:
+    """`stellarbase run agent` on loopback, its PostgreSQL and Redis on a port nobody serves.
+
+    Dependencies that do not answer still give their families (up 0, probe duration).
+    """
     port = free_port()
     settings = tmp_path / "agent.json"
     settings.write_text(
@@ -236,6 +240,8 @@ def agent_url(tmp_path: Path) -> Iterator[str]:
                 "port": port,
                 "log_level": "warning",
                 "check_timeout_seconds": 1,
+                "postgres": {"url": f"postgresql://stellarbase@127.0.0.1:{dead_port}/stellarbase"},
+                "redis": {"url": f"redis://127.0.0.1:{dead_port}/0"},
             }
         )
     )
@@ -262,14 +268,36 @@ def agent_url(tmp_path: Path) -> Iterator[str]:
             proc.wait()
 
 
+def scrape(agent_url: str) -> str:
+    """A scrape after the agent's first full round (its dependency probes take a moment)."""
+    probe(f"{agent_url}/readyz", timeout=5)  # fills the per-request and per-check series
+    deadline = time.monotonic() + 15
+    while True:
+        code, text = probe(f"{agent_url}/metrics", timeout=10)
+        assert code == 200, text
+        if "stellarbase_dependency_up{" in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.2)
+
+
 def test_promtool_finds_nothing_to_complain_about_in_a_scrape(
     promtool: str, agent_url: str
 ) -> None:
-    probe(f"{agent_url}/readyz", timeout=5)  # fills the per-request and per-check series
-    code, scrape = probe(f"{agent_url}/metrics", timeout=10)
-    assert code == 200
-    assert "stellarbase_build_info{" in scrape
+    text = scrape(agent_url)
+    assert "stellarbase_build_info{" in text
     out = subprocess.run(
-        [promtool, "check", "metrics"], input=scrape, capture_output=True, text=True, check=False
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
     )
     assert (out.returncode, out.stdout + out.stderr) == (0, "")
+
+
+def test_a_scrape_holds_only_families_of_the_contract(agent_url: str) -> None:
+    """A family renamed in the agent leaves alerts and panels silently empty."""
+    text = scrape(agent_url)
+    emitted = {f.name for f in text_string_to_metric_families(text)}
+    # The parser names counters without _total, as they are declared; prometheus_client's
+    # Counter class adds a <name>_created series, its start time.
+    counters = {f.name.removesuffix("_total") for f in contract().values() if f.type == "counter"}
+    known = {f.removesuffix("_total") for f in contract()} | {f"{c}_created" for c in counters}
+    assert emitted - known == set(), f"add them to {FAMILIES.name}, or rename them"
+    assert {"stellarbase_build_info", "stellarbase_dependency_up"} <= emitted
