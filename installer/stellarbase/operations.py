@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any, Literal
 import structlog
 
 from stellarbase import audit, facts, gpu, health, plan, render, state, systemd
+from stellarbase.agent.targets import AGENT_UNIT
 from stellarbase.apply import Executor, remove_path
 from stellarbase.config import Config, LoadedConfig
 from stellarbase.errors import ExitCode, StellarError
@@ -185,13 +187,25 @@ def status(paths: HostPaths) -> Result:
         return result
     units = [*current.units]
     shown = systemd.show(units)
+    agent = agent_readiness(current.ports.get(AGENT_UNIT))
+    info["agent"] = agent
+    if agent is not None:
+        failing = [c["name"] for c in agent.get("checks", []) if c.get("status") != "pass"]
+        result.lines.append(
+            f"host {agent.get('status', 'unknown')} (from the agent)"
+            + (": failing " + ", ".join(failing) if failing else "")
+        )
     for unit in units:
         s = shown[unit]
         port = current.ports.get(unit)
         ready = None
-        if port:
-            code, _ = health.probe(f"http://127.0.0.1:{port}/readyz")
-            ready = code == 200
+        if unit == AGENT_UNIT and agent is not None:
+            ready = agent.get("status") == "ready"
+        elif port:
+            ready = _agent_says_ready(agent, unit) if agent is not None else None
+            if not ready:  # the agent's view is up to one interval old: ask the service
+                code, _ = health.probe(f"http://127.0.0.1:{port}/readyz")
+                ready = code == 200
         info["units"].append(
             {
                 "unit": unit,
@@ -209,6 +223,29 @@ def status(paths: HostPaths) -> Result:
             f"restarts {s.restarts:<3} {mark}"
         )
     return result
+
+
+def agent_readiness(port: int | None) -> dict[str, Any] | None:
+    """The agent's /readyz report, or None when it does not answer with one (then each
+    service is probed directly). One request instead of one per service: the agent has
+    the answers cached."""
+    if not port:
+        return None
+    code, body = health.probe(f"http://127.0.0.1:{port}/readyz", timeout=2.0)
+    if code not in (200, 503):
+        return None
+    try:
+        report = json.loads(body)
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) and "checks" in report else None
+
+
+def _agent_says_ready(agent: dict[str, Any], unit: str) -> bool | None:
+    for check in agent.get("checks", []):
+        if check.get("name") == f"readyz:{unit}":
+            return bool(check.get("status") == "pass")
+    return None
 
 
 def uninstall(paths: HostPaths, *, purge: bool) -> Result:
