@@ -15,6 +15,7 @@ Targets (issue 6): agent p99 at most 2x node exporter's, agent RSS at most 60 MB
 idle CPU below 1% of one core at a 15 s scrape interval.
 
     .venv/bin/python bench/agent.py [--scrapes 200] [--idle-seconds 60] [--python]
+        [--binary PATH] [--no-deps]
 """
 
 from __future__ import annotations
@@ -207,7 +208,7 @@ def agent_settings(base: Path, port: int, deps: dict[str, dict[str, str]] | None
 
 
 def start_agent(
-    base: Path, python: bool, deps: dict[str, dict[str, str]] | None
+    base: Path, binary: Path | None, deps: dict[str, dict[str, str]] | None
 ) -> tuple[Exporter, str]:
     port = servers.free_port()
     settings = agent_settings(base, port, deps)
@@ -217,13 +218,13 @@ def start_agent(
         env["STELLARBASE_REDIS__PASSWORD"] = deps["redis"]["password"]
         env["STELLARBASE_S3__ACCESS_KEY"] = deps["s3"]["access_key"]
         env["STELLARBASE_S3__SECRET_KEY"] = deps["s3"]["secret_key"]
-    if python:
+    if binary is None:
         env["PYTHONPATH"] = str(REPO / "installer")
         argv = [sys.executable, "-m", "stellarbase"]
         how = "python -m stellarbase run agent"
     else:
-        argv = [str(BINARY)]
-        how = "dist/stellarbase run agent (one-file binary)"
+        argv = [str(binary)]
+        how = f"{binary} run agent (one-file binary)"
     proc = subprocess.Popen(
         [*argv, "run", "agent", "--settings", str(settings)],
         env=env,
@@ -348,14 +349,15 @@ def main() -> None:
     parser.add_argument(
         "--python", action="store_true", help="run the agent from source, not dist/stellarbase"
     )
+    parser.add_argument("--binary", type=Path, default=BINARY, help="default: dist/stellarbase")
     parser.add_argument(
         "--no-deps", action="store_true", help="no PostgreSQL, Redis and S3 for the agent"
     )
     args = parser.parse_args()
     if not shutil.which(NODE_EXPORTER):
         sys.exit(f"{NODE_EXPORTER} is missing: apt-get install prometheus-node-exporter")
-    if not args.python and not BINARY.exists():
-        sys.exit("build the binary first (bash packaging/build.sh), or pass --python")
+    if not args.python and not args.binary.exists():
+        sys.exit(f"{args.binary} is missing: bash packaging/build.sh, or pass --python")
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
@@ -365,7 +367,7 @@ def main() -> None:
             if not args.no_deps:
                 pg, rd = servers.start_postgres(base), servers.start_redis(base)
                 deps = servers.site_deps(pg, rd, servers.start_s3(base))
-            agent, how = start_agent(base, args.python, deps)
+            agent, how = start_agent(base, None if args.python else args.binary, deps)
             started.append(agent)
             node = start_node_exporter(base)
             started.append(node)
