@@ -103,8 +103,13 @@ def test_pilot_with_a_file_repository_is_archived_backed_up_and_restorable(
     assert listing.returncode == 0, listing.stdout + listing.stderr
     assert len(json.loads(listing.stdout)["backups"]) in (1, 2)
 
+    # The agent reads backup state once per collection round: wait for the next one.
+    wait_for(
+        "the agent to see the backup",
+        lambda: _metric(pilot.metrics(), "stellarbase_backup_last_success_timestamp_seconds") > 0,
+        timeout=30,
+    )
     scrape = pilot.metrics()
-    assert _metric(scrape, "stellarbase_backup_last_success_timestamp_seconds") > 0
     assert _metric(scrape, "stellarbase_backup_last_size_bytes") > 0
     assert _metric(scrape, 'stellarbase_backup_uploads_total{operation="wal"}') >= 1
 

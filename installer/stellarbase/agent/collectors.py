@@ -167,7 +167,9 @@ def host(data_dir: Path) -> HostSample:
     import psutil
 
     memory = psutil.virtual_memory()
-    disk = shutil.disk_usage(data_dir)
+    # Before install creates it, the data dir lives where its nearest parent does.
+    existing = next(p for p in (data_dir, *data_dir.parents) if p.exists())
+    disk = shutil.disk_usage(existing)
     # interval=None: the usage since the previous call, i.e. over the last round.
     return HostSample(
         cpu_ratio=psutil.cpu_percent(interval=None) / 100,

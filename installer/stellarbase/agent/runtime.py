@@ -185,7 +185,7 @@ class Agent(Service):
     def main_loop(self) -> None:
         interval = self.options.interval_seconds
         watchdog = notify.watchdog_interval()
-        tick = min(watchdog or 1.0, 1.0)
+        tick = min(watchdog or interval, interval)  # how long any wait may be without a ping
         ready_sent, status = False, ""
         next_round = self.clock()
         while not self._stop.is_set():
