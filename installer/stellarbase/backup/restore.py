@@ -470,11 +470,13 @@ def restore_into(
     spool = data_dir / SPOOL_NAME
     spool.mkdir(mode=0o700)
     os.chown(spool, owner.pw_uid, owner.pw_gid)
+    # The base backup first, then WAL: fetching both at once made them compete for the
+    # CPU (decoding, hashing) and the disk, and recovery needs the files before any WAL.
+    raw_bytes = extract_backup(catalog, plan.backup, data_dir)
+    _prepare_data_dir(data_dir, owner)
+    write_recovery_settings(data_dir, recovery_settings(plan, spool), owner)
+    extracted = time.monotonic()
     with Prefetcher(catalog, spool, plan.chain, owner) as prefetcher:
-        raw_bytes = extract_backup(catalog, plan.backup, data_dir)
-        _prepare_data_dir(data_dir, owner)
-        write_recovery_settings(data_dir, recovery_settings(plan, spool), owner)
-        extracted = time.monotonic()
         cluster = start_postmaster(data_dir, bindir, owner, port=port, settings=settings)
         wait_promoted(cluster, prefetcher, deadline_s)
         recovered = time.monotonic()
