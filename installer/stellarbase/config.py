@@ -82,6 +82,37 @@ class AgentConfig(ServiceConfig):
     restart_backoff_max_seconds: Annotated[float, Field(ge=0, le=86400)] = Field(
         600, description="cap of that doubling; a unit healthy this long starts over"
     )
+    remote_port: Port | None = Field(
+        None,
+        description="a second listener for remote scrapers: /metrics and /readyz behind "
+        "agent.metrics_token, over TLS with agent.tls_cert/tls_key; none: loopback only",
+    )
+    remote_bind: ipaddress.IPv4Address | ipaddress.IPv6Address = Field(
+        ipaddress.IPv4Address("0.0.0.0"), description="address of that listener"
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="bearer token remote scrapers send; kept in secrets.env"
+    )
+    tls_cert: str | None = Field(None, description="PEM certificate (chain) of that listener")
+    tls_key: str | None = Field(
+        None, description="PEM private key, readable by the stellarbase user"
+    )
+
+    @model_validator(mode="after")
+    def _check_remote(self) -> AgentConfig:
+        if self.remote_port is None:
+            return self
+        if self.metrics_token is None:
+            raise ValueError(
+                "agent.remote_port needs agent.metrics_token: export "
+                "STELLARBASE_AGENT__METRICS_TOKEN (e.g. `openssl rand -hex 32`)"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both agent.tls_cert and agent.tls_key, or neither")
+        for path in (self.tls_cert, self.tls_key):
+            if path is not None and not path.startswith("/"):
+                raise ValueError(f"{path!r}: agent TLS files need absolute paths")
+        return self
 
 
 class PostgresConfig(Model):
@@ -303,6 +334,8 @@ class Config(Model):
     def fixed_ports(self) -> list[tuple[str, int]]:
         """Every single port this config listens on (workers' range aside)."""
         ports = [("api.port", self.api.port), ("agent.port", self.agent.port)]
+        if self.agent.remote_port is not None:
+            ports.append(("agent.remote_port", self.agent.remote_port))
         for dep in ("postgres", "redis"):
             if self.mode_of(dep) == DependencyMode.LOCAL:
                 ports.append((f"local.{dep}.port", getattr(self.local, dep).port))
@@ -320,6 +353,7 @@ SECRET_KEYS: tuple[tuple[str, str], ...] = (
     ("s3", "access_key"),
     ("s3", "secret_key"),
     ("backup", "encryption_key"),
+    ("agent", "metrics_token"),
 )
 
 
@@ -338,8 +372,8 @@ def require_secrets(config: Config, sources: Mapping[str, str]) -> None:
                 hint="secrets are written to an EnvironmentFile: use a single-line value",
                 code=ExitCode.CONFIG,
             )
-        if dep is None or value is not None or section == "backup":
-            continue  # the backup encryption key is optional
+        if dep is None or value is not None or section in ("backup", "agent"):
+            continue  # the backup encryption key and the metrics token are optional
         if section == "s3" and dep.endpoint is None:
             continue  # AWS can use the instance role
         where = sources.get(section, "the configuration")

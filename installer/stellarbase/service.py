@@ -11,6 +11,7 @@ Test hook: while the file /run/stellarbase/fault/<unit>.healthz exists, that ser
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import signal
@@ -38,6 +39,7 @@ from stellarbase.settings import ServiceSettings
 
 log = structlog.get_logger()
 
+REMOTE_TOKEN_ENV = "STELLARBASE_AGENT__METRICS_TOKEN"
 READY_CACHE_SECONDS = 1.0  # scrapers and the health gate may poll fast; dependencies need not
 
 
@@ -128,14 +130,55 @@ class Service:
         server = ThreadingHTTPServer((str(self.settings.bind), self.port), _handler(self))
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+        remote = self._remote_server()
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         log.info("service started", service=self.name, port=self.port, version=__version__)
         self.main_loop()
         notify.notify("STOPPING=1")
         log.info("service stopping", service=self.name)
-        server.shutdown()
-        server.server_close()
+        for each in (server, remote):
+            if each is not None:
+                each.shutdown()
+                each.server_close()
+
+    def _remote_server(self) -> ThreadingHTTPServer | None:
+        """The agent's listener for remote scrapers: bearer token, and TLS when configured.
+
+        Local callers (the install gate, `status`, the watchdog probe) keep the loopback
+        listener; this one answers /metrics and /readyz only with the token.
+        """
+        agent = self.settings.agent
+        if agent is None or agent.remote_port is None or agent.remote_bind is None:
+            return None
+        token = os.environ.get(REMOTE_TOKEN_ENV, "")
+        if not token:
+            raise StellarError(
+                f"agent.remote_port is set but {REMOTE_TOKEN_ENV} is not in the environment",
+                hint="set agent.metrics_token and re-run `stellarbase install`",
+                code=ExitCode.CONFIG,
+            )
+        server = ThreadingHTTPServer(
+            (str(agent.remote_bind), agent.remote_port), _handler(self, token=token)
+        )
+        server.daemon_threads = True
+        if agent.tls_cert and agent.tls_key:
+            import ssl
+
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            try:
+                context.load_cert_chain(agent.tls_cert, agent.tls_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise StellarError(
+                    f"cannot load the agent's TLS certificate or key: {exc}",
+                    hint="agent.tls_cert/tls_key: PEM files the stellarbase user can read",
+                    code=ExitCode.CONFIG,
+                ) from None
+            server.socket = context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, name="http-remote", daemon=True).start()
+        log.info("remote listener", port=agent.remote_port, tls=bool(agent.tls_cert))
+        return server
 
     def main_loop(self) -> None:
         """Until SIGTERM: ready at once, then ping the watchdog while HTTP answers."""
@@ -219,7 +262,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _handler(service: Service) -> type[BaseHTTPRequestHandler]:
+def _handler(service: Service, token: str | None = None) -> type[BaseHTTPRequestHandler]:
+    """Request handler; with `token`, /metrics and /readyz need `Authorization: Bearer`."""
+    expected = f"Bearer {token}".encode() if token else b""
+
     class Handler(BaseHTTPRequestHandler):
         server_version = f"stellarbase/{__version__}"
 
@@ -228,7 +274,10 @@ def _handler(service: Service) -> type[BaseHTTPRequestHandler]:
             # Each request runs in its own thread: its log lines carry the caller's id.
             structlog.contextvars.bind_contextvars(correlation_id=cid)
             path, _, query = self.path.partition("?")
-            if path == "/healthz":
+            given = self.headers.get("Authorization", "").encode()
+            if token and path != "/healthz" and not hmac.compare_digest(given, expected):
+                self._send(401, {"error": "a bearer token is required"}, cid)
+            elif path == "/healthz":
                 if service.healthy():
                     self._send(200, {"status": "ok", "service": service.name}, cid)
                 else:

@@ -55,6 +55,11 @@ class AgentSettings(Model):
     restart_backoff_seconds: float
     restart_backoff_max_seconds: float
     backup_schedule: str | None = None  # OnCalendar= of base backups, when they are on
+    # The remote listener; its token comes from the environment (secrets.env).
+    remote_port: Port | None = None
+    remote_bind: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 class ServiceSettings(Model):
@@ -81,6 +86,8 @@ class ServiceSettings(Model):
     def with_secrets(self, env: Mapping[str, str]) -> ServiceSettings:
         update: dict[str, Any] = {}
         for section, key in SECRET_KEYS:
+            if section == "agent" or section not in type(self).model_fields:
+                continue  # the agent's token is read from the environment where it is used
             dep = update.get(section, getattr(self, section))
             value = env.get(secret_env_name(section, key))
             if dep is not None and value is not None:
@@ -113,6 +120,10 @@ def _agent_settings(config: Config) -> AgentSettings:
         restart_backoff_seconds=agent.restart_backoff_seconds,
         restart_backoff_max_seconds=agent.restart_backoff_max_seconds,
         backup_schedule=config.backup.schedule if config.backup.enabled else None,
+        remote_port=agent.remote_port,
+        remote_bind=agent.remote_bind if agent.remote_port is not None else None,
+        tls_cert=agent.tls_cert,
+        tls_key=agent.tls_key,
     )
 
 
