@@ -230,6 +230,8 @@ def run_service(
     debug: Debug = False,
 ) -> None:
     """Run one StellarBase service in the foreground (what the systemd units start)."""
+    # `python -m stellarbase run …` and the binary take a shorter way (service.main); this
+    # one serves `stellarbase.cli.app` used as a library.
     from stellarbase.service import run_service as serve
 
     _session.debug = debug

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from stellarbase import resources
@@ -434,6 +433,9 @@ class LoadedConfig:
 
 
 def tier_defaults(tier: str) -> dict[str, Any]:
+    # yaml is imported where it is used: a running service reads JSON settings only.
+    import yaml
+
     path = resources.config_dir() / "tiers" / f"{tier}.yaml"
     data = yaml.safe_load(path.read_text())
     assert isinstance(data, dict), path
@@ -441,6 +443,8 @@ def tier_defaults(tier: str) -> dict[str, Any]:
 
 
 def read_site_file(path: Path) -> Layer:
+    import yaml
+
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -636,6 +640,8 @@ def _put(data: dict[str, Any], path: list[str], value: Any) -> None:
 
 
 def _scalar(raw: str) -> Any:
+    import yaml
+
     try:
         return yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError:

@@ -10,7 +10,6 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, SecretStr
 
 from stellarbase import resources
@@ -43,6 +42,8 @@ class Catalog(Model):
 
 
 def load_catalog() -> Catalog:
+    import yaml  # here: a running service reads JSON settings only
+
     data = yaml.safe_load((resources.config_dir() / "catalog.yaml").read_text())
     return Catalog.model_validate(data)
 
