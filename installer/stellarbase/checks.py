@@ -41,14 +41,12 @@ class CheckResult:
 
 
 def check_postgres(dep: PostgresConfig, timeout: float) -> str:
-    import psycopg
+    from stellarbase import pgwire
 
     password = dep.password.get_secret_value() if dep.password else None
-    with psycopg.connect(
-        dep.url, password=password, connect_timeout=max(1, round(timeout)), autocommit=True
-    ) as conn:
-        row = conn.execute("SHOW server_version").fetchone()
-    return f"PostgreSQL {row[0] if row else '?'}"
+    # The server reports its version while logging in: no query needed.
+    with pgwire.connect(pgwire.parse_url(dep.url, password), time.monotonic() + timeout) as conn:
+        return f"PostgreSQL {conn.server_version}"
 
 
 def check_redis(dep: RedisConfig, timeout: float) -> str:

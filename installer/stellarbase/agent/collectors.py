@@ -14,9 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stellarbase import checks, gpu, health, migrate
+from stellarbase import checks, db, gpu, health, migrate, pgwire
 from stellarbase.agent.targets import Target
 from stellarbase.config import PostgresConfig, RedisConfig, S3Config
+from stellarbase.errors import ExitCode, StellarError
 from stellarbase.run import run
 
 UNIT_PROPS = ("ActiveState", "SubState", "NRestarts", "MemoryCurrent", "CPUUsageNSec")
@@ -192,8 +193,32 @@ def gpus(source: gpu.GpuSource, watcher: object | None, expect: bool) -> GpuSamp
 
 
 def migrations(postgres: PostgresConfig, timeout: float) -> MigrationSample:
+    """The highest applied migration and how many shipped ones are not applied yet."""
+    shipped = {m.version for m in migrate.load_migrations()}
     password = postgres.password.get_secret_value() if postgres.password else None
-    states = migrate.migration_status(postgres.url, password, connect_timeout=timeout)
-    applied = [s.version for s in states if s.applied_at is not None]
-    pending = [s for s in states if s.applied_at is None and s.shipped]
-    return MigrationSample(max(applied, default=0), len(pending))
+    target = pgwire.parse_url(postgres.url, password)
+    try:
+        conn = pgwire.connect(target, time.monotonic() + timeout)
+    except (OSError, pgwire.ServerError) as exc:
+        raise StellarError(
+            f"cannot connect to PostgreSQL at {db.where(postgres.url)}: {_pg_error(exc)}",
+            code=ExitCode.DEPENDENCY,
+        ) from None
+    with conn:
+        try:
+            exists = conn.simple_query(f"SELECT to_regclass('{migrate.TABLE}') IS NOT NULL")
+            found = exists == [("t",)]
+            rows = conn.simple_query(f"SELECT version FROM {migrate.TABLE}") if found else []
+        except pgwire.ServerError as exc:
+            raise StellarError(
+                f"PostgreSQL refused reading the applied migrations: {_pg_error(exc)}",
+                code=ExitCode.MIGRATION,
+            ) from None
+    applied = {int(version) for (version,) in rows if version is not None}
+    return MigrationSample(max(applied, default=0), len(shipped - applied))
+
+
+def _pg_error(exc: BaseException) -> str:
+    if isinstance(exc, pgwire.ServerError) and exc.sqlstate:
+        return f"{exc.message} (SQLSTATE {exc.sqlstate})"
+    return db.one_line(exc)
