@@ -276,30 +276,20 @@ def backup_restore(
     where = ctx.paths.postgres_data if data_dir is None else data_dir
     started = time.monotonic()
     details: dict[str, Any] = {"target": str(target), "data_dir": str(where)}
+    common: dict[str, Any] = {
+        "backup_id": backup_id,
+        "data_dir": where,
+        "bindir": ctx.bindir(),
+        "run_as": USER,
+        "force": force,
+    }
     try:
         if live:
             outcome = restore.restore_live(
-                ctx.repo,
-                ctx.key,
-                target,
-                backup_id=backup_id,
-                data_dir=where,
-                bindir=ctx.bindir(),
-                unit="stellarbase-postgres.service",
-                run_as=USER,
-                force=force,
+                ctx.repo, ctx.key, target, unit="stellarbase-postgres.service", **common
             )
         else:
-            outcome = restore.restore_into(
-                ctx.repo,
-                ctx.key,
-                target,
-                backup_id=backup_id,
-                data_dir=where,
-                bindir=ctx.bindir(),
-                run_as=USER,
-                force=force,
-            )
+            outcome = restore.restore_into(ctx.repo, ctx.key, target, **common)
     except StellarError as exc:
         details["error"] = exc.message
         ctx.audit("backup restore", False, details)
