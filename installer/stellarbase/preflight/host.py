@@ -245,8 +245,9 @@ def _shown(paths: HostPaths, path: Path) -> str:
 def config_ports(config: Config) -> list[tuple[str, str, int]]:
     """(key, address, port) of every port the services and local servers listen on."""
     bind = str(config.bind)
+    where = {"agent.remote_port": str(config.agent.remote_bind)}
     ports = [
-        (key, LOOPBACK if key.startswith("local.") else bind, port)
+        (key, LOOPBACK if key.startswith("local.") else where.get(key, bind), port)
         for key, port in config.fixed_ports()
     ]
     ports += [
