@@ -20,6 +20,7 @@ class ExitCode(enum.IntEnum):
     BACKUP = 9  # a backup, archive or restore was refused or failed (damage, gap, busy dir)
     CHECKS_WARNED = 10  # preflight/doctor: warnings, no failure
     CHECKS_FAILED = 11  # preflight/doctor: at least one check failed
+    BUNDLE = 12  # a release bundle was refused: damaged, unsigned, wrongly signed or unsafe
     INTERRUPTED = 130
 
 

@@ -1,0 +1,72 @@
+"""The public keys that release bundles are signed with, and the override for re-signers."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from stellarbase.errors import ExitCode, StellarError
+
+# Ed25519 keys (SubjectPublicKeyInfo PEM) whose signature on a bundle's SHA256SUMS is
+# trusted. The matching private keys are kept off the repository; a key rotation adds the
+# new key here one release before bundles are signed with it.
+RELEASE_PUBLIC_KEYS: tuple[str, ...] = (
+    """-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEA0IZIXVlR3IuFspEQSwK6gOQp3kUNZYjMcGZkguCFyMY=
+-----END PUBLIC KEY-----
+""",
+)
+
+# A PEM file whose keys replace the built-in ones: for tests that sign with a throwaway
+# key pair, and for organisations that re-sign bundles with their own key.
+OVERRIDE_ENV = "STELLARBASE_RELEASE_PUBKEY"
+
+_PEM_BLOCK = re.compile(r"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.DOTALL)
+
+
+def trusted_keys(env: Mapping[str, str] | None = None) -> list[Ed25519PublicKey]:
+    """The built-in release keys, or those of the file named by the override variable."""
+    env = os.environ if env is None else env
+    override = env.get(OVERRIDE_ENV)
+    if not override:
+        return [parse_key(pem, "the built-in release key") for pem in RELEASE_PUBLIC_KEYS]
+    path = Path(override)
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StellarError(
+            f"{OVERRIDE_ENV}={path}: cannot read the release key file: {exc}",
+            hint=f"point {OVERRIDE_ENV} at a PEM ed25519 public key, or unset it",
+            code=ExitCode.BUNDLE,
+        ) from exc
+    blocks = _PEM_BLOCK.findall(text)
+    if not blocks:
+        raise StellarError(
+            f"{OVERRIDE_ENV}={path}: no PEM public key in the file",
+            hint="the file should hold '-----BEGIN PUBLIC KEY-----' blocks of ed25519 keys",
+            code=ExitCode.BUNDLE,
+        )
+    return [parse_key(block, str(path)) for block in blocks]
+
+
+def parse_key(pem: str, origin: str) -> Ed25519PublicKey:
+    try:
+        key = load_pem_public_key(pem.encode("ascii"))
+    except ValueError as exc:
+        raise StellarError(
+            f"{origin}: not a PEM public key: {exc}",
+            hint="export the key with `openssl pkey -pubout`",
+            code=ExitCode.BUNDLE,
+        ) from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise StellarError(
+            f"{origin}: release keys are ed25519, this one is {type(key).__name__}",
+            hint="make the key pair with `openssl genpkey -algorithm ed25519`",
+            code=ExitCode.BUNDLE,
+        )
+    return key
