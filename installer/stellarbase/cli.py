@@ -55,7 +55,12 @@ Binary = Annotated[
     Path | None,
     typer.Option("--binary", help="Binary to install (default: this packaged binary)."),
 ]
-
+Bundle = Annotated[
+    Path | None,
+    typer.Option(
+        "--bundle", help="Release bundle (.tar.gz) to install, verified before any change."
+    ),
+]
 
 Skip = Annotated[
     list[str] | None,
@@ -84,6 +89,7 @@ def install(
     set_: Sets = None,
     root: Root = Path("/"),
     binary: Binary = None,
+    bundle: Bundle = None,
     skip: Skip = None,
     output: Output = Format.TEXT,
     yes: Yes = False,
@@ -93,7 +99,16 @@ def install(
     from stellarbase import operations
 
     _begin(output, debug)
+    if bundle is not None and binary is not None:
+        raise StellarError(
+            "--bundle and --binary both name the binary to install",
+            hint="give one of them",
+            code=ExitCode.USAGE,
+        )
     loaded = _load(config, set_, tier)
+    if bundle is not None:
+        emit(operations.install_bundle(loaded, HostPaths(root), bundle, skip or []), output)
+        return
     emit(operations.install(loaded, HostPaths(root), binary, skip or []), output)
 
 

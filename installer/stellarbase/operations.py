@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import structlog
 
-from stellarbase import audit, facts, gpu, health, plan, render, state, systemd
+from stellarbase import __version__, audit, facts, gpu, health, plan, render, state, systemd
 from stellarbase.agent.targets import AGENT_UNIT
 from stellarbase.apply import Executor, remove_path
 from stellarbase.config import Config, LoadedConfig
@@ -135,6 +135,27 @@ def install(
     if paths.live:
         result.lines.append("endpoints (each serves /healthz, /readyz, /metrics):")
         result.lines += [f"  {unit:<32} {url}" for unit, url in the_plan.endpoints]
+    return result
+
+
+def install_bundle(
+    loaded: LoadedConfig, paths: HostPaths, source: Path, skip: list[str] | None = None
+) -> Result:
+    """Install the binary of a release bundle, once its signature and checksums hold."""
+    from stellarbase.bundle import verify_bundle
+
+    with verify_bundle(source) as verified:
+        version = verified.release.version
+        if version != __version__:
+            # Units and files are rendered by this binary: they must be the bundle's own.
+            raise StellarError(
+                f"bundle {source} holds release {version}, this stellarbase is {__version__}",
+                hint=f"unpack it and run its own binary: tar xf {source.name} && "
+                f"sudo ./stellarbase-{version}/stellarbase install --bundle {source.name}",
+                code=ExitCode.BUNDLE,
+            )
+        result = install(loaded, paths, verified.binary, skip)
+    result.lines.insert(0, f"bundle {source}: release {version}, signature and checksums OK")
     return result
 
 

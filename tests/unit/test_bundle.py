@@ -1,0 +1,318 @@
+"""Release bundles: built by packaging/make_bundle.py, refused when anything in them is off."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import stat
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from stellarbase import __version__, cli, release_key
+from stellarbase.bundle import verify_bundle
+from stellarbase.errors import ExitCode, StellarError
+
+REPO = Path(__file__).resolve().parents[2]
+FAKE_BINARY = b"\x7fELF fake stellarbase release binary\n" * 64
+EPOCH = 1_767_225_600  # 2026-01-01T00:00:00Z
+
+
+def _load_make_bundle() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_bundle", REPO / "packaging/make_bundle.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_bundle = _load_make_bundle()
+
+
+def _public_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@pytest.fixture
+def signing_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ed25519PrivateKey:
+    """A throwaway key pair; its public half replaces the built-in release key."""
+    key = Ed25519PrivateKey.generate()
+    pub = tmp_path / "release-pub.pem"
+    pub.write_bytes(_public_pem(key))
+    monkeypatch.setenv(release_key.OVERRIDE_ENV, str(pub))
+    return key
+
+
+BuildFn = Callable[..., Path]
+
+
+@pytest.fixture
+def build(tmp_path: Path, signing_key: Ed25519PrivateKey) -> BuildFn:
+    binary = tmp_path / "stellarbase"
+    binary.write_bytes(FAKE_BINARY)
+
+    def _build(out: str = "dist", **overrides: object) -> Path:
+        args: dict[str, object] = {
+            "binary": binary,
+            "out_dir": tmp_path / out,
+            "version": __version__,
+            "arch": "x86_64",
+            "upgrade_from": __version__,
+            "signing_key": signing_key,
+            "source_date_epoch": EPOCH,
+        }
+        path: Path = make_bundle.build_bundle(**(args | overrides))
+        return path
+
+    return _build
+
+
+def _members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path, "r:gz") as tar:
+        return {
+            m.name: (tar.extractfile(m) or io.BytesIO()).read() if m.isfile() else b""
+            for m in tar.getmembers()
+        }
+
+
+def _rewrite(path: Path, change: Callable[[dict[str, bytes]], None]) -> Path:
+    """Repack the bundle after `change` edited its files (name under the top dir → bytes)."""
+    top = f"stellarbase-{__version__}"
+    files = {
+        name.removeprefix(top + "/"): body for name, body in _members(path).items() if name != top
+    }
+    change(files)
+    out = path.with_name("tampered-" + path.name)
+    with tarfile.open(out, "w:gz") as tar:
+        for name, body in files.items():
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return out
+
+
+def _refusal(path: Path) -> StellarError:
+    with pytest.raises(StellarError) as caught:
+        verify_bundle(path)
+    assert caught.value.code == ExitCode.BUNDLE
+    assert "\n" not in caught.value.message and caught.value.hint
+    return caught.value
+
+
+def test_bundle_layout_and_verification(build: BuildFn) -> None:
+    path = build()
+    assert path.name == f"stellarbase-{__version__}-linux-x86_64.tar.gz"
+    top = f"stellarbase-{__version__}"
+    members = _members(path)
+    assert sorted(members) == [
+        top,
+        *(
+            f"{top}/{n}"
+            for n in (
+                "LICENSE",
+                "README.md",
+                "SHA256SUMS",
+                "SHA256SUMS.sig",
+                "release.json",
+                "stellarbase",
+            )
+        ),
+    ]
+    sums = members[f"{top}/SHA256SUMS"].decode().splitlines()
+    assert [line.split("  ")[1] for line in sums] == [
+        "LICENSE",
+        "README.md",
+        "release.json",
+        "stellarbase",
+    ]
+    assert len(base64.b64decode(members[f"{top}/SHA256SUMS.sig"])) == 64
+
+    with verify_bundle(path) as verified:
+        assert verified.binary.read_bytes() == FAKE_BINARY
+        assert verified.release.version == __version__
+        assert verified.release.upgrade_from == __version__
+        assert verified.release.built_at == "2026-01-01T00:00:00Z"
+        assert (verified.release.schema_min, verified.release.schema_max) == (1, 2)
+        assert stat.S_IMODE(verified.workdir.stat().st_mode) == 0o700
+        workdir = verified.workdir
+    assert not workdir.exists()
+
+
+def test_same_inputs_and_epoch_give_identical_bytes(build: BuildFn) -> None:
+    first = build(out="one").read_bytes()
+    second = build(out="two").read_bytes()
+    assert first == second
+    with gzip.open(io.BytesIO(first)) as gz, tarfile.open(fileobj=gz) as tar:
+        assert {(m.mtime, m.uid, m.gid) for m in tar.getmembers()} == {(EPOCH, 0, 0)}
+
+
+def _flip_binary_byte(files: dict[str, bytes]) -> None:
+    body = bytearray(files["stellarbase"])
+    body[100] ^= 0x01
+    files["stellarbase"] = bytes(body)
+
+
+def _change_sums(files: dict[str, bytes]) -> None:
+    """The binary is replaced and its line in SHA256SUMS updated to match."""
+    old = hashlib.sha256(files["stellarbase"]).hexdigest().encode()
+    files["stellarbase"] = b"#!/bin/sh\necho not the release\n"
+    new = hashlib.sha256(files["stellarbase"]).hexdigest().encode()
+    files["SHA256SUMS"] = files["SHA256SUMS"].replace(old, new)
+
+
+def _drop_signature(files: dict[str, bytes]) -> None:
+    del files["SHA256SUMS.sig"]
+
+
+def _sign_with_other_key(files: dict[str, bytes]) -> None:
+    other = Ed25519PrivateKey.generate()
+    files["SHA256SUMS.sig"] = base64.b64encode(other.sign(files["SHA256SUMS"])) + b"\n"
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (_flip_binary_byte, "stellarbase does not match its checksum in SHA256SUMS"),
+        (_change_sums, "signature of SHA256SUMS does not match any trusted release key"),
+        (_drop_signature, "unsigned: SHA256SUMS.sig is missing"),
+        (_sign_with_other_key, "signature of SHA256SUMS does not match any trusted release key"),
+    ],
+    ids=["binary-byte-flipped", "sums-changed", "signature-missing", "other-key"],
+)
+def test_tampered_bundle_is_refused(
+    build: BuildFn, change: Callable[[dict[str, bytes]], None], expected: str
+) -> None:
+    assert expected in _refusal(_rewrite(build(), change)).message
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99])
+def test_truncated_bundle_is_refused(build: BuildFn, keep: float) -> None:
+    path = build()
+    body = path.read_bytes()
+    path.write_bytes(body[: int(len(body) * keep)])
+    assert "truncated or not a tar.gz" in _refusal(path).message
+
+
+def test_unlisted_file_is_refused(build: BuildFn) -> None:
+    def add_file(files: dict[str, bytes]) -> None:
+        files["extra.sh"] = b"#!/bin/sh\n"
+
+    assert "not listed in SHA256SUMS: extra.sh" in _refusal(_rewrite(build(), add_file)).message
+
+
+def _tarball(path: Path, *entries: tarfile.TarInfo) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info in entries:
+            tar.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
+    return path
+
+
+def _file(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = 1
+    return info
+
+
+def _link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        (_file("stellarbase-0.1.0/../../etc/evil"), "leaves the bundle directory"),
+        (_file("/etc/evil"), "absolute path"),
+        (_file("elsewhere/evil"), "lies outside stellarbase-0.1.0/"),
+        (_file("stellarbase-0.1.0/sub/evil"), "not a plain file"),
+        (_link("stellarbase-0.1.0/link", "/etc/shadow"), "not a plain file"),
+        (_link("stellarbase-0.1.0/hard", "/etc/shadow", tarfile.LNKTYPE), "not a plain file"),
+        (_link("stellarbase-0.1.0/dev", "", tarfile.CHRTYPE), "not a plain file"),
+    ],
+    ids=["dotdot", "absolute", "outside", "nested", "symlink", "hardlink", "device"],
+)
+def test_unsafe_entries_are_refused(
+    tmp_path: Path, signing_key: Ed25519PrivateKey, entry: tarfile.TarInfo, expected: str
+) -> None:
+    path = _tarball(tmp_path / "evil.tar.gz", _file("stellarbase-0.1.0/README.md"), entry)
+    assert expected in _refusal(path).message
+    assert not (tmp_path / "etc").exists()
+
+
+def _snapshot(root: Path) -> list[tuple[str, int, bytes]]:
+    out = []
+    for dirpath, _, filenames in os.walk(root):
+        for name in ["", *filenames]:
+            p = Path(dirpath) / name
+            out.append((str(p), p.lstat().st_mode, p.read_bytes() if p.is_file() else b""))
+    return sorted(out)
+
+
+def _run_cli(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
+    monkeypatch.setattr(sys, "argv", ["stellarbase", *argv])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    return int(exited.value.code or 0)
+
+
+def test_install_of_tampered_bundle_leaves_root_untouched(
+    tmp_path: Path,
+    build: BuildFn,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/hostname").write_text("host\n")
+    before = _snapshot(root)
+    tampered = _rewrite(build(), _flip_binary_byte)
+    code = _run_cli(monkeypatch, "install", "--root", str(root), "--bundle", str(tampered))
+    assert code == ExitCode.BUNDLE == 12
+    err = capsys.readouterr().err
+    assert "stellarbase does not match its checksum" in err
+    assert _snapshot(root) == before
+    assert not list(scratch.iterdir())  # the unpacked files went with the refusal
+
+
+def test_bundle_of_another_version_is_refused(tmp_path: Path, build: BuildFn) -> None:
+    from stellarbase import operations
+    from stellarbase.config import load_config
+    from stellarbase.paths import HostPaths
+
+    path = build(version="9.9.9", upgrade_from="0.1.0")
+    with pytest.raises(StellarError) as caught:
+        operations.install_bundle(load_config(env={}), HostPaths(tmp_path / "root"), path)
+    assert caught.value.code == ExitCode.BUNDLE
+    assert "holds release 9.9.9" in caught.value.message
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.host_commands  # systemd-sysusers --root=<tmp> creates the user
+def test_install_from_bundle_installs_its_binary(tmp_path: Path, build: BuildFn) -> None:
+    from stellarbase import operations
+    from stellarbase.config import load_config
+    from stellarbase.paths import HostPaths
+
+    paths = HostPaths(tmp_path / "root")
+    result = operations.install_bundle(load_config(env={}), paths, build())
+    assert result.lines[0].endswith("signature and checksums OK")
+    assert (paths.current / "stellarbase").read_bytes() == FAKE_BINARY
+    assert json.loads(json.dumps(result.as_dict()))["changed"] > 10
