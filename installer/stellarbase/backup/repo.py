@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from stellarbase.errors import ExitCode, StellarError
+from stellarbase.files import fsync_dir
 
 if TYPE_CHECKING:
     from stellarbase.config import BackupConfig, Config, S3Config
@@ -311,14 +312,6 @@ class _S3Writer:
 # --------------------------------------------------------------------------- file://
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class FileRepository:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -347,9 +340,10 @@ class FileRepository:
             sidecar = path.with_name(path.name + _META_SUFFIX)
             self._write_synced(sidecar, json.dumps(dict(meta), sort_keys=True).encode())
         os.replace(temp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
-    def _write_synced(self, path: Path, data: bytes) -> None:
+    def _synced_temp(self, path: Path, data: bytes) -> Path:
+        """`data` in a temp file beside `path`, on disk (fsync), not yet in place."""
         fd, temp = self._temp(path)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -357,6 +351,14 @@ class FileRepository:
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(temp, 0o640)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return temp
+
+    def _write_synced(self, path: Path, data: bytes) -> None:
+        temp = self._synced_temp(path, data)
+        try:
             os.replace(temp, path)
         except BaseException:
             temp.unlink(missing_ok=True)
@@ -365,13 +367,8 @@ class FileRepository:
     def put(self, key: str, data: bytes, meta: Mapping[str, str]) -> None:
         path = self._path(key)
         with self._calling("put", key):
-            fd, temp = self._temp(path)
+            temp = self._synced_temp(path, data)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.chmod(temp, 0o640)
                 self._install(temp, path, meta if meta else None)
             except BaseException:
                 temp.unlink(missing_ok=True)
@@ -435,7 +432,7 @@ class FileRepository:
             dirs.add(path.parent)
         for d in dirs:
             with contextlib.suppress(FileNotFoundError):
-                _fsync_dir(d)
+                fsync_dir(d)
 
 
 class _FileWriter:
