@@ -14,9 +14,9 @@ from stellarbase.config import Config, DependencyMode
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import file_digest
 from stellarbase.installed import read_env_file
-from stellarbase.localdeps import ServerBinary
+from stellarbase.localdeps import ADMIN_PASSWORD, ServerBinary
 from stellarbase.paths import HostPaths
-from stellarbase.plan import ADMIN_PASSWORD, POSTGRES_PASSWORD, REDIS_PASSWORD, Facts
+from stellarbase.plan import POSTGRES_PASSWORD, REDIS_PASSWORD, Facts
 from stellarbase.render import LocalServers
 
 

@@ -28,6 +28,8 @@ MIN_REDIS = 7
 APP_ROLE = "stellarbase"
 APP_DATABASE = "stellarbase"
 ADMIN_ROLE = "postgres"
+# The local superuser's password in postgres-admin.env (root only; never given to services).
+ADMIN_PASSWORD = "STELLARBASE_LOCAL_POSTGRES_ADMIN_PASSWORD"
 EXTENSIONS = ("vector",)  # created when the host has them; semantic search needs vector
 
 # Where distributions put PostgreSQL's server binaries: Debian/Ubuntu, PGDG RPMs, RHEL.
@@ -188,7 +190,7 @@ def ensure_database(
             )
             changed.append(f"database {APP_DATABASE}")
     vector = False
-    with psycopg.connect(_conninfo(port, ADMIN_ROLE, admin_password, APP_DATABASE)) as db:
+    with psycopg.connect(local_conninfo(port, ADMIN_ROLE, admin_password, APP_DATABASE)) as db:
         db.autocommit = True
         for ext in EXTENSIONS:
             available = db.execute(
@@ -203,11 +205,19 @@ def ensure_database(
     return changed, vector
 
 
-def _conninfo(port: int, user: str, password: str, dbname: str) -> str:
+def local_conninfo(
+    port: int, user: str, password: str, dbname: str, connect_timeout: int = 3
+) -> str:
+    """A connection string to the local server on loopback."""
     from psycopg.conninfo import make_conninfo
 
     return make_conninfo(
-        host="127.0.0.1", port=port, user=user, password=password, dbname=dbname, connect_timeout=3
+        host="127.0.0.1",
+        port=port,
+        user=user,
+        password=password,
+        dbname=dbname,
+        connect_timeout=connect_timeout,
     )
 
 
@@ -215,7 +225,7 @@ def _can_login(port: int, password: str) -> bool:
     import psycopg
 
     try:
-        with psycopg.connect(_conninfo(port, APP_ROLE, password, "postgres")):
+        with psycopg.connect(local_conninfo(port, APP_ROLE, password, "postgres")):
             return True
     except psycopg.OperationalError:
         return False
@@ -228,7 +238,7 @@ def _connect_when_up(port: int, password: str, dbname: str, timeout: float) -> p
     deadline = time.monotonic() + timeout
     while True:
         try:
-            conn = psycopg.connect(_conninfo(port, ADMIN_ROLE, password, dbname))
+            conn = psycopg.connect(local_conninfo(port, ADMIN_ROLE, password, dbname))
             conn.autocommit = True
             return conn
         except psycopg.OperationalError as exc:

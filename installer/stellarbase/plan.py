@@ -12,7 +12,13 @@ from stellarbase import config as cfg
 from stellarbase import render
 from stellarbase.agent.targets import targets_file
 from stellarbase.files import digest
-from stellarbase.localdeps import MIN_POSTGRES, MIN_REDIS, ServerBinary, missing_error
+from stellarbase.localdeps import (
+    ADMIN_PASSWORD,
+    MIN_POSTGRES,
+    MIN_REDIS,
+    ServerBinary,
+    missing_error,
+)
 from stellarbase.paths import GROUP, USER, HostPaths
 from stellarbase.settings import ServiceName, load_catalog
 
@@ -168,7 +174,6 @@ Step = (
     | WaitHealthy
 )
 
-ADMIN_PASSWORD = "STELLARBASE_LOCAL_POSTGRES_ADMIN_PASSWORD"
 POSTGRES_PASSWORD = cfg.secret_env_name("postgres", "password")
 REDIS_PASSWORD = cfg.secret_env_name("redis", "password")
 

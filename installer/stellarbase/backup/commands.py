@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 STATUS_FILE = "backup-status.json"  # in the state dir: the agent's metrics read it
-ADMIN_PASSWORD = "STELLARBASE_LOCAL_POSTGRES_ADMIN_PASSWORD"
 
 
 @dataclass
@@ -57,22 +56,18 @@ class BackupContext:
         return self.config.local.postgres.port
 
     def admin_conninfo(self) -> str:
-        from psycopg.conninfo import make_conninfo
+        from stellarbase import localdeps
 
-        password = installed.read_env_file(self.paths.admin_secrets_file).get(ADMIN_PASSWORD)
+        name = localdeps.ADMIN_PASSWORD
+        password = installed.read_env_file(self.paths.admin_secrets_file).get(name)
         if not password:
             raise StellarError(
                 f"{self.paths.admin_secrets_file}: no local PostgreSQL superuser password",
                 hint="backups need root on a host installed with the local PostgreSQL",
                 code=ExitCode.CONFIG,
             )
-        return make_conninfo(
-            host="127.0.0.1",
-            port=self.port,
-            user="postgres",
-            password=password,
-            dbname="postgres",
-            connect_timeout=10,
+        return localdeps.local_conninfo(
+            self.port, localdeps.ADMIN_ROLE, password, "postgres", connect_timeout=10
         )
 
     def bindir(self) -> Path:
