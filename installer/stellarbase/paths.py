@@ -84,6 +84,11 @@ class HostPaths:
         return self.state_dir / "postgres"
 
     @property
+    def backup_status_file(self) -> Path:
+        """The last base backup and the failure count: `backup now` writes, the agent reads."""
+        return self.state_dir / "backup-status.json"
+
+    @property
     def wal_spool(self) -> Path:
         """Markers of WAL files the agent has made durable; archive_command reads them."""
         return self.state_dir / "wal-spool"

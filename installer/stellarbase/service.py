@@ -202,9 +202,9 @@ class Service:
 class BackupCollector(Collector):
     """Backup metrics read fresh at scrape time: the archiver's counters, the last backup."""
 
-    def __init__(self, archiver: Any, state_dir: Path) -> None:
+    def __init__(self, archiver: Any, status_file: Path) -> None:
         self.archiver = archiver
-        self.status_file = state_dir / "backup-status.json"
+        self.status_file = status_file
 
     def collect(self) -> Iterator[Metric]:
         stats = self.archiver.stats()

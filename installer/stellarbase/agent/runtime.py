@@ -106,7 +106,7 @@ class Agent(Service):
             key=codec.encryption_key(backup),
             concurrency=backup.upload_concurrency,
         )
-        self.backup_collector = BackupCollector(self.archiver, self.paths.state_dir)
+        self.backup_collector = BackupCollector(self.archiver, self.paths.backup_status_file)
         thread = threading.Thread(
             target=self.archiver.run, args=(self._stop,), name="archiver", daemon=True
         )

@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-STATUS_FILE = "backup-status.json"  # in the state dir: the agent's metrics read it
-
 
 @dataclass
 class BackupContext:
@@ -335,7 +333,7 @@ def _write_status(
     paths: HostPaths, manifest: dict[str, Any] | None = None, failed: bool = False
 ) -> None:
     """Last backup and failure count for the agent's metrics; best effort."""
-    path = paths.state_dir / STATUS_FILE
+    path = paths.backup_status_file
     status: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         status = json.loads(path.read_text())
