@@ -56,9 +56,7 @@ def check_redis(dep: RedisConfig, timeout: float) -> str:
     password = dep.password.get_secret_value() if dep.password else target.password
     client = resp.connect(target, time.monotonic() + timeout)
     try:
-        if password:
-            client.command("AUTH", *([target.username] if target.username else []), password)
-        info = resp.parse_info(client.command("INFO", "server"))
+        info = resp.hello(client, target, password)
     finally:
         client.close()
     return f"Redis {info.get('redis_version', '?')}"
@@ -69,13 +67,9 @@ def check_s3(dep: S3Config, timeout: float) -> str:
     every service probes this every few seconds, and boto3 costs ~27 MB per process."""
     from stellarbase import s3probe
 
-    access = dep.access_key.get_secret_value() if dep.access_key else None
-    secret = dep.secret_key.get_secret_value() if dep.secret_key else None
-    creds = s3probe.credentials(access, secret)
-    if creds is None:
+    client = s3probe.client_for(dep, time.monotonic() + timeout)
+    if client is None:
         raise RuntimeError("no S3 credentials")
-    where = s3probe.address(dep.endpoint, dep.region, dep.bucket, dep.addressing)
-    client = s3probe.Client(where, dep.region, creds, time.monotonic() + timeout, dep.checksums)
     try:
         client.list_objects("stellarbase-readiness/")
     finally:

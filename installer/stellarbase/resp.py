@@ -102,6 +102,16 @@ def connect(target: Target, deadline: float) -> Connection:
         raise
 
 
+def hello(client: Connection, target: Target, password: str | None) -> dict[str, str]:
+    """Authenticate, select the database, and read INFO server."""
+    # AUTH, not HELLO 3: an old server then still answers, and says which version it is.
+    if password:
+        client.command("AUTH", *([target.username] if target.username else []), password)
+    if target.db:
+        client.command("SELECT", str(target.db))
+    return parse_info(client.command("INFO", "server"))
+
+
 def encode(args: Sequence[str | bytes]) -> bytes:
     """A command as RESP: an array of bulk strings."""
     out = [b"*%d\r\n" % len(args)]

@@ -19,8 +19,11 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote, urlsplit
+
+if TYPE_CHECKING:
+    from stellarbase.config import S3Config
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
@@ -99,6 +102,17 @@ def credentials(access_key: str | None, secret_key: str | None) -> Credentials |
         return None
     frozen = found.get_frozen_credentials()
     return Credentials(frozen.access_key, frozen.secret_key, frozen.token)
+
+
+def client_for(dep: S3Config, deadline: float) -> Client | None:
+    """A client of the configured bucket; None when no credentials can be found."""
+    access = dep.access_key.get_secret_value() if dep.access_key else None
+    secret = dep.secret_key.get_secret_value() if dep.secret_key else None
+    creds = credentials(access, secret)
+    if creds is None:
+        return None
+    where = address(dep.endpoint, dep.region, dep.bucket, dep.addressing)
+    return Client(where, dep.region, creds, deadline, dep.checksums)
 
 
 class Client:

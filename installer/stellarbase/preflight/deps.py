@@ -281,7 +281,7 @@ def redis_findings(dep: RedisConfig, config: Config, timeout: float) -> list[Fin
     found: list[Finding] = []
     with contextlib.closing(client):
         try:
-            info = _redis_hello(client, target, password)
+            info = resp.hello(client, target, password)
         except resp.ReplyError as exc:
             if not _auth_refused(exc):
                 return [failed("redis.reachable", f"{where}: {exc.message}", "answers", hint)]
@@ -303,18 +303,6 @@ def redis_findings(dep: RedisConfig, config: Config, timeout: float) -> list[Fin
             hint = "see the Redis log around this time; the server may be overloaded"
             found.append(failed("redis.query", _why(exc, budget), need, hint))
     return found
-
-
-def _redis_hello(
-    client: resp.Connection, target: resp.Target, password: str | None
-) -> dict[str, str]:
-    """Authenticate, select the database, and read INFO server."""
-    # AUTH, not HELLO 3: an old server then still answers, and says which version it is.
-    if password:
-        client.command("AUTH", *([target.username] if target.username else []), password)
-    if target.db:
-        client.command("SELECT", str(target.db))
-    return resp.parse_info(client.command("INFO", "server"))
 
 
 def _auth_refused(exc: resp.ReplyError) -> bool:
@@ -401,15 +389,11 @@ _S3_CREDENTIAL_CODES = (
 def s3_findings(dep: S3Config, config: Config, timeout: float) -> list[Finding]:
     budget = _budget(timeout)
     deadline = time.monotonic() + budget
-    access = dep.access_key.get_secret_value() if dep.access_key else None
-    secret = dep.secret_key.get_secret_value() if dep.secret_key else None
-    creds = s3probe.credentials(access, secret)
-    if creds is None:
+    client = s3probe.client_for(dep, deadline)
+    if client is None:
         keys = f"{secret_env_name('s3', 'access_key')} and {secret_env_name('s3', 'secret_key')}"
         need = "an access key, or an instance role on AWS"
         return [failed("s3.credentials", "no credentials found", need, f"export {keys}")]
-    where = s3probe.address(dep.endpoint, dep.region, dep.bucket, dep.addressing)
-    client = s3probe.Client(where, dep.region, creds, deadline, dep.checksums)
     with contextlib.closing(client):
         return _s3_steps(client, dep, config, budget)
 
