@@ -177,6 +177,34 @@ def status(root: Root = Path("/"), output: Output = Format.TEXT, debug: Debug = 
     emit(operations.status(HostPaths(root)), output)
 
 
+@app.command("support-bundle")
+def support_bundle(
+    output_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--output-file",
+            "-O",
+            help="Bundle path or directory (default: ./stellarbase-support-HOST-TIME.tar.gz).",
+        ),
+    ] = None,
+    journal_lines: Annotated[
+        int, typer.Option("--journal-lines", min=1, help="Journal lines per unit.")
+    ] = 200,
+    tier: TierOpt = None,
+    config: ConfigFile = None,
+    set_: Sets = None,
+    root: Root = Path("/"),
+    output: Output = Format.TEXT,
+    debug: Debug = False,
+) -> None:
+    """One tar.gz for support: config, checks, status, units, journal, audit; secrets redacted."""
+    from stellarbase import support
+
+    _begin(output, debug)
+    request = support.Request(config, tuple(set_ or ()), tier, journal_lines, output_file)
+    emit(support.support_bundle(HostPaths(root), request), output)
+
+
 @app.command()
 def uninstall(
     purge: Annotated[bool, typer.Option("--purge", help="Also remove config and data.")] = False,
