@@ -3,12 +3,17 @@
 #
 # Usage: packaging/build.sh          (from anywhere; needs the project venv in .venv/)
 # Result: dist/stellarbase
+# DISTPATH and WORKPATH (default dist and build/pyinstaller, relative to the repository root)
+# put the binary and PyInstaller's work files elsewhere, e.g. two builds side by side whose
+# bytes are compared (packaging/README.md, "Reproducible builds").
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYINSTALLER=.venv/bin/pyinstaller
-BINARY=dist/stellarbase
+DISTPATH=${DISTPATH:-dist}
+WORKPATH=${WORKPATH:-build/pyinstaller}
+BINARY=$DISTPATH/stellarbase
 
 if [[ ! -x "$PYINSTALLER" ]]; then
     echo "build.sh: $PYINSTALLER not found; create the venv and install '.[dev]' first" >&2
@@ -27,8 +32,10 @@ fi
 export PYINSTALLER_CONFIG_DIR="$PWD/build/pyinstaller-cache"
 
 start=$(date +%s)
-"$PYINSTALLER" --noconfirm --clean --distpath dist --workpath build/pyinstaller \
-    packaging/stellarbase.spec
+# PyInstaller collects module names in sets, so with a random hash seed the order of the
+# entries of base_library.zip, and with it the binary's bytes, changes from build to build.
+PYTHONHASHSEED=0 "$PYINSTALLER" --noconfirm --clean \
+    --distpath "$DISTPATH" --workpath "$WORKPATH" packaging/stellarbase.spec
 elapsed=$(( $(date +%s) - start ))
 
 if [[ ! -x "$BINARY" ]]; then
