@@ -30,8 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "installer"))
 
 # The source tree is put on the path above, so these imports come after it.
-from stellarbase import __version__, bundle  # noqa: E402
-from stellarbase.migrate import load_migrations  # noqa: E402
+from stellarbase import __version__, bundle, migrate  # noqa: E402
 
 SIGNING_KEY_ENV = "STELLARBASE_SIGNING_KEY"
 LICENSE_PLACEHOLDER = b"License: see the project's distribution terms\n"
@@ -78,9 +77,9 @@ def source_date_epoch() -> int | None:
 
 
 def schema_range() -> dict[str, int]:
-    """The range of schema versions this source tree's migrations span."""
-    versions = [m.version for m in load_migrations()]
-    return {"min": min(versions), "max": max(versions)}
+    """What the release's migrations say: the schema it migrates to ("max") and the oldest
+    release schema that still runs against it ("min", from `-- compatible-from:` headers)."""
+    return migrate.schema_range(migrate.load_migrations()).as_dict()
 
 
 def release_json(version: str, upgrade_from: str, built: int) -> bytes:

@@ -53,6 +53,9 @@ class Executor:
     dry_run: bool = False
     config_source: str = ""
     database_url: str = ""
+    # Rolling: restart changed units one at a time, each ready before the next (upgrades).
+    rolling: bool = False
+    unit_timeout: float = 60.0
     results: list[StepResult] = field(default_factory=list)
     # Unit states from one `systemctl show` of every unit of the plan; emptied whenever
     # systemd is told to change something, so a guard never reads a stale state.
@@ -248,7 +251,12 @@ class Executor:
         if self.dry_run:
             return ("restart: inputs changed" if running else "start"), ""
         self._units = {}
-        if running:
+        if running and self.rolling:
+            systemd.restart(step.unit, wait=True)
+            if step.ready_url:
+                health.wait_healthy([step.unit], [(step.unit, step.ready_url)], self.unit_timeout)
+            detail = "restarted and ready: inputs changed"
+        elif running:
             systemd.restart(step.unit)
             detail = "restarted: inputs changed"
         else:
@@ -320,12 +328,16 @@ class Executor:
                 return "all migrations pending", ""
             raise
         pending = [m for m in states if not m.applied_at]
-        # An edited or unknown applied migration goes to migrate_up too, which refuses it.
+        # An edited or unknown applied migration goes to migrate_up too, which refuses it
+        # unless the schema declares this release compatible (a rollback after an upgrade).
         if not pending and all(m.checksum_matches and m.shipped for m in states):
             return None, ""
-        if not self.dry_run:
-            migrate.migrate_up(step.url, step.password, directory=directory)
-        return "applied " + ", ".join(f"{m.version:04d}_{m.name}" for m in pending), ""
+        if self.dry_run:
+            return "apply " + ", ".join(f"{m.version:04d}_{m.name}" for m in pending), ""
+        done = migrate.migrate_up(step.url, step.password, directory=directory)
+        if not done:
+            return None, ""
+        return "applied " + ", ".join(m.filename.removesuffix(".sql") for m in done), ""
 
     def _wait_healthy(self, step: WaitHealthy, _: state.State) -> tuple[str | None, str]:
         if self.dry_run:

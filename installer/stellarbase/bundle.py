@@ -49,7 +49,9 @@ class Release:
     """What release.json says about the release in the bundle."""
 
     version: str
-    schema_min: int  # oldest schema version this release runs against
+    # The schema after this release's migrations: older releases whose newest migration is
+    # below schema_min cannot run against it (see stellarbase.migrate, "compatible-from").
+    schema_min: int
     schema_max: int  # the newest migration it carries
     upgrade_from: str  # oldest installed version it can upgrade
     built_at: str

@@ -1,5 +1,11 @@
 """Versioned schema migrations: `NNNN_name.sql` files applied once each, in order.
 
+Migrations are additive by default: the release before keeps running against the new
+schema, so an upgrade can roll back without touching the database. A migration that breaks
+older code says so in a header line `-- compatible-from: N`: only releases whose newest
+migration is N or later run against the schema from then on. The database keeps that
+number with each applied migration, so any binary can tell whether it may run there.
+
 A run holds a session-level advisory lock from start to end, so hosts that migrate the same
 database at once apply every migration exactly once: the others wait, then find nothing to
 do. Each migration commits together with its row in `stellarbase_migrations`, or not at all.
@@ -39,6 +45,7 @@ LOCK_KEY = int.from_bytes(hashlib.sha256(LOCK_NAME.encode()).digest()[:8], "big"
 LOCK_WAIT_S = 120.0
 _LOCK_POLL_S = 0.2
 _FILE_NAME = re.compile(r"(\d{4})_([a-z0-9][a-z0-9_]*)\.sql")
+_COMPATIBLE_FROM = re.compile(r"^-- compatible-from: *(\d+) *$", re.MULTILINE)
 
 _CREATE_TABLE = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
@@ -47,6 +54,10 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     checksum   text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
 )"""
+# Added after the first release; rows written before it (or by older binaries) read 0.
+_ADD_COMPATIBLE_FROM = (
+    f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS compatible_from integer NOT NULL DEFAULT 0"
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,7 @@ class Migration:
     name: str
     checksum: str  # sha256 of the file's bytes
     sql: str
+    compatible_from: int = 0  # oldest newest-migration of a release that runs after this one
 
     @property
     def filename(self) -> str:
@@ -69,6 +81,7 @@ class AppliedRow:
     name: str
     checksum: str
     applied_at: datetime
+    compatible_from: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,8 +145,39 @@ def load_migrations(directory: Path = BUILTIN_DIR) -> list[Migration]:
             raise StellarError(
                 f"{path}: not UTF-8 text", hint="save the file as UTF-8", code=ExitCode.MIGRATION
             ) from None
-        found[version] = Migration(version, match[2], hashlib.sha256(data).hexdigest(), sql)
+        header = _COMPATIBLE_FROM.search(sql)
+        compatible_from = int(header[1]) if header else 0
+        if compatible_from > version:
+            raise StellarError(
+                f"{path}: compatible-from {compatible_from} lies above its own version {version}",
+                hint="name the oldest schema version whose releases still run after it",
+                code=ExitCode.MIGRATION,
+            )
+        digest = hashlib.sha256(data).hexdigest()
+        found[version] = Migration(version, match[2], digest, sql, compatible_from)
     return [found[v] for v in sorted(found)]
+
+
+@dataclass(frozen=True)
+class SchemaRange:
+    """What a release says about the schema: it migrates to `newest`; releases whose newest
+    migration is below `floor` cannot run against the schema it leaves."""
+
+    floor: int
+    newest: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"min": self.floor, "max": self.newest}
+
+
+def schema_range(migrations: list[Migration]) -> SchemaRange:
+    newest = max((m.version for m in migrations), default=0)
+    return SchemaRange(max((m.compatible_from for m in migrations), default=0), newest)
+
+
+def schema_floor(applied: dict[int, AppliedRow]) -> int:
+    """The oldest newest-migration a release needs to run against this database."""
+    return max((row.compatible_from for row in applied.values()), default=0)
 
 
 # --- planning (pure) -----------------------------------------------------------------------
@@ -145,12 +189,15 @@ def pending_migrations(
     """What `up` would apply, or a StellarError when the database and files disagree."""
     shipped = {m.version: m for m in migrations}
     unknown = sorted(set(applied) - set(shipped))
-    if unknown:
+    newest_shipped = max(shipped, default=0)
+    floor = schema_floor(applied)
+    if unknown and floor > newest_shipped:
         row = applied[unknown[-1]]
         raise StellarError(
-            f"the database has migration {row.version:04d}_{row.name} which this stellarbase "
-            "does not ship: a newer version migrated it",
-            hint="use that newer stellarbase binary; downgrading the schema is not supported",
+            f"the database has migration {row.version:04d}_{row.name} from a newer stellarbase, "
+            f"which needs a release with schema {floor} or newer; this one ships up to "
+            f"{newest_shipped}",
+            hint="use that newer stellarbase binary; the schema never goes back",
             code=ExitCode.MIGRATION,
         )
     for m in migrations:
@@ -235,6 +282,7 @@ def migrate_up(
     ):
         with _server_errors("preparing the migrations table"):
             conn.execute(_CREATE_TABLE)
+            conn.execute(_ADD_COMPATIBLE_FROM)
             applied = _applied(conn)
         for m in pending_migrations(migrations, applied, to):
             _apply(conn, m)
@@ -262,9 +310,30 @@ def migration_status(
     return migration_states(migrations, applied)
 
 
+def applied_schema(
+    conninfo: str, password: str | None, *, connect_timeout: float = 5
+) -> tuple[int, int]:
+    """The newest applied migration and the schema floor of the database (0, 0 when new)."""
+    with (
+        db.connect(conninfo, password, connect_timeout=connect_timeout, purpose="migrate") as conn,
+        _server_errors("reading the applied migrations"),
+    ):
+        row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (TABLE,)).fetchone()
+        applied = _applied(conn) if row and row[0] else {}
+    return max(applied, default=0), schema_floor(applied)
+
+
 def _applied(conn: Connection) -> dict[int, AppliedRow]:
-    rows = conn.execute(f"SELECT version, name, checksum, applied_at FROM {TABLE}").fetchall()
-    return {int(r[0]): AppliedRow(int(r[0]), str(r[1]), str(r[2]), r[3]) for r in rows}
+    has_floor = conn.execute(
+        "SELECT count(*) FROM pg_attribute WHERE attrelid = %s::regclass "
+        "AND attname = 'compatible_from' AND NOT attisdropped",
+        (TABLE,),
+    ).fetchone()
+    floor = "compatible_from" if has_floor and has_floor[0] else "0"
+    rows = conn.execute(
+        f"SELECT version, name, checksum, applied_at, {floor} FROM {TABLE}"
+    ).fetchall()
+    return {int(r[0]): AppliedRow(int(r[0]), str(r[1]), str(r[2]), r[3], int(r[4])) for r in rows}
 
 
 def _apply(conn: Connection, m: Migration) -> None:
@@ -275,8 +344,9 @@ def _apply(conn: Connection, m: Migration) -> None:
         with conn.transaction():
             conn.execute(m.sql)
             conn.execute(
-                f"INSERT INTO {TABLE} (version, name, checksum) VALUES (%s, %s, %s)",
-                (m.version, m.name, m.checksum),
+                f"INSERT INTO {TABLE} (version, name, checksum, compatible_from) "
+                "VALUES (%s, %s, %s, %s)",
+                (m.version, m.name, m.checksum, m.compatible_from),
             )
     except psycopg.Error as exc:
         raise StellarError(

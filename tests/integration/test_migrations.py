@@ -20,6 +20,7 @@ from stellarbase.errors import ExitCode, StellarError
 from stellarbase.migrate import (
     BUILTIN_DIR,
     LOCK_KEY,
+    applied_schema,
     load_migrations,
     migrate_up,
     migration_status,
@@ -177,20 +178,36 @@ def test_failing_migration_leaves_nothing_of_itself(
     assert _applied(postgres_server, db_url) == [1, 2]
 
 
-def test_database_newer_than_the_binary_is_refused(
+def test_database_newer_than_the_binary_runs_while_compatible(
     postgres_server: servers.PostgresServer, db_url: str, migrations: Path
 ) -> None:
     pw = postgres_server.password
     (migrations / "0003_future.sql").write_text("CREATE TABLE future (id int);\n")
     migrate_up(db_url, pw, directory=migrations)
 
+    # additive: the release before (shipping 1 and 2) still runs, and applies nothing
+    assert migrate_up(db_url, pw) == []
+    assert [s.state for s in migration_status(db_url, pw)] == ["applied", "applied", "unknown"]
+    assert applied_schema(db_url, pw) == (3, 0)
+
+    (migrations / "0004_breaking.sql").write_text(
+        "-- compatible-from: 4\nALTER TABLE future RENAME COLUMN id TO key;\n"
+    )
+    migrate_up(db_url, pw, directory=migrations)
+    assert applied_schema(db_url, pw) == (4, 4)
     with pytest.raises(StellarError) as err:
         migrate_up(db_url, pw)
-
     assert err.value.code == ExitCode.MIGRATION
-    assert "0003_future" in err.value.message
-    assert "downgrading" in err.value.hint
-    assert [s.state for s in migration_status(db_url, pw)] == ["applied", "applied", "unknown"]
+    assert "0004_breaking" in err.value.message
+    assert "schema 4 or newer; this one ships up to 2" in err.value.message
+    assert "schema never goes back" in err.value.hint
+
+
+def test_compatible_from_above_its_own_version_is_refused(migrations: Path) -> None:
+    (migrations / "0003_odd.sql").write_text("-- compatible-from: 5\nSELECT 1;\n")
+    with pytest.raises(StellarError) as err:
+        load_migrations(migrations)
+    assert "compatible-from 5 lies above its own version 3" in err.value.message
 
 
 def test_migration_slipped_in_below_the_newest_is_refused(

@@ -146,7 +146,7 @@ def test_bundle_layout_and_verification(build: BuildFn) -> None:
         assert verified.release.version == __version__
         assert verified.release.upgrade_from == __version__
         assert verified.release.built_at == "2026-01-01T00:00:00Z"
-        assert (verified.release.schema_min, verified.release.schema_max) == (1, 2)
+        assert (verified.release.schema_min, verified.release.schema_max) == (0, 2)
         assert stat.S_IMODE(verified.workdir.stat().st_mode) == 0o700
         workdir = verified.workdir
     assert not workdir.exists()
