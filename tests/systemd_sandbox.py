@@ -193,6 +193,10 @@ printf '[Journal]\nStorage=volatile\nRuntimeMaxUse=32M\n' \
 printf '%s\n' "$SB_HOSTNAME" > "$root/etc/hostname"
 printf '127.0.1.1\t%s\n' "$SB_HOSTNAME" >> "$root/etc/hosts"
 printf '%s' "$SB_HOSTNAME" > /proc/sys/kernel/hostname
+# A network namespace of its own has only a loopback device, down until brought up.
+if [ -n "${SB_LOOPBACK_ONLY:-}" ]; then
+    ip link set lo up
+fi
 
 cd "$root"
 pivot_root . .
@@ -373,7 +377,10 @@ class SystemdSandbox:
     failed_units: list[str]
     """Units that had failed when boot finished (boot still succeeds when degraded)."""
 
-    def __init__(self, workdir: Path, cgroup: Path, hostname: str) -> None:
+    def __init__(
+        self, workdir: Path, cgroup: Path, hostname: str, loopback_only: bool = False
+    ) -> None:
+        self.loopback_only = loopback_only
         self.workdir = workdir
         self.console_log = workdir / "console.log"
         self.hostname = hostname
@@ -387,8 +394,14 @@ class SystemdSandbox:
     # -- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
-    def boot(cls, timeout: float = 60.0, *, hostname: str = DEFAULT_HOSTNAME) -> SystemdSandbox:
-        """Boot a sandbox and return once `systemctl is-system-running` says it is up."""
+    def boot(
+        cls, timeout: float = 60.0, *, hostname: str = DEFAULT_HOSTNAME, loopback_only: bool = False
+    ) -> SystemdSandbox:
+        """Boot a sandbox and return once `systemctl is-system-running` says it is up.
+
+        With loopback_only, it gets a network namespace of its own holding only `lo`: no
+        route leads anywhere else, and the host's servers cannot be reached from it.
+        """
         ok, reason = can_boot()
         if not ok:
             raise SandboxError(reason)
@@ -397,7 +410,7 @@ class SystemdSandbox:
         workdir = Path(tempfile.mkdtemp(prefix="stellarbase-sandbox-"))
         cgroup_parent = _own_cgroup2_dir()
         assert cgroup_parent is not None  # can_boot() checked it
-        sandbox = cls(workdir, cgroup_parent / workdir.name, hostname)
+        sandbox = cls(workdir, cgroup_parent / workdir.name, hostname, loopback_only)
         try:
             sandbox._launch()
             sandbox._wait_for_exec(deadline)
@@ -427,6 +440,7 @@ class SystemdSandbox:
             "SB_BOUNDING_SET": _BOUNDING_SET,
             "SB_MASK_UNITS": " ".join(MASKED_UNITS),
             "SB_MASK_GENERATORS": " ".join(_masked_generators()),
+            "SB_LOOPBACK_ONLY": "1" if self.loopback_only else "",
         }
         argv = [
             "sh", "-c", _CGROUP_ENTER, "stellarbase-sandbox-enter", str(self.cgroup),
@@ -436,6 +450,7 @@ class SystemdSandbox:
             "setpriv", "--pdeathsig", "KILL", "--",
             "unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--mount", "--uts", "--ipc",
             "--cgroup", "--mount-proc", "--propagation", "private",
+            *(["--net"] if self.loopback_only else []),
             "--", "/bin/sh", str(boot_script),
         ]  # fmt: skip
         with self.console_log.open("ab") as console:
@@ -581,6 +596,7 @@ class SystemdSandbox:
             raise SandboxError("the sandbox is not running")
         return [
             "nsenter", f"--target={self.pid}", "--mount", "--pid", "--uts", "--ipc",
+            *(["--net"] if self.loopback_only else []),
             "--root", "--wd",
             # nsenter forks to enter the PID namespace; should the nsenter process die (say, a
             # test runner killed), the death signal takes the command along.
