@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(postgresql redis-server python3-venv python3-dev binutils procps util-linux curl
-    prometheus)  # for promtool: tests/test_observability.py checks the alert rules and a scrape
+    prometheus  # for promtool: tests/test_observability.py checks the alert rules and a scrape
+    ruby)  # tests/unit/test_vagrantfile.py checks and evaluates the Vagrantfile
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
