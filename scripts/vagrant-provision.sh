@@ -12,11 +12,11 @@
 #   3. `install --bundle … --tier pilot`, then status, doctor, every service's /readyz, and
 #      a second install that must report 0 changed.
 #
-# STELLARBASE_BUILD=auto (default: the shared bundle when usable, else build here),
+# SB_BUILD=auto (default: the shared bundle when usable, else build here),
 #   vm (always build here) or bundle (the shared bundle, or fail);
 # STELLARBASE_RELEASE_PUBKEY: a PEM public key (a path in the VM) to trust for a shared
 #   bundle signed with another key than the release key;
-# STELLARBASE_SELINUX=enforcing: leave SELinux enforcing on Rocky 9.
+# SB_SELINUX=enforcing: leave SELinux enforcing on Rocky 9.
 # `vagrant-provision.sh --detect` prints the distribution's name and does nothing else.
 set -euo pipefail
 
@@ -107,10 +107,10 @@ install_packages() {
 # SELinux yet, so the confined postgresql_t and redis_t domains may be denied them. The run
 # goes on permissive (until the next boot) and counts the denials enforcing mode would make.
 relax_selinux() {
-    [[ ${STELLARBASE_SELINUX:-} == enforcing ]] && return 0
+    [[ ${SB_SELINUX:-} == enforcing ]] && return 0
     command -v getenforce >/dev/null && [[ $(getenforce) == Enforcing ]] || return 0
     setenforce 0
-    say "SELinux permissive until the next boot (STELLARBASE_SELINUX=enforcing keeps it on)"
+    say "SELinux permissive until the next boot (SB_SELINUX=enforcing keeps it on)"
 }
 
 report_selinux() {
@@ -130,16 +130,16 @@ shared_bundle() {
 
 use_shared_bundle() {
     local shared=$1
-    case "${STELLARBASE_BUILD:-auto}" in
+    case "${SB_BUILD:-auto}" in
         vm) return 1 ;;
         bundle)
-            [[ -n $shared ]] || die "STELLARBASE_BUILD=bundle, but $SRC/dist has no bundle"
+            [[ -n $shared ]] || die "SB_BUILD=bundle, but $SRC/dist has no bundle"
             glibc_at_least "$BUNDLE_GLIBC" ||
                 say "glibc $(glibc_version) is older than Debian 12's ($BUNDLE_GLIBC)," \
                     "where bundles are built: the binary may not start" >&2
             ;;
         auto) [[ -n $shared ]] && glibc_at_least "$BUNDLE_GLIBC" ;;
-        *) die "STELLARBASE_BUILD=$STELLARBASE_BUILD: expected auto, vm or bundle" ;;
+        *) die "SB_BUILD=$SB_BUILD: expected auto, vm or bundle" ;;
     esac
 }
 
@@ -207,7 +207,7 @@ install_and_check() {
         rc=$?
         if ((rc == 12)); then
             say "a bundle signed with another key than the release key needs" \
-                "STELLARBASE_RELEASE_PUBKEY; STELLARBASE_BUILD=vm builds one here" >&2
+                "STELLARBASE_RELEASE_PUBKEY; SB_BUILD=vm builds one here" >&2
         fi
         die "install exited $rc"
     }

@@ -122,13 +122,13 @@ def ruby() -> str:
 
 @pytest.fixture(scope="module")
 def vagrant(ruby: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """What the Vagrantfile defines, with STELLARBASE_BUILD and an unrelated variable set."""
+    """What the Vagrantfile defines, with SB_BUILD and an unrelated variable set."""
     stub = tmp_path_factory.mktemp("vagrant") / "vagrant_stub.rb"
     stub.write_text(VAGRANT_STUB)
     env = {
         "PATH": os.environ["PATH"],
         "LANG": "C.UTF-8",
-        "STELLARBASE_BUILD": "vm",
+        "SB_BUILD": "vm",
         "UNRELATED_TOKEN": "not for the VM",
     }
     out = subprocess.run(
@@ -171,7 +171,7 @@ def test_only_the_provisioning_settings_of_the_host_reach_the_vm(
     vagrant: dict[str, Any],
 ) -> None:
     for machine in vagrant["machines"].values():
-        assert machine["provisioners"][0]["env"] == {"STELLARBASE_BUILD": "vm"}
+        assert machine["provisioners"][0]["env"] == {"SB_BUILD": "vm"}
 
 
 def test_every_box_is_big_enough_for_the_pilot_tier(vagrant: dict[str, Any]) -> None:
@@ -287,5 +287,5 @@ def choose(
     """
     env = {"PATH": os.environ["PATH"], "STELLARBASE_SRC": str(tmp_path)}
     if mode is not None:
-        env["STELLARBASE_BUILD"] = mode
+        env["SB_BUILD"] = mode
     return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
