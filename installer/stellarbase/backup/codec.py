@@ -14,6 +14,7 @@ import base64
 import io
 import os
 import struct
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import zstandard
@@ -34,6 +35,7 @@ _TAG_LEN = 16
 _CHUNK = 1024 * 1024  # plaintext bytes per encrypted chunk
 _LEN = struct.Struct(">I")
 _READ = 256 * 1024
+_FEED = 64 * 1024  # compressed bytes per decompression call
 
 
 class CodecError(StellarError):
@@ -181,47 +183,50 @@ class _Opener:
         )
 
 
+def decoded_chunks(raw: BinaryIO, codec: str, key: bytes | None) -> Iterator[bytes]:
+    """The original bytes of a stored object, in pieces as they are decoded.
+
+    Damage raises CodecError, at the latest when the end is reached. `raw` is not closed.
+    """
+    if codec not in CODECS:
+        raise CodecError(f"unknown codec {codec!r} (known: {', '.join(CODECS)})")
+    if codec == ZSTD_AES and key is None:
+        raise CodecError("object is encrypted but no backup.encryption_key is configured")
+    opener = _Opener(raw, key) if codec == ZSTD_AES and key is not None else None
+    zstd = zstandard.ZstdDecompressor().decompressobj()
+    while True:
+        packed = opener.next_chunk() if opener is not None else raw.read(_READ) or None
+        if packed is None:
+            if not zstd.eof:
+                raise CodecError("compressed object truncated: zstd frame not complete")
+            return
+        # Small inputs keep each decoded piece small: a base backup compresses 20-fold.
+        for start in range(0, len(packed), _FEED):
+            if zstd.eof:
+                raise CodecError("compressed object has bytes after its zstd frame")
+            try:
+                out = zstd.decompress(packed[start : start + _FEED])
+            except zstandard.ZstdError as exc:
+                raise CodecError(f"compressed object damaged: {exc}") from None
+            if zstd.eof and zstd.unused_data:
+                raise CodecError("compressed object has bytes after its zstd frame")
+            if out:
+                yield out
+
+
 class _DecodingRaw(io.RawIOBase):
     def __init__(self, raw: BinaryIO, codec: str, key: bytes | None) -> None:
-        if codec not in CODECS:
-            raise CodecError(f"unknown codec {codec!r} (known: {', '.join(CODECS)})")
-        if codec == ZSTD_AES and key is None:
-            raise CodecError("object is encrypted but no backup.encryption_key is configured")
         self._raw = raw
-        self._opener = _Opener(raw, key) if codec == ZSTD_AES and key is not None else None
-        self._zstd = zstandard.ZstdDecompressor().decompressobj()
+        self._chunks = decoded_chunks(raw, codec, key)
         self._out = b""
         self._pos = 0
-        self._eof = False
 
     def readable(self) -> bool:
         return True
 
-    def _source(self) -> bytes | None:
-        if self._opener is not None:
-            return self._opener.next_chunk()
-        return self._raw.read(_READ) or None
-
-    def _fill(self) -> None:
-        while self._pos >= len(self._out) and not self._eof:
-            packed = self._source()
-            if packed is None:
-                if not self._zstd.eof:
-                    raise CodecError("compressed object truncated: zstd frame not complete")
-                self._eof = True
-                return
-            if self._zstd.eof:
-                raise CodecError("compressed object has bytes after its zstd frame")
-            try:
-                self._out = self._zstd.decompress(packed)
-            except zstandard.ZstdError as exc:
-                raise CodecError(f"compressed object damaged: {exc}") from None
-            self._pos = 0
-            if self._zstd.eof and self._zstd.unused_data:
-                raise CodecError("compressed object has bytes after its zstd frame")
-
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]  # RawIOBase's buffer type is broader
-        self._fill()
+        if self._pos >= len(self._out):
+            self._out, self._pos = next(self._chunks, b""), 0
         n = min(len(buffer), len(self._out) - self._pos)
         buffer[:n] = self._out[self._pos : self._pos + n]
         self._pos += n
