@@ -35,6 +35,7 @@ pytestmark = pytest.mark.integration
 BINDIR = servers._pg_bindir()
 RUN_AS = "postgres"
 KEY = base64.b64encode(os.urandom(32)).decode()
+PARTS = 1024 * 1024  # base backup parts: a test cluster's backup has dozens
 
 
 @pytest.fixture
@@ -72,8 +73,8 @@ class Primary:
         env = {**os.environ, "PGPASSWORD": s.admin_password}
         return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
-    def backup(self) -> dict[str, Any]:
-        return take_backup(self.repo, self.url("postgres"), BINDIR, self.config, "test")
+    def backup(self, part_bytes: int = PARTS) -> dict[str, Any]:
+        return take_backup(self.repo, self.url("postgres"), BINDIR, self.config, "test", part_bytes)
 
     def switch_and_wait(self) -> str:
         """Complete the current segment and wait until the archiver has uploaded it."""
@@ -341,7 +342,7 @@ def test_expire_keeps_what_kept_backups_need_across_timelines(
             conn.execute("INSERT INTO t SELECT generate_series(1, 50)")
         switch_and_wait(url2, repo)
         third = take_backup(
-            repo, url2.replace("/stellarbase?", "/postgres?"), BINDIR, config, "tl2"
+            repo, url2.replace("/stellarbase?", "/postgres?"), BINDIR, config, "tl2", PARTS
         )
         assert third["timeline"] == 2
         with psycopg.connect(url2, autocommit=True) as conn:
@@ -362,6 +363,8 @@ def test_expire_keeps_what_kept_backups_need_across_timelines(
 
     after = catalog.load_catalog(repo)
     assert [b.id for b in after.backups] == [second["id"], third["id"]]
+    assert len(first["parts"]) > 1
+    assert list(repo.list(f"backups/{first['id']}/")) == [], "every part of it is gone"
     assert "00000002.history" in after.wal
     assert set(before.wal) - set(after.wal) == set(plan.wal)
     for backup in after.backups:
@@ -386,3 +389,102 @@ def test_expire_keeps_what_kept_backups_need_across_timelines(
         assert count_t(url) == 300
     finally:
         again.cluster.stop()
+
+
+# --------------------------------------------------------------------------- (5) parts
+
+
+def restore_latest(repo: Repository, data_dir: Path) -> int:
+    """Restore the latest point into `data_dir`; the rows of table t there."""
+    result = restore.restore_into(
+        repo,
+        None,
+        restore.Target.latest(),
+        data_dir=data_dir,
+        bindir=BINDIR,
+        run_as=RUN_AS,
+        keep_running=True,
+    )
+    assert result.cluster is not None
+    try:
+        return count_t(
+            f"postgresql://postgres@/stellarbase?host={result.cluster.socket_dir}"
+            f"&port={result.cluster.port}"
+        )
+    finally:
+        result.cluster.stop()
+
+
+def test_damaged_or_missing_part_is_named_and_restore_refuses(
+    file_repo: tuple[Repository, BackupConfig], scratch: Path
+) -> None:
+    repo, config = file_repo
+    primary = start_primary(scratch, repo, config)
+    try:
+        primary.query(
+            "CREATE TABLE t AS SELECT g, md5(g::text) AS h FROM generate_series(1, 50000) g"
+        )
+        manifest = primary.backup()
+        primary.query("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 1000) g")
+        primary.switch_and_wait()
+    finally:
+        primary.close()
+    parts = [p["key"] for p in manifest["parts"]]
+    assert len(parts) > 5
+    assert verify.verify(repo, None).ok
+    assert restore_latest(repo, scratch / "whole") == 51000
+
+    # One stored byte altered, the size unchanged: the plan cannot tell, extraction can.
+    damaged, lost = parts[len(parts) // 2], parts[-2]
+    path = scratch / "repo" / "pg" / damaged
+    stored = bytearray(path.read_bytes())
+    stored[len(stored) // 2] ^= 0xFF
+    path.write_bytes(stored)
+    report = verify.verify(repo, None)
+    assert [p.subject for p in report.problems] == [damaged], report.messages
+    with pytest.raises(StellarError) as damaged_exc:
+        restore_latest(repo, scratch / "r1")
+    assert damaged in damaged_exc.value.message
+    assert "damaged copy" in damaged_exc.value.message
+
+    repo.delete([lost])
+    report = verify.verify(repo, None)
+    assert {p.subject for p in report.problems} == {damaged, lost}
+    assert any("missing" in p.message for p in report.problems if p.subject == lost)
+    with pytest.raises(StellarError) as lost_exc:
+        restore_latest(repo, scratch / "r2")
+    assert lost in lost_exc.value.message and "missing" in lost_exc.value.message
+    assert not (scratch / "r2").exists(), "a refused restore must not write anything"
+
+
+def test_single_object_backup_of_earlier_releases_restores(
+    file_repo: tuple[Repository, BackupConfig], scratch: Path
+) -> None:
+    """A format-1 manifest (one `base.tar.zst`, its checksum at the top) still restores."""
+    import json
+
+    repo, config = file_repo
+    primary = start_primary(scratch, repo, config)
+    try:
+        primary.query("CREATE TABLE t AS SELECT g FROM generate_series(1, 20000) g")
+        manifest = primary.backup(part_bytes=1 << 40)
+        primary.query("INSERT INTO t SELECT g FROM generate_series(1, 500) g")
+        primary.switch_and_wait()
+    finally:
+        primary.close()
+    [part] = manifest["parts"]
+    root = scratch / "repo" / "pg" / "backups" / manifest["id"]
+    (root / "base.0001.tar.zst").rename(root / "base.tar.zst")
+    (root / "base.0001.tar.zst.meta.json").rename(root / "base.tar.zst.meta.json")
+    old = {k: v for k, v in manifest.items() if k != "parts"}
+    old.update(
+        format=1,
+        sha256=part["sha256"],
+        objects=[f"backups/{manifest['id']}/base.tar.zst"],
+    )
+    (root / "manifest.json").write_text(json.dumps(old, indent=2) + "\n")
+
+    listed = catalog.load_catalog(repo).backup(manifest["id"])
+    assert listed.objects == (f"backups/{manifest['id']}/base.tar.zst",)
+    assert verify.verify(repo, None).ok
+    assert restore_latest(repo, scratch / "restored") == 20500

@@ -43,6 +43,7 @@ from tests import servers
 pytestmark = pytest.mark.integration
 
 KEY = os.urandom(32)
+PARTS = 2 * 1024 * 1024  # base backup parts small enough that a test cluster has several
 SMALL_SEGMENT = 1024 * 1024  # a valid wal_segment_size; keeps synthetic segments cheap
 
 
@@ -462,7 +463,7 @@ def test_base_backup(cluster: Cluster, s3_repo_config: tuple[BackupConfig, S3Con
     backup, _ = s3_repo_config
     repo = cluster.archiver.repo
     bindir = Path(servers._pg_bindir())
-    manifest = take_backup(repo, admin_conninfo(pg), bindir, backup, "nightly")
+    manifest = take_backup(repo, admin_conninfo(pg), bindir, backup, "nightly", part_bytes=PARTS)
 
     assert manifest["label"] == "nightly" and manifest["timeline"] == 1
     start = walnames.parse_lsn(manifest["start_lsn"])
@@ -480,18 +481,27 @@ def test_base_backup(cluster: Cluster, s3_repo_config: tuple[BackupConfig, S3Con
     # pg_basebackup -X none waits until the stop segment is archived.
     assert repo.head(f"wal/{manifest['stop_wal']}") is not None
 
-    with codec.decoding_reader(
-        repo.open_read(manifest["objects"][0]), manifest["codec"], KEY
-    ) as reader:
-        raw = reader.read()
-    assert len(raw) == manifest["raw_bytes"]
-    assert hashlib.sha256(raw).hexdigest() == manifest["sha256"]
-    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
-        names = tar.getnames()
-        label = tar.extractfile("backup_label")
-        assert label is not None
-        assert f"START WAL LOCATION: {manifest['start_lsn']}" in label.read().decode()
-    assert "PG_VERSION" in names
+    # Several parts, each a tar of whole files with its own checksum; together the cluster.
+    parts = manifest["parts"]
+    assert len(parts) > 3
+    assert sum(p["raw_bytes"] for p in parts) == manifest["raw_bytes"]
+    assert sum(p["stored_bytes"] for p in parts) == manifest["stored_bytes"]
+    names: list[str] = []
+    label = b""
+    for part in parts:
+        with codec.decoding_reader(repo.open_read(part["key"]), manifest["codec"], KEY) as reader:
+            raw = reader.read()
+        assert len(raw) == part["raw_bytes"]
+        assert hashlib.sha256(raw).hexdigest() == part["sha256"]
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+            names += tar.getnames()
+            if "backup_label" in tar.getnames():
+                member = tar.extractfile("backup_label")
+                assert member is not None
+                label = member.read()
+    assert f"START WAL LOCATION: {manifest['start_lsn']}" in label.decode()
+    assert "PG_VERSION" in names and "global/pg_control" in names
+    assert len(names) == len(set(names))
 
 
 def json_load(data: bytes) -> Any:
@@ -514,6 +524,31 @@ def test_base_backup_failure_leaves_nothing(cluster: Cluster, s3_server: servers
     assert [o.key for o in repo.list("backups/")] == []
     uploads = repo._client.list_multipart_uploads(Bucket=s3_server.bucket)  # type: ignore[attr-defined]
     assert not [u for u in uploads.get("Uploads", []) if backup.prefix in u["Key"]]
+
+
+def test_base_backup_failing_late_removes_the_parts_it_stored(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stellarbase.backup import basebackup
+
+    stored: list[str] = []
+    real_store = basebackup.store_parts
+
+    def store_then_look(*args: Any, **kwargs: Any) -> Any:
+        def refuse(files: dict[str, bytes]) -> None:
+            stored.extend(o.key for o in repo.list("backups/"))
+            raise BackupError("the backup stream has no backup_label")
+
+        return real_store(*args, **{**kwargs, "check": refuse})
+
+    monkeypatch.setattr(basebackup, "store_parts", store_then_look)
+    repo = FileRepository(tmp_path / "repo")
+    with pytest.raises(BackupError, match="no backup_label"):
+        take_backup(
+            repo, admin_conninfo(cluster.pg), Path(servers._pg_bindir()), BackupConfig(), "x", PARTS
+        )
+    assert stored, "parts were committed before the failure"
+    assert list(repo.list("backups/")) == []
 
 
 def test_base_backup_refuses_tablespaces(cluster: Cluster, tmp_path: Path) -> None:

@@ -9,18 +9,25 @@ verify and restore. Layout under the prefix:
                                                 by name: segments (24 hex), timeline
                                                 history (`00000002.history`), backup
                                                 history (`…00000028.backup`), `.partial`
-    backups/<id>/base.tar.zst                   the `pg_basebackup -Ft -D -` tar stream,
-                                                compressed (and encrypted when configured)
+    backups/<id>/base.NNNN.tar.zst              the `pg_basebackup -Ft -D -` tar stream,
+                                                cut between files into parts (each a tar
+                                                of its own), compressed (and encrypted
+                                                when configured); format-1 backups of
+                                                earlier releases hold one `base.tar.zst`
     backups/<id>/manifest.json                  written last: a backup without one is
-                                                incomplete and never used
+                                                incomplete and never used; lists the
+                                                parts with their sha256 and sizes
 
-Every stored object carries metadata: `sha256` and `size` of the original bytes,
+Every stored object carries metadata: `sha256` and `size` of the original bytes (for
+a backup's parts, known only once each is written, they are in the manifest instead),
 `codec` (`zstd`, or `zstd+aes256gcm`), and `sysid` (the cluster's system identifier).
 A WAL file counts as archived only after its object is in the repository and the
 store acknowledged the bytes (Content-MD5 on S3, fsync + rename for files).
 
 Modules: `walnames` (names, LSNs, timelines), `repo` (S3 and file repositories),
 `codec` (zstd, optional AES-256-GCM), `archiver` (the agent's upload-ahead loop and the
-tiny archive_command), `basebackup` (`backup now`), `catalog` (list, continuity,
-verify, expire), `restore` (restore with a prefetching restore_command, drill).
+tiny archive_command), `basebackup` (`backup now`), `tarstream` (the tar stream, parsed
+as it passes), `parts` (the stream stored as parts), `catalog` (list, continuity,
+verify, expire), `extract` (parts put in place at once), `restore` (restore with a
+prefetching restore_command, drill).
 """

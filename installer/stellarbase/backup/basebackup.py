@@ -1,25 +1,29 @@
 """`backup now`: a pg_basebackup tar stream, encoded on the fly into the repository.
 
-The stream goes from pg_basebackup's stdout through the codec into a multipart upload;
-nothing is staged on local disk. WAL is not included (`-X none`): the archiver already
-holds it. The manifest is written last, so a backup without one is visibly incomplete.
+The stream goes from pg_basebackup's stdout, cut into parts between files, through the
+codec into uploads (see `parts`); nothing is staged on local disk. WAL is not included
+(`-X none`): the archiver already holds it. The manifest is written last, so a backup
+without one is visibly incomplete.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-import hashlib
 import json
 import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import structlog
 
 from stellarbase.backup import codec, walnames
+from stellarbase.backup.catalog import MANIFEST_FORMAT
+from stellarbase.backup.parts import PART_BYTES, store_parts
 from stellarbase.backup.repo import ClusterIdentity, Repository, ensure_identity
 from stellarbase.config import BackupConfig
 from stellarbase.errors import ExitCode, StellarError
@@ -27,8 +31,8 @@ from stellarbase.run import BASE_ENV
 
 log = structlog.get_logger()
 
-MANIFEST_FORMAT = 1
 _READ = 1024 * 1024
+_WANTED = ("backup_label", "backup_manifest")
 _LABEL_START = re.compile(r"^START WAL LOCATION: ([0-9A-F]+/[0-9A-F]+)", re.M)
 _LABEL_TLI = re.compile(r"^START TIMELINE: (\d+)", re.M)
 
@@ -90,72 +94,6 @@ def _new_id(repo: Repository) -> tuple[str, dt.datetime]:
         time.sleep(1.0)  # two backups in one second: the id is the start time
 
 
-class _TarTap:
-    """Follows the tar stream as it passes and keeps backup_label and backup_manifest.
-
-    pg_basebackup sends backup_label first and, writing a tar to stdout, appends
-    backup_manifest last; together they give the WAL range the backup needs.
-    """
-
-    WANTED = ("backup_label", "backup_manifest")
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self._header = bytearray()
-        self._skip = 0
-        self._name: str | None = None
-        self._body = bytearray()
-        self._remaining = 0
-        self._padding = 0
-        self._ended = False
-
-    def feed(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view and not self._ended:
-            if self._skip:
-                n = min(self._skip, len(view))
-                self._skip -= n
-                view = view[n:]
-            elif self._name is not None:
-                n = min(self._remaining, len(view))
-                self._body += view[:n]
-                self._remaining -= n
-                view = view[n:]
-                if not self._remaining:
-                    self.files[self._name] = bytes(self._body)
-                    self._name, self._body = None, bytearray()
-                    self._skip = self._padding
-            else:
-                n = min(512 - len(self._header), len(view))
-                self._header += view[:n]
-                view = view[n:]
-                if len(self._header) == 512:
-                    self._start_member(bytes(self._header))
-                    self._header.clear()
-
-    def _start_member(self, header: bytes) -> None:
-        if not header.strip(b"\0"):
-            self._ended = True  # the end-of-archive blocks
-            return
-        name = header[:100].split(b"\0", 1)[0].decode(errors="replace")
-        prefix = header[345:500].split(b"\0", 1)[0].decode(errors="replace")
-        if prefix:
-            name = f"{prefix}/{name}"
-        field = header[124:136]
-        if field[0] & 0x80:  # base-256 for sizes past the octal field's range
-            size = int.from_bytes(field[1:], "big")
-        else:
-            size = int(field.strip(b"\0 ") or b"0", 8)
-        padded = -(-size // 512) * 512
-        if name in self.WANTED and header[156:157] in (b"0", b"\0"):
-            self._name, self._remaining, self._padding = name, size, padded - size
-            if size == 0:
-                self.files[name] = b""
-                self._name, self._skip = None, self._padding
-        else:
-            self._skip = padded
-
-
 def _positions(files: dict[str, bytes]) -> tuple[int, int, int, int]:
     """(start LSN, start timeline, stop LSN, stop timeline) from backup_label and manifest."""
     label = files.get("backup_label", b"").decode(errors="replace")
@@ -183,10 +121,53 @@ def _tail(stream: IO[bytes]) -> str:
     return stream.read().decode(errors="replace")
 
 
+def _basebackup_stream(argv: list[str], env: dict[str, str]) -> Iterator[bytes]:
+    """Run pg_basebackup and yield its stdout; raises BackupError when it fails."""
+    with tempfile.TemporaryFile() as errf:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=errf,
+                env={**BASE_ENV, "LC_ALL": "C", **env},
+            )
+        except OSError as exc:
+            raise BackupError(
+                f"cannot run {argv[0]}: {exc}",
+                hint="install the PostgreSQL client binaries of the server's version",
+            ) from None
+        try:
+            assert proc.stdout is not None
+            while chunk := proc.stdout.read(_READ):
+                yield chunk
+            code = proc.wait(timeout=60)
+            stderr = _tail(errf)
+            if code != 0:
+                last = [line for line in stderr.splitlines() if line.strip()][-1:] or ["?"]
+                raise BackupError(f"pg_basebackup failed with exit code {code}: {last[0]}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
 def take_backup(
-    repo: Repository, conninfo: str, bindir: Path, backup: BackupConfig, label: str
+    repo: Repository,
+    conninfo: str,
+    bindir: Path,
+    backup: BackupConfig,
+    label: str,
+    part_bytes: int = PART_BYTES,
 ) -> dict[str, Any]:
-    """Take a full base backup into the repository and return its manifest."""
+    """Take a full base backup into the repository and return its manifest.
+
+    The tar stream is cut into parts of about `part_bytes` (whole files each), which are
+    compressed and written at once, up to `backup.upload_concurrency` of them; restore
+    extracts them in parallel in the same way.
+    """
     ident, spaces = cluster_identity(conninfo)
     if spaces:
         raise BackupError(
@@ -198,8 +179,7 @@ def take_backup(
     key = codec.encryption_key(backup)
     codec_name = codec.codec_name(key)
     backup_id, started = _new_id(repo)
-    obj = f"backups/{backup_id}/base.tar.zst"
-    writer = repo.open_write(obj, {"codec": codec_name, "sysid": ident.system_identifier})
+    meta = {"codec": codec_name, "sysid": ident.system_identifier}
     safe_conninfo, env = _split_password(conninfo)
     argv = [
         str(bindir / "pg_basebackup"),
@@ -217,49 +197,20 @@ def take_backup(
         f"stellarbase {backup_id}",
     ]
     log.info("base backup starting", id=backup_id, repo=repo.description)
-    sha = hashlib.sha256()
-    encoder = codec.StreamEncoder(backup.compression_level, key, threads=-1)
-    tap = _TarTap()
-    raw_bytes = 0
-    with tempfile.TemporaryFile() as errf:
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=errf,
-                env={**BASE_ENV, "LC_ALL": "C", **env},
-            )
-        except OSError as exc:
-            writer.abort()
-            raise BackupError(
-                f"cannot run {argv[0]}: {exc}",
-                hint="install the PostgreSQL client binaries of the server's version",
-            ) from None
-        try:
-            assert proc.stdout is not None
-            while chunk := proc.stdout.read(_READ):
-                sha.update(chunk)
-                tap.feed(chunk)
-                raw_bytes += len(chunk)
-                writer.write(encoder.write(chunk))
-            code = proc.wait(timeout=60)
-            stderr = _tail(errf)
-            if code != 0:
-                last = [line for line in stderr.splitlines() if line.strip()][-1:] or ["?"]
-                raise BackupError(f"pg_basebackup failed with exit code {code}: {last[0]}")
-            start_lsn, timeline, stop_lsn, stop_tli = _positions(tap.files)
-            writer.write(encoder.finish())
-            stored_bytes = writer.commit()
-        except BaseException:
-            writer.abort()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            raise
-        finally:
-            if proc.stdout is not None:
-                proc.stdout.close()
+    stored = store_parts(
+        repo,
+        f"backups/{backup_id}/",
+        _basebackup_stream(argv, env),
+        meta,
+        level=backup.compression_level,
+        key=key,
+        part_bytes=part_bytes,
+        concurrency=backup.upload_concurrency,
+        wanted=_WANTED,
+        check=_positions,
+    )
+    parts = stored.parts
+    start_lsn, timeline, stop_lsn, stop_tli = _positions(stored.files)
     finished = dt.datetime.now(dt.UTC).replace(microsecond=0)
     size = ident.wal_segment_size
     manifest: dict[str, Any] = {
@@ -277,13 +228,18 @@ def take_backup(
         "stop_wal": walnames.segment_of(max(stop_lsn - 1, start_lsn), stop_tli, size).name(size),
         "start_time": _iso(started),
         "stop_time": _iso(finished),
-        "raw_bytes": raw_bytes,
-        "stored_bytes": stored_bytes,
-        "sha256": sha.hexdigest(),
+        "raw_bytes": sum(p.raw_bytes for p in parts),
+        "stored_bytes": sum(p.stored_bytes for p in parts),
         "codec": codec_name,
-        "objects": [obj],
+        "parts": [dataclasses.asdict(p) for p in parts],
     }
     body = (json.dumps(manifest, indent=2) + "\n").encode()
     repo.put(f"backups/{backup_id}/manifest.json", body, {})
-    log.info("base backup done", id=backup_id, raw_bytes=raw_bytes, stored_bytes=stored_bytes)
+    log.info(
+        "base backup done",
+        id=backup_id,
+        parts=len(parts),
+        raw_bytes=manifest["raw_bytes"],
+        stored_bytes=manifest["stored_bytes"],
+    )
     return manifest

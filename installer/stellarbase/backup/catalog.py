@@ -26,6 +26,7 @@ from stellarbase.errors import StellarError
 WAL_PREFIX = "wal/"
 BACKUPS_PREFIX = "backups/"
 MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 2  # format 1 manifests are still read
 ID_FORMAT = "%Y%m%dT%H%M%SZ"
 # A backup directory without a manifest may be a backup still running.
 INCOMPLETE_GRACE = timedelta(days=1)
@@ -36,8 +37,31 @@ _READ = 1024 * 1024
 
 
 @dataclass(frozen=True)
+class Part:
+    """One object of a base backup: a tar of whole files, encoded; its checksum is of the tar."""
+
+    key: str
+    sha256: str
+    raw_bytes: int
+    stored_bytes: int
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Part:
+        return cls(
+            key=str(doc["key"]),
+            sha256=str(doc["sha256"]),
+            raw_bytes=int(doc["raw_bytes"]),
+            stored_bytes=int(doc["stored_bytes"]),
+        )
+
+
+@dataclass(frozen=True)
 class Manifest:
-    """`backups/<id>/manifest.json`: a complete base backup."""
+    """`backups/<id>/manifest.json`: a complete base backup.
+
+    Format 2 lists the parts the tar stream was cut into, each with its own checksum;
+    format 1 (one object, `base.tar.zst`, checksum at the top level) reads as one part.
+    """
 
     id: str
     label: str
@@ -53,17 +77,31 @@ class Manifest:
     stop_time: datetime
     raw_bytes: int
     stored_bytes: int
-    sha256: str
     codec: str
-    objects: tuple[str, ...]
+    parts: tuple[Part, ...]
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Manifest:
         """Raises ValueError (or KeyError/TypeError) on a malformed manifest."""
-        if doc.get("format") != 1:
-            raise ValueError(f"unknown manifest format {doc.get('format')!r}")
+        version = doc.get("format")
+        if version not in (1, MANIFEST_FORMAT):
+            raise ValueError(f"unknown manifest format {version!r}")
+        backup_id = str(doc["id"])
+        if version == 1:
+            parts: tuple[Part, ...] = (
+                Part(
+                    f"{BACKUPS_PREFIX}{backup_id}/base.tar.zst",
+                    str(doc["sha256"]),
+                    int(doc["raw_bytes"]),
+                    int(doc["stored_bytes"]),
+                ),
+            )
+        else:
+            parts = tuple(Part.from_json(p) for p in doc["parts"])
+        if not parts:
+            raise ValueError("a manifest without parts")
         return cls(
-            id=str(doc["id"]),
+            id=backup_id,
             label=str(doc.get("label", "")),
             system_identifier=str(doc["system_identifier"]),
             pg_version=int(doc["pg_version"]),
@@ -77,14 +115,14 @@ class Manifest:
             stop_time=_parse_time(str(doc["stop_time"])),
             raw_bytes=int(doc["raw_bytes"]),
             stored_bytes=int(doc["stored_bytes"]),
-            sha256=str(doc["sha256"]),
             codec=str(doc["codec"]),
-            objects=tuple(str(o) for o in doc["objects"]),
+            parts=parts,
         )
 
     @property
-    def base_key(self) -> str:
-        return f"{BACKUPS_PREFIX}{self.id}/base.tar.zst"
+    def objects(self) -> tuple[str, ...]:
+        """The keys of the backup's data objects (not the manifest)."""
+        return tuple(p.key for p in self.parts)
 
 
 def _parse_time(text: str) -> datetime:

@@ -11,27 +11,23 @@ heartbeat instead, the restore_command fails hard, and recovery aborts.
 from __future__ import annotations
 
 import enum
-import hashlib
-import io
 import os
 import pwd
-import queue
 import shlex
 import shutil
-import tarfile
 import tempfile
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import structlog
 
-from stellarbase.backup import codec, walnames
+from stellarbase.backup import walnames
 from stellarbase.backup.catalog import Catalog, Manifest, continuity, load_catalog
+from stellarbase.backup.extract import extract_backup
 from stellarbase.backup.postmaster import Cluster, chown_tree, start_postmaster, wait_promoted
 from stellarbase.backup.prefetch import SPOOL_NAME, Prefetcher
 from stellarbase.backup.repo import Repository
@@ -44,7 +40,6 @@ HEARTBEAT_STALE_S = 10
 RECOVERY_DEADLINE_S = 6 * 3600.0
 _BLOCK_BEGIN = "# stellarbase restore: settings below are removed once recovery has finished"
 _BLOCK_END = "# stellarbase restore: end"
-_READ = 1024 * 1024
 
 
 # --------------------------------------------------------------------------- targets
@@ -137,6 +132,7 @@ def _plan_for(catalog: Catalog, backup: Manifest, target: Target) -> RestorePlan
             f"backup {backup.id} ends after the target {target}",
             hint="pick an older backup, or a later target",
         )
+    _check_parts(catalog, backup)
     chain = continuity(catalog, backup)
     names = tuple(catalog.segment_name(s) for s in chain.path)
     missing = catalog.segment_name(chain.end)
@@ -179,6 +175,23 @@ def _plan_for(catalog: Catalog, backup: Manifest, target: Target) -> RestorePlan
             )
         needed = names[: index + 1]
     return RestorePlan(backup, target, chain.timeline, needed, names)
+
+
+def _check_parts(catalog: Catalog, backup: Manifest) -> None:
+    """Every part of the backup is stored, at the size the manifest records."""
+    stored = {info.key: info.size for info in catalog.backup_objects.get(backup.id, ())}
+    for part in backup.parts:
+        size = stored.get(part.key)
+        if size != part.stored_bytes:
+            found = (
+                "missing"
+                if size is None
+                else f"{size} bytes, the manifest says {part.stored_bytes}"
+            )
+            raise _refuse(
+                f"backup {backup.id} cannot be restored: {part.key} is {found}",
+                hint="`stellarbase backup verify` checks every backup; pick another one",
+            )
 
 
 def _reach(catalog: Catalog, path: Sequence[walnames.Segment]) -> str:
@@ -243,76 +256,6 @@ def _empty_dir(path: Path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
-
-
-class _ReadAhead(io.RawIOBase):
-    """Fetches, decodes and hashes the stream in a thread while tar writes files.
-
-    zstd, AES-GCM and sha256 release the GIL on large buffers, so the two overlap; the
-    queue bounds what is held in memory. `digest` and `size` cover every byte read.
-    """
-
-    def __init__(self, inner: BinaryIO, depth: int = 16) -> None:
-        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
-        self._pending = b""
-        self._done = False
-        self.digest = hashlib.sha256()
-        self.size = 0
-        self._thread = threading.Thread(target=self._pump, args=(inner,), daemon=True)
-        self._thread.start()
-
-    def _pump(self, inner: BinaryIO) -> None:
-        try:
-            while chunk := inner.read(_READ):
-                self.digest.update(chunk)
-                self.size += len(chunk)
-                self._queue.put(chunk)
-            self._queue.put(b"")
-        except BaseException as exc:  # handed to the reader, raised there
-            self._queue.put(exc)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]  # RawIOBase's buffer type is broader
-        while not self._pending and not self._done:
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            self._pending = item
-            self._done = not item
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
-
-    def drain(self) -> None:
-        """Read to the end (the tar's padding), so the digest covers the whole stream."""
-        while self.readinto(memoryview(bytearray(_READ))):
-            pass
-        self._thread.join()
-
-
-def extract_backup(catalog: Catalog, backup: Manifest, data_dir: Path) -> int:
-    """Stream base.tar.zst into `data_dir`, checking it against the manifest; raw bytes."""
-    raw = catalog.repo.open_read(backup.base_key)
-    with codec.decoding_reader(raw, backup.codec, catalog.key) as decoded:
-        ahead = _ReadAhead(decoded)
-        stream = io.BufferedReader(ahead, buffer_size=_READ)
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            # 16 KiB by default: a Python call per 16 KiB written (not in typeshed)
-            tar.copybufsize = _READ  # type: ignore[attr-defined]
-            tar.extractall(data_dir, filter="data")
-        while stream.read(_READ):
-            pass
-        ahead.drain()
-    if ahead.digest.hexdigest() != backup.sha256 or ahead.size != backup.raw_bytes:
-        raise _refuse(
-            f"backup {backup.id} does not match its manifest (sha256 or size); "
-            f"{data_dir} holds a damaged copy",
-            hint="restore another backup; `stellarbase backup verify` checks them all",
-        )
-    return ahead.size
 
 
 def _prepare_data_dir(data_dir: Path, owner: pwd.struct_passwd) -> None:
@@ -472,7 +415,7 @@ def restore_into(
     os.chown(spool, owner.pw_uid, owner.pw_gid)
     # The base backup first, then WAL: fetching both at once made them compete for the
     # CPU (decoding, hashing) and the disk, and recovery needs the files before any WAL.
-    raw_bytes = extract_backup(catalog, plan.backup, data_dir)
+    raw_bytes = extract_backup(catalog.repo, catalog.key, plan.backup, data_dir)
     _prepare_data_dir(data_dir, owner)
     write_recovery_settings(data_dir, recovery_settings(plan, spool), owner)
     extracted = time.monotonic()

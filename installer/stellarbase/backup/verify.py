@@ -15,6 +15,7 @@ from stellarbase.backup.catalog import (
     WAL_PREFIX,
     Catalog,
     Manifest,
+    Part,
     continuity,
     load_catalog,
 )
@@ -51,21 +52,19 @@ class VerifyReport:
         return not self.problems
 
 
-def check_object(
-    catalog: Catalog, key: str, manifest: Manifest | None = None
-) -> tuple[int, list[Problem]]:
+def check_object(catalog: Catalog, key: str, part: Part | None = None) -> tuple[int, list[Problem]]:
     """Download and decode one object; compare its sha256 and size with its metadata.
 
-    A base backup's checksum and size are known only once its upload has ended, so they
-    live in the manifest rather than in the object's metadata.
+    A base backup part's checksum and size are known only once its upload has ended, so
+    they live in the manifest rather than in the object's metadata.
     """
     try:
         meta = dict(catalog.meta(key))
     except RepositoryError as exc:
         return 0, [Problem(key, exc.message)]
-    if manifest is not None:
-        meta.setdefault("sha256", manifest.sha256)
-        meta.setdefault("size", str(manifest.raw_bytes))
+    if part is not None:
+        meta.setdefault("sha256", part.sha256)
+        meta.setdefault("size", str(part.raw_bytes))
     expected = meta.get("sha256")
     if not expected:
         return 0, [Problem(key, "no sha256 in the object's metadata")]
@@ -112,23 +111,22 @@ def check_manifest(catalog: Catalog, backup: Manifest) -> list[Problem]:
             problems.append(
                 Problem(subject, f"{name} does not hold LSN {walnames.format_lsn(lsn)}")
             )
-    for key in backup.objects:
+    for part in backup.parts:
+        key = part.key
         info = present.get(key)
         if info is None:
             problems.append(Problem(key, "listed in the manifest but missing"))
             continue
-        if key != backup.base_key:
-            continue
-        if info.size != backup.stored_bytes:
+        if info.size != part.stored_bytes:
             problems.append(
-                Problem(key, f"{info.size} bytes stored, the manifest says {backup.stored_bytes}")
+                Problem(key, f"{info.size} bytes stored, the manifest says {part.stored_bytes}")
             )
         try:
             meta = catalog.meta(key)
         except RepositoryError as exc:
             problems.append(Problem(key, exc.message))
             continue
-        if meta.get("sha256", backup.sha256) != backup.sha256:
+        if meta.get("sha256", part.sha256) != part.sha256:
             problems.append(Problem(key, "metadata sha256 differs from the manifest's"))
     return problems
 
@@ -153,8 +151,8 @@ def verify(
     problems = [
         Problem(f"{BACKUPS_PREFIX}{i}/{MANIFEST}", why) for i, why in catalog.unreadable.items()
     ]
-    keys: list[tuple[str, Manifest | None]] = [(WAL_PREFIX + n, None) for n in sorted(catalog.wal)]
-    keys += [(k, b) for b in catalog.backups for k in b.objects]
+    keys: list[tuple[str, Part | None]] = [(WAL_PREFIX + n, None) for n in sorted(catalog.wal)]
+    keys += [(p.key, p) for b in catalog.backups for p in b.parts]
     checked = 0
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         for size, found in pool.map(lambda item: check_object(catalog, *item), keys):
