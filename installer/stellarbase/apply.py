@@ -251,6 +251,14 @@ class Executor:
         if self.dry_run:
             return ("restart: inputs changed" if running else "start"), ""
         self._units = {}
+        if running:
+            # Until the restart is done the unit's inputs are unknown: a crash or a failed
+            # readiness wait here must leave it to be restarted by the next converge.
+            current.units[step.unit] = ""
+            self._save(current)
+            # A deliberate restart is no crash loop: it must not use up StartLimitBurst,
+            # or a few upgrades and rollbacks in a row would leave the unit refusing to start.
+            systemd.reset_failed([step.unit])
         if running and self.rolling:
             systemd.restart(step.unit, wait=True)
             if step.ready_url:

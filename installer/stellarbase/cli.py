@@ -229,6 +229,56 @@ def uninstall(
     emit(operations.uninstall(HostPaths(root), purge=purge), output)
 
 
+@app.command()
+def upgrade(
+    bundle: Annotated[
+        Path, typer.Option("--bundle", help="Release bundle (.tar.gz) of the new release.")
+    ],
+    tier: TierOpt = None,
+    config: ConfigFile = None,
+    set_: Sets = None,
+    root: Root = Path("/"),
+    skip: Skip = None,
+    output: Output = Format.TEXT,
+    debug: Debug = False,
+) -> None:
+    """Verify, back up, migrate, swap and restart one unit at a time; roll back if unhealthy."""
+    from stellarbase import installed, upgrade
+
+    _begin(output, debug)
+    paths = HostPaths(root)
+    loaded = installed.load_site(paths, config, set_, tier)
+    emit(upgrade.upgrade(loaded, paths, bundle, skip or []), output)
+
+
+@app.command()
+def rollback(
+    to: Annotated[str | None, typer.Option("--to", help="Installed release to return to.")] = None,
+    root: Root = Path("/"),
+    output: Output = Format.TEXT,
+    debug: Debug = False,
+) -> None:
+    """Return to the release before the last upgrade (or --to), restart, health gate."""
+    from stellarbase import upgrade
+
+    _begin(output, debug)
+    emit(upgrade.rollback(HostPaths(root), to), output)
+
+
+@app.command(hidden=True)
+def activate(root: Root = Path("/"), output: Output = Format.TEXT, debug: Debug = False) -> None:
+    """Make this installed release current: units, rolling restart, health gate (rollback)."""
+    from stellarbase import installed, operations
+
+    _begin(output, debug)
+    paths = HostPaths(root)
+    loaded = installed.load_installed(paths, None, None)
+    result = operations.install(
+        loaded, paths, None, preflight=False, rolling=True, action="activate"
+    )
+    emit(result, output)
+
+
 @config_app.command("show")
 def config_show(
     tier: TierOpt = None,
@@ -294,9 +344,15 @@ def supervise_request() -> None:
 
 
 @app.command()
-def version() -> None:
-    """Print the version."""
-    print(__version__)
+def version(output: Output = Format.TEXT) -> None:
+    """Print the version (-o json: with the schema range its migrations span)."""
+    if output == Format.TEXT:
+        print(__version__)
+        return
+    from stellarbase import migrate
+
+    schema = migrate.schema_range(migrate.load_migrations()).as_dict()
+    print(json.dumps({"version": __version__, "schema": schema}))
 
 
 migrate_app = typer.Typer(help="Apply or show the versioned PostgreSQL schema migrations.")

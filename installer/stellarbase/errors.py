@@ -21,6 +21,7 @@ class ExitCode(enum.IntEnum):
     CHECKS_WARNED = 10  # preflight/doctor: warnings, no failure
     CHECKS_FAILED = 11  # preflight/doctor: at least one check failed
     BUNDLE = 12  # a release bundle was refused: damaged, unsigned, wrongly signed or unsafe
+    UPGRADE = 13  # an upgrade or rollback was refused, or failed and was rolled back
     INTERRUPTED = 130
 
 

@@ -95,19 +95,33 @@ def make_plan(loaded: LoadedConfig, paths: HostPaths, binary: Path | None) -> pl
 
 
 def install(
-    loaded: LoadedConfig, paths: HostPaths, binary: Path | None, skip: list[str] | None = None
+    loaded: LoadedConfig,
+    paths: HostPaths,
+    binary: Path | None,
+    skip: list[str] | None = None,
+    *,
+    preflight: bool = True,
+    rolling: bool = False,
+    action: str = "install",
+    audit_details: dict[str, Any] | None = None,
 ) -> Result:
+    """Converge the host. `preflight=False` and `rolling=True` serve upgrade and rollback,
+    which checked what they need before, and restart one unit at a time."""
     skip = skip or []
     require_root(paths)
     the_plan = make_plan(loaded, paths, binary)
     source = str(loaded.site_file.resolve()) if loaded.site_file else "tier defaults"
+    if loaded.site_file and loaded.site_file.resolve() == paths.config_file.resolve():
+        source = ""  # the installed config again (upgrade, rollback): keep where it came from
     executor = Executor(
         paths,
-        config_source=f"{source} (tier {loaded.config.tier})",
+        config_source=f"{source} (tier {loaded.config.tier})" if source else "",
         database_url=the_plan.database[0] if the_plan.database else "",
+        rolling=rolling,
+        unit_timeout=loaded.config.health.timeout_seconds,
     )
     try:
-        if paths.live:  # a --root install prepares files only: nothing listens or connects
+        if paths.live and preflight:  # a --root install prepares files: nothing connects
             # Preflight guards changes; a converged host has none to make, and its health
             # gate still proves every dependency through the services' /readyz.
             # Schema steps need the servers up and are not what preflight guards.
@@ -123,14 +137,15 @@ def install(
         steps = executor.apply(the_plan)
     except StellarError as exc:
         if paths.live:
-            details = {"error": exc.message, "skipped_checks": skip}
-            record_audit(the_plan.database, "install", "failure", details)
+            details = {**(audit_details or {}), "error": exc.message, "skipped_checks": skip}
+            record_audit(the_plan.database, action, "failure", details)
         raise
     changed = [s.step for s in steps if s.status == Status.CHANGED]
     if paths.live:
-        details = {"changed": changed, "skipped_checks": skip}
-        record_audit(the_plan.database, "install", "success", details)
-    result = Result("install", steps, info={"endpoints": dict(the_plan.endpoints)})
+        details = {**(audit_details or {}), "changed": changed, "skipped_checks": skip,
+                   "version": __version__}  # fmt: skip
+        record_audit(the_plan.database, action, "success", details)
+    result = Result(action, steps, info={"endpoints": dict(the_plan.endpoints)})
     result.lines.append(f"{result.changed} changed, {len(steps) - result.changed} unchanged")
     if paths.live:
         result.lines.append("endpoints (each serves /healthz, /readyz, /metrics):")

@@ -107,6 +107,7 @@ class StartUnit:
     digest: str  # of every input of the unit; a change means restart
     restart_on_change: bool = True
     port: int = 0
+    ready_url: str = ""  # its /readyz: a rolling restart waits for it before the next unit
 
 
 @dataclass(frozen=True)
@@ -376,7 +377,8 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
                     facts.binary_digest.encode(),
                 ]
             )
-            steps.append(StartUnit(unit.name, digest(inputs), port=unit.port))
+            ready_url = f"{_base_url(config.bind, unit.port)}/readyz" if unit.name in probed else ""
+            steps.append(StartUnit(unit.name, digest(inputs), port=unit.port, ready_url=ready_url))
         if backups:
             timer = (
                 unit_files[render.BACKUP_TIMER].encode() + unit_files[render.BACKUP_UNIT].encode()

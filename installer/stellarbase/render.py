@@ -68,13 +68,19 @@ def environment() -> jinja2.Environment:
 
 
 def unit_instances(config: cfg.Config) -> list[UnitInstance]:
-    """Every service unit to run, in start order."""
+    """Every service unit to run, in start order. An upgrade restarts them in this order,
+    each ready before the next: the workers one at a time, then the API, then the agent,
+    whose readiness sums up all the others."""
     catalog = load_catalog().services
-    out = [UnitInstance(catalog["agent"].unit, catalog["agent"].unit, "agent", config.agent.port)]
-    out.append(UnitInstance(catalog["api"].unit, catalog["api"].unit, "api", config.api.port))
     template = catalog["worker"].unit
-    for n, port in enumerate(config.worker_ports(), start=1):
-        out.append(UnitInstance(template.replace("@", f"@{n}"), template, "worker", port))
+    out = [
+        UnitInstance(template.replace("@", f"@{n}"), template, "worker", port)
+        for n, port in enumerate(config.worker_ports(), start=1)
+    ]
+    out.append(UnitInstance(catalog["api"].unit, catalog["api"].unit, "api", config.api.port))
+    out.append(
+        UnitInstance(catalog["agent"].unit, catalog["agent"].unit, "agent", config.agent.port)
+    )
     return out
 
 

@@ -18,6 +18,7 @@ class State:
     config_source: str = ""
     database_url: str = ""  # where the audit log lives (no password)
     features: dict[str, bool] = field(default_factory=dict)  # e.g. vector: semantic search on
+    previous_version: str = ""  # the release before the last upgrade: what rollback returns to
 
     def own(self, path: str) -> bool:
         """Record a path as ours; True when that is new."""

@@ -56,8 +56,12 @@ def start(unit: str, wait: bool = False) -> None:
         run(["systemctl", "start", "--no-block", unit], timeout=60)
 
 
-def restart(unit: str) -> None:
-    run(["systemctl", "restart", "--no-block", unit], timeout=60)
+def restart(unit: str, wait: bool = False) -> None:
+    """Restart; with wait, return once it is up again (Type=notify: once it sent READY=1)."""
+    if wait:
+        run(["systemctl", "restart", unit], timeout=300)
+    else:
+        run(["systemctl", "restart", "--no-block", unit], timeout=60)
 
 
 def stop(units: list[str]) -> None:

@@ -1,0 +1,327 @@
+"""Releases in a real (throwaway) systemd: install from bundle A, upgrade to B (a newer
+version with one more migration), a failed upgrade to C (its services never get ready)
+rolls back to B by itself, `rollback` on demand, and the refusals: tampered bundles and a
+downgrade past the schema's compatibility range.
+
+A is the packaged binary of this tree; B and C are built from copies of it
+(tests/release_builds.py). Set RELEASES_TEST_DIR=DIR to keep the builds in DIR
+and reuse them on the next run.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import os
+import secrets
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from psycopg import sql
+
+from stellarbase.errors import ExitCode
+from tests import servers
+from tests.integration.conftest import Host, ready
+from tests.release_builds import SigningKey, Variant, build_variant, make_bundle
+
+pytestmark = [pytest.mark.systemd, pytest.mark.integration]
+
+A, B, C = "0.1.0", "0.2.0", "0.3.0"
+WORKERS = ["stellarbase-worker@1.service", "stellarbase-worker@2.service"]
+SERVICES = [*WORKERS, "stellarbase-api.service", "stellarbase-agent.service"]
+B_MIGRATION = (
+    "0003_release_notes.sql",
+    "-- Additive: releases before this one run against it unchanged.\n"
+    "CREATE TABLE release_notes (version text PRIMARY KEY, notes text NOT NULL);\n",
+)
+# C's services answer /readyz with 503 whatever their dependencies say.
+C_BROKEN = (
+    "installer/stellarbase/service.py",
+    "ready = all(r.ok for r in results)",
+    "ready = False  # a release that never gets ready, for the rollback test",
+)
+GATE_S = 20
+KEY_IN_SANDBOX = "/root/release-key.pem"
+
+
+@dataclass(frozen=True)
+class Releases:
+    key: SigningKey
+    bundles: dict[str, Path]
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory: pytest.TempPathFactory, binary: Path) -> Releases:
+    cache = os.environ.get("RELEASES_TEST_DIR")
+    workdir = Path(cache) if cache else tmp_path_factory.mktemp("releases")
+    workdir.mkdir(parents=True, exist_ok=True)
+    key_file = workdir / "signing-key.pem"
+    if cache and key_file.exists():
+        private = serialization.load_pem_private_key(key_file.read_bytes(), None)
+        public = private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        key = SigningKey(key_file, public.decode())
+    else:
+        key = SigningKey.throwaway(workdir)
+    bundles = {A: make_bundle(binary, workdir / "bundles", A, A, key)}
+    variants = [
+        Variant(B, upgrade_from=A, migrations=dict([B_MIGRATION])),
+        Variant(C, upgrade_from=A, migrations=dict([B_MIGRATION]), edits=(C_BROKEN,)),
+    ]
+    for variant in variants:
+        found = sorted((workdir / "bundles").glob(f"stellarbase-{variant.version}-linux-*"))
+        bundles[variant.version] = (
+            found[0] if cache and found else build_variant(variant, workdir, key)
+        )
+    return Releases(key, bundles)
+
+
+@pytest.fixture
+def database(postgres_server: servers.PostgresServer) -> Iterator[str]:
+    """A database of its own: the upgrade adds a migration the other tests do not know."""
+    name = f"upgrade_{secrets.token_hex(4)}"
+    pg = postgres_server
+    with _admin(pg) as admin:
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                sql.Identifier(name), sql.Identifier(pg.user)
+            )
+        )
+    yield f"postgresql://{pg.user}@{pg.host}:{pg.port}/{name}"
+    with _admin(pg) as admin:
+        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _admin(pg: servers.PostgresServer) -> psycopg.Connection[Any]:
+    return psycopg.connect(
+        host=pg.host, port=pg.port, user=servers.PG_SUPERUSER, password=pg.admin_password,
+        dbname="postgres", autocommit=True,
+    )  # fmt: skip
+
+
+class Site:
+    """The installed host as the test sees it: commands, files, units and the database."""
+
+    def __init__(self, host: Host, url: str, password: str, releases: Releases) -> None:
+        self.host, self.url, self.password = host, url, password
+        host.site["postgres"]["url"] = url
+        host.site["worker"]["instances"] = len(WORKERS)
+        host.site["health"]["timeout_seconds"] = GATE_S
+        host.sandbox.path(KEY_IN_SANDBOX).write_text(releases.key.public_pem)
+        self.bundles: dict[str, str] = {}
+        for version, bundle in releases.bundles.items():
+            inside = f"/root/{bundle.name}"
+            self.bundles[version] = inside
+            host.sandbox.path(inside).write_bytes(bundle.read_bytes())
+
+    def run(self, binary: str, *args: str) -> tuple[int, str, str]:
+        env = {**self.host.secrets, "STELLARBASE_RELEASE_PUBKEY": KEY_IN_SANDBOX}
+        out = self.host.sandbox.run([binary, *args], check=False, env=env, timeout=600)
+        return out.returncode, out.stdout, out.stderr
+
+    def sql(self, query: str, *params: object) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.url, password=self.password, autocommit=True) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    def state(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(
+            self.host.sandbox.path("/var/lib/stellarbase/state.json").read_text()
+        )
+        return data
+
+    def current(self) -> str:
+        return os.readlink(self.host.sandbox.path("/opt/stellarbase/current"))
+
+    def all_ready(self) -> bool:
+        ports = self.state()["ports"]
+        return all(
+            self.host.active(u) == "active" and ready(f"http://127.0.0.1:{ports[u]}")
+            for u in SERVICES
+        )
+
+    def entered(self, unit: str) -> int:
+        out = self.host.sandbox.systemctl(
+            "show", "--property=ActiveEnterTimestampMonotonic", "--value", unit
+        )
+        return int(out.stdout.strip() or 0)
+
+    def audit(self, action: str) -> list[tuple[str, dict[str, Any]]]:
+        rows = self.sql("SELECT outcome, details FROM audit_log WHERE action = %s ORDER BY id",
+                        action)  # fmt: skip
+        return [(str(r[0]), dict(r[1])) for r in rows]
+
+    def host_files(self) -> dict[str, bytes]:
+        """Everything the installer owns on the host, to show that a refusal changed nothing."""
+        out: dict[str, bytes] = {}
+        for top in ("/opt/stellarbase", "/etc/stellarbase", "/var/lib/stellarbase/state.json",
+                    "/etc/systemd/system"):  # fmt: skip
+            base = self.host.sandbox.path(top)
+            for path in [base, *base.rglob("*")] if base.is_dir() else [base]:
+                key = str(path.relative_to(self.host.sandbox.path("/")))
+                if path.is_symlink():
+                    out[key] = os.readlink(path).encode()
+                elif path.is_file() and "stellarbase" in key:
+                    out[key] = path.read_bytes()
+        return out
+
+
+def test_install_upgrade_fail_rollback(host: Host, database: str, releases: Releases) -> None:
+    site = Site(host, database, host.secrets["STELLARBASE_POSTGRES__PASSWORD"], releases)
+    config = host.write_site(host.site)
+
+    # 1. install from bundle A, with A's own binary from the unpacked bundle
+    host.sandbox.run(["tar", "xf", site.bundles[A], "-C", "/root"])
+    code, out, err = site.run(f"/root/stellarbase-{A}/stellarbase", "install", "--bundle",
+                              site.bundles[A], "--config", config, "-o", "json")  # fmt: skip
+    assert code == 0, out + err
+    assert site.current() == f"releases/{A}" and site.all_ready()
+    site.sql("CREATE TABLE customer_rows (id int PRIMARY KEY, body text)")
+    site.sql("INSERT INTO customer_rows SELECT g, md5(g::text) FROM generate_series(1, 500) g")
+    rows = site.sql("SELECT count(*), sum(hashtext(body)) FROM customer_rows")
+
+    # 2. tampered bundles of B are refused before anything changes
+    before = site.host_files()
+    pids = host.pids(SERVICES)
+    for name, data in _tampered(releases.bundles[B], releases.key).items():
+        path = f"/root/tampered-{name}.tar.gz"
+        host.sandbox.path(path).write_bytes(data)
+        code, out, err = site.run("/opt/stellarbase/current/stellarbase", "upgrade",
+                                  "--bundle", path)  # fmt: skip
+        assert code == ExitCode.BUNDLE, (name, out, err)
+        assert "bundle" in err and "hint:" in err, (name, err)
+    assert site.host_files() == before
+    assert host.pids(SERVICES) == pids
+
+    # 3. upgrade A → B with the installed A binary: it hands over to B's own binary
+    code, out, err = site.run("/opt/stellarbase/current/stellarbase", "upgrade", "--bundle",
+                              site.bundles[B], "-o", "json")  # fmt: skip
+    assert code == 0, out + err
+    upgraded = json.loads(out)
+    assert (upgraded["operation"], upgraded["from"], upgraded["to"]) == ("upgrade", A, B)
+    assert site.current() == f"releases/{B}" and site.state()["version"] == B
+    assert site.state()["previous_version"] == A
+    assert site.all_ready()
+    assert all(host.pids([u])[u] != pids[u] for u in SERVICES), "every service restarted"
+    order = [site.entered(u) for u in SERVICES]
+    assert order == sorted(order), "workers one at a time, then the API, then the agent"
+    assert site.sql("SELECT max(version) FROM stellarbase_migrations") == [(3,)]
+    assert site.sql("SELECT count(*), sum(hashtext(body)) FROM customer_rows") == rows
+    assert ("success", {"from": A, "to": B, "migrations": ["0003_release_notes.sql"]}) in [
+        (o, {k: d[k] for k in ("from", "to", "migrations") if k in d})
+        for o, d in site.audit("upgrade")
+    ]
+    # a re-run of the same upgrade changes nothing
+    code, out, err = site.run("/opt/stellarbase/current/stellarbase", "upgrade", "--bundle",
+                              site.bundles[B])  # fmt: skip
+    assert code == 0 and "current already" in out, out + err
+
+    # 4. B → C: C never gets ready, so the upgrade puts B back by itself
+    pids_b = host.pids(SERVICES)
+    started = time.monotonic()
+    code, out, err = site.run("/opt/stellarbase/current/stellarbase", "upgrade", "--bundle",
+                              site.bundles[C])  # fmt: skip
+    took = time.monotonic() - started
+    assert code == ExitCode.UPGRADE, out + err
+    assert f"rolled back to {B}" in err and "hint:" in err, err
+    assert took < 2 * GATE_S + 90, f"rollback took {took:.0f}s"
+    assert site.current() == f"releases/{B}" and site.state()["version"] == B
+    assert site.state()["previous_version"] == A
+    assert site.all_ready()
+    untouched = [
+        "stellarbase-worker@2.service",
+        "stellarbase-api.service",
+        "stellarbase-agent.service",
+    ]
+    assert host.pids(untouched) == {u: pids_b[u] for u in untouched}, (
+        "only worker@1 ran C: the first unit of C that was not ready stopped the upgrade"
+    )
+    assert site.sql("SELECT count(*), sum(hashtext(body)) FROM customer_rows") == rows
+    failed = [d for o, d in site.audit("upgrade") if o == "failure"]
+    assert failed and failed[-1]["to"] == C and "not healthy" in failed[-1]["error"]
+    assert site.audit("rollback")[-1] == ("success", {"to": B, "after": "upgrade"})
+    assert site.audit("activate")[-1][0] == "success"
+
+    # 5. rollback on demand: back to A, which runs against B's additive schema
+    code, out, err = site.run("/opt/stellarbase/current/stellarbase", "rollback")
+    assert code == 0, out + err
+    assert site.current() == f"releases/{A}" and site.state()["version"] == A
+    assert site.all_ready()
+    assert site.sql("SELECT count(*), sum(hashtext(body)) FROM customer_rows") == rows
+    assert site.audit("rollback")[-1] == ("success", {"from": B, "to": A})
+
+    # 6. forward again with rollback, then a breaking migration: A is refused
+    code, out, err = site.run("/opt/stellarbase/current/stellarbase", "rollback")
+    assert code == 0 and site.state()["version"] == B, out + err
+    site.sql("UPDATE stellarbase_migrations SET compatible_from = 3 WHERE version = 3")
+    before = site.host_files()
+    code, out, err = site.run("/opt/stellarbase/current/stellarbase", "rollback")
+    assert code == ExitCode.UPGRADE, out + err
+    assert f"release {A} cannot run against this database" in err
+    assert "migrations only go forward" in err
+    assert site.host_files() == before and site.all_ready()
+
+
+def _tampered(bundle: Path, key: SigningKey) -> dict[str, bytes]:
+    """Five broken copies of a bundle: each must be refused."""
+    with gzip.open(bundle) as raw:
+        members = _members(raw.read())
+    top = next(iter(members)).split("/")[0]
+    flipped = dict(members)
+    binary = bytearray(flipped[f"{top}/stellarbase"])
+    binary[len(binary) // 2] ^= 0x01
+    flipped[f"{top}/stellarbase"] = bytes(binary)
+    sums = dict(members)
+    sums[f"{top}/SHA256SUMS"] = members[f"{top}/SHA256SUMS"].replace(b"  README.md", b"  README")
+    unsigned = {k: v for k, v in members.items() if not k.endswith(".sig")}
+    other = dict(members)
+    signature = Ed25519PrivateKey.generate().sign(members[f"{top}/SHA256SUMS"])
+    other[f"{top}/SHA256SUMS.sig"] = base64.b64encode(signature) + b"\n"
+    whole = bundle.read_bytes()
+    return {
+        "flipped-byte": _pack(flipped),
+        "changed-sums": _pack(sums),
+        "unsigned": _pack(unsigned),
+        "other-key": _pack(other),
+        "truncated": whole[: len(whole) * 2 // 3],
+    }
+
+
+def _members(data: bytes) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar:
+            f = tar.extractfile(member) if member.isfile() else None
+            out[member.name] = f.read() if f else b""
+    return out
+
+
+def _pack(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with (
+        gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w") as tar,
+    ):
+        for name, body in members.items():
+            info = tarfile.TarInfo(name)
+            if body or not name.count("/"):
+                info.size = len(body)
+            if "/" not in name:
+                info.type = tarfile.DIRTYPE
+                info.mode = 0o755
+                tar.addfile(info)
+                continue
+            info.mode = 0o755 if name.endswith("/stellarbase") else 0o644
+            tar.addfile(info, io.BytesIO(body))
+    return buf.getvalue()
