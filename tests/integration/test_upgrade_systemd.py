@@ -1,7 +1,8 @@
-"""Releases in a real (throwaway) systemd: install from bundle A, upgrade to B (a newer
-version with one more migration), a failed upgrade to C (its services never get ready)
-rolls back to B by itself, `rollback` on demand, and the refusals: tampered bundles and a
-downgrade past the schema's compatibility range.
+"""Releases in a real (throwaway) systemd, on a pilot with its own PostgreSQL and Redis and
+backups to a file repository: install from bundle A, upgrade to B (a newer version with one
+more migration, after a fresh base backup), a failed upgrade to C (its services never get
+ready) rolls back to B by itself, `rollback` on demand, and the refusals: tampered bundles
+and a downgrade past the schema's compatibility range.
 
 A is the packaged binary of this tree; B and C are built from copies of it
 (tests/release_builds.py). Set RELEASES_TEST_DIR=DIR to keep the builds in DIR
@@ -15,24 +16,23 @@ import gzip
 import io
 import json
 import os
-import secrets
 import tarfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from psycopg import sql
 
 from stellarbase.errors import ExitCode
-from tests import servers
-from tests.integration.conftest import Host, ready
+from stellarbase.installed import read_env_file
+from tests.integration.conftest import free_port_block, ready, wait_for
 from tests.release_builds import SigningKey, Variant, build_variant, make_bundle
+from tests.systemd_sandbox import SystemdSandbox
 
 pytestmark = [pytest.mark.systemd, pytest.mark.integration]
 
@@ -52,6 +52,7 @@ C_BROKEN = (
 )
 GATE_S = 20
 KEY_IN_SANDBOX = "/root/release-key.pem"
+REPO_DIR = "/var/lib/stellarbase-backups"
 
 
 @dataclass(frozen=True)
@@ -87,72 +88,74 @@ def releases(tmp_path_factory: pytest.TempPathFactory, binary: Path) -> Releases
     return Releases(key, bundles)
 
 
-@pytest.fixture
-def database(postgres_server: servers.PostgresServer) -> Iterator[str]:
-    """A database of its own: the upgrade adds a migration the other tests do not know."""
-    name = f"upgrade_{secrets.token_hex(4)}"
-    pg = postgres_server
-    with _admin(pg) as admin:
-        admin.execute(
-            sql.SQL("CREATE DATABASE {} OWNER {}").format(
-                sql.Identifier(name), sql.Identifier(pg.user)
-            )
-        )
-    yield f"postgresql://{pg.user}@{pg.host}:{pg.port}/{name}"
-    with _admin(pg) as admin:
-        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-def _admin(pg: servers.PostgresServer) -> psycopg.Connection[Any]:
-    return psycopg.connect(
-        host=pg.host, port=pg.port, user=servers.PG_SUPERUSER, password=pg.admin_password,
-        dbname="postgres", autocommit=True,
-    )  # fmt: skip
-
-
 class Site:
     """The installed host as the test sees it: commands, files, units and the database."""
 
-    def __init__(self, host: Host, url: str, password: str, releases: Releases) -> None:
-        self.host, self.url, self.password = host, url, password
-        host.site["postgres"]["url"] = url
-        host.site["worker"]["instances"] = len(WORKERS)
-        host.site["health"]["timeout_seconds"] = GATE_S
-        host.sandbox.path(KEY_IN_SANDBOX).write_text(releases.key.public_pem)
+    def __init__(self, sandbox: SystemdSandbox, releases: Releases) -> None:
+        self.sandbox = sandbox
+        base = free_port_block(8)
+        self.pg_port = base + 4
+        self.site = {
+            "tier": "pilot",
+            "api": {"port": base},
+            "agent": {"port": base + 1},
+            "worker": {"port": base + 2, "instances": len(WORKERS)},
+            "local": {"postgres": {"port": base + 4}, "redis": {"port": base + 5}},
+            "health": {"timeout_seconds": GATE_S},
+            "backup": {"repository": f"file://{REPO_DIR}", "archive_timeout_seconds": 10},
+        }
+        self.config = "/root/site.yaml"
+        sandbox.path(self.config).write_text(yaml.safe_dump(self.site))
+        sandbox.path(KEY_IN_SANDBOX).write_text(releases.key.public_pem)
         self.bundles: dict[str, str] = {}
         for version, bundle in releases.bundles.items():
             inside = f"/root/{bundle.name}"
             self.bundles[version] = inside
-            host.sandbox.path(inside).write_bytes(bundle.read_bytes())
+            sandbox.path(inside).write_bytes(bundle.read_bytes())
 
     def run(self, binary: str, *args: str) -> tuple[int, str, str]:
-        env = {**self.host.secrets, "STELLARBASE_RELEASE_PUBKEY": KEY_IN_SANDBOX}
-        out = self.host.sandbox.run([binary, *args], check=False, env=env, timeout=600)
+        env = {"STELLARBASE_RELEASE_PUBKEY": KEY_IN_SANDBOX}
+        out = self.sandbox.run([binary, *args], check=False, env=env, timeout=600)
         return out.returncode, out.stdout, out.stderr
 
     def sql(self, query: str, *params: object) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.url, password=self.password, autocommit=True) as conn:
+        admin = read_env_file(self.sandbox.path("/etc/stellarbase/postgres-admin.env"))
+        password = admin["STELLARBASE_LOCAL_POSTGRES_ADMIN_PASSWORD"]
+        with psycopg.connect(
+            host="127.0.0.1", port=self.pg_port, user="postgres", password=password,
+            dbname="stellarbase", autocommit=True,
+        ) as conn:  # fmt: skip
             cur = conn.execute(query, params)
             return cur.fetchall() if cur.description else []
 
+    def backups(self) -> int:
+        code, out, err = self.run("/opt/stellarbase/current/stellarbase", "backup", "list",
+                                  "-o", "json")  # fmt: skip
+        assert code == 0, out + err
+        return len(json.loads(out)["backups"])
+
     def state(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(
-            self.host.sandbox.path("/var/lib/stellarbase/state.json").read_text()
+            self.sandbox.path("/var/lib/stellarbase/state.json").read_text()
         )
         return data
 
     def current(self) -> str:
-        return os.readlink(self.host.sandbox.path("/opt/stellarbase/current"))
+        return os.readlink(self.sandbox.path("/opt/stellarbase/current"))
 
     def all_ready(self) -> bool:
         ports = self.state()["ports"]
         return all(
-            self.host.active(u) == "active" and ready(f"http://127.0.0.1:{ports[u]}")
+            self.sandbox.systemctl("is-active", u, check=False).stdout.strip() == "active"
+            and ready(f"http://127.0.0.1:{ports[u]}")
             for u in SERVICES
         )
 
+    def pids(self, units: list[str]) -> dict[str, int]:
+        return {u: self.sandbox.main_pid(u) for u in units}
+
     def entered(self, unit: str) -> int:
-        out = self.host.sandbox.systemctl(
+        out = self.sandbox.systemctl(
             "show", "--property=ActiveEnterTimestampMonotonic", "--value", unit
         )
         return int(out.stdout.strip() or 0)
@@ -167,9 +170,9 @@ class Site:
         out: dict[str, bytes] = {}
         for top in ("/opt/stellarbase", "/etc/stellarbase", "/var/lib/stellarbase/state.json",
                     "/etc/systemd/system"):  # fmt: skip
-            base = self.host.sandbox.path(top)
+            base = self.sandbox.path(top)
             for path in [base, *base.rglob("*")] if base.is_dir() else [base]:
-                key = str(path.relative_to(self.host.sandbox.path("/")))
+                key = str(path.relative_to(self.sandbox.path("/")))
                 if path.is_symlink():
                     out[key] = os.readlink(path).encode()
                 elif path.is_file() and "stellarbase" in key:
@@ -177,12 +180,12 @@ class Site:
         return out
 
 
-def test_install_upgrade_fail_rollback(host: Host, database: str, releases: Releases) -> None:
-    site = Site(host, database, host.secrets["STELLARBASE_POSTGRES__PASSWORD"], releases)
-    config = host.write_site(host.site)
+def test_install_upgrade_fail_rollback(systemd_sandbox: SystemdSandbox, releases: Releases) -> None:
+    site = Site(systemd_sandbox, releases)
+    config = site.config
 
     # 1. install from bundle A, with A's own binary from the unpacked bundle
-    host.sandbox.run(["tar", "xf", site.bundles[A], "-C", "/root"])
+    site.sandbox.run(["tar", "xf", site.bundles[A], "-C", "/root"])
     code, out, err = site.run(f"/root/stellarbase-{A}/stellarbase", "install", "--bundle",
                               site.bundles[A], "--config", config, "-o", "json")  # fmt: skip
     assert code == 0, out + err
@@ -193,27 +196,30 @@ def test_install_upgrade_fail_rollback(host: Host, database: str, releases: Rele
 
     # 2. tampered bundles of B are refused before anything changes
     before = site.host_files()
-    pids = host.pids(SERVICES)
+    pids = site.pids(SERVICES)
     for name, data in _tampered(releases.bundles[B], releases.key).items():
         path = f"/root/tampered-{name}.tar.gz"
-        host.sandbox.path(path).write_bytes(data)
+        site.sandbox.path(path).write_bytes(data)
         code, out, err = site.run("/opt/stellarbase/current/stellarbase", "upgrade",
                                   "--bundle", path)  # fmt: skip
         assert code == ExitCode.BUNDLE, (name, out, err)
         assert "bundle" in err and "hint:" in err, (name, err)
     assert site.host_files() == before
-    assert host.pids(SERVICES) == pids
+    assert site.pids(SERVICES) == pids
 
-    # 3. upgrade A → B with the installed A binary: it hands over to B's own binary
+    # 3. upgrade A → B with the installed A binary: it hands over to B's own binary, which
+    # takes a fresh base backup before it migrates
+    wait_for("the first base backup", lambda: site.backups() == 1, timeout=120)
     code, out, err = site.run("/opt/stellarbase/current/stellarbase", "upgrade", "--bundle",
                               site.bundles[B], "-o", "json")  # fmt: skip
     assert code == 0, out + err
+    assert site.backups() == 2
     upgraded = json.loads(out)
     assert (upgraded["operation"], upgraded["from"], upgraded["to"]) == ("upgrade", A, B)
     assert site.current() == f"releases/{B}" and site.state()["version"] == B
     assert site.state()["previous_version"] == A
     assert site.all_ready()
-    assert all(host.pids([u])[u] != pids[u] for u in SERVICES), "every service restarted"
+    assert all(site.pids([u])[u] != pids[u] for u in SERVICES), "every service restarted"
     order = [site.entered(u) for u in SERVICES]
     assert order == sorted(order), "workers one at a time, then the API, then the agent"
     assert site.sql("SELECT max(version) FROM stellarbase_migrations") == [(3,)]
@@ -228,7 +234,7 @@ def test_install_upgrade_fail_rollback(host: Host, database: str, releases: Rele
     assert code == 0 and "current already" in out, out + err
 
     # 4. B → C: C never gets ready, so the upgrade puts B back by itself
-    pids_b = host.pids(SERVICES)
+    pids_b = site.pids(SERVICES)
     started = time.monotonic()
     code, out, err = site.run("/opt/stellarbase/current/stellarbase", "upgrade", "--bundle",
                               site.bundles[C])  # fmt: skip
@@ -244,7 +250,7 @@ def test_install_upgrade_fail_rollback(host: Host, database: str, releases: Rele
         "stellarbase-api.service",
         "stellarbase-agent.service",
     ]
-    assert host.pids(untouched) == {u: pids_b[u] for u in untouched}, (
+    assert site.pids(untouched) == {u: pids_b[u] for u in untouched}, (
         "only worker@1 ran C: the first unit of C that was not ready stopped the upgrade"
     )
     assert site.sql("SELECT count(*), sum(hashtext(body)) FROM customer_rows") == rows
