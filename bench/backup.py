@@ -630,6 +630,11 @@ class Sample:
         return self.backlog_segments / self.backlog_s if self.backlog_s else float("nan")
 
     @property
+    def restore_recovery_s(self) -> float:
+        """From the files in place until promoted: start, WAL replay, promotion."""
+        return self.restore_total_s - self.restore_files_s
+
+    @property
     def load_rate(self) -> float:
         """Segments per second from the start of the load until the last one is archived."""
         return self.load_segments / (self.load_seconds + self.drain_s)
@@ -758,9 +763,14 @@ ROWS: list[tuple[str, str, str]] = [
     ("lag: oldest .ready age (s)", "max_ready_age_s", "{:.2f}"),
     ("base backup (s)", "backup_s", "{:.1f}"),
     ("restore: files in place (s)", "restore_files_s", "{:.1f}"),
+    ("restore: recovery after that (s)", "restore_recovery_s", "{:.1f}"),
     ("restore: until promoted (s)", "restore_total_s", "{:.1f}"),
     ("repository size (MiB)", "repo_mib", "{:.0f}"),
 ]
+
+
+# The figures printed for every run beside the medians: the noisy ones.
+PER_RUN = ("backlog_rate", "backup_s", "restore_files_s", "restore_recovery_s", "restore_total_s")
 
 
 def value(sample: Sample, attr: str) -> float:
@@ -781,12 +791,21 @@ def cell(samples: list[Sample] | str, attr: str, fmt: str) -> str:
     return fmt.format(median_of(samples, attr))
 
 
+def runs(samples: list[Sample] | str, attr: str, fmt: str) -> str:
+    if isinstance(samples, str):
+        return "n/a"
+    return " ".join(fmt.format(value(s, attr)) for s in samples)
+
+
 def ratio_line(
     label: str, ours: list[Sample] | str, theirs: list[Sample], attr: str, target: str
 ) -> str:
     if isinstance(ours, str):
         return f"{label:<34} not available yet ({ours})"
-    r = median_of(ours, attr) / median_of(theirs, attr)
+    theirs_value = median_of(theirs, attr)
+    if not theirs_value:  # no .ready file ever waited: nothing to divide by
+        return f"{label:<34}    n/a  {target}"
+    r = median_of(ours, attr) / theirs_value
     return f"{label:<34} {r:6.2f}x  {target}"
 
 
@@ -809,6 +828,11 @@ def report(results: dict[str, list[Sample] | str], args: argparse.Namespace) -> 
     print(f"  {'':<34} {'stellarbase':>12} {'pgBackRest':>12}")
     for label, attr, fmt in ROWS:
         print(f"  {label:<34} {cell(ours, attr, fmt):>12} {cell(theirs, attr, fmt):>12}")
+    if args.runs > 1:
+        print("  each run (in run order; the first tool alternates):")
+        for label, attr, fmt in ROWS:
+            if attr in PER_RUN:
+                print(f"  {label:<34} {runs(ours, attr, fmt):>12} {runs(theirs, attr, fmt):>12}")
     for name, samples in (("stellarbase", ours), ("pgBackRest", theirs)):
         if isinstance(samples, str):
             continue
