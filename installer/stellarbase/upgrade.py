@@ -116,7 +116,16 @@ def upgrade(loaded: LoadedConfig, paths: HostPaths, bundle: Path, skip: list[str
         move = check_move(before.version, target, release.upgrade_from, db_newest, db_floor)
         result = Result("upgrade", info={"from": before.version, "to": release.version})
         if move == "same" and _current_release(paths) == release.version:
-            result.lines.append(f"release {release.version} is installed and current already")
+            # Converge only: after a crash mid-upgrade this restarts what still runs the
+            # release before; on a finished upgrade it changes nothing.
+            done = install(
+                loaded, paths, verified.binary, skip, preflight=False, rolling=True,
+                action="upgrade", audit_details={"from": before.version, "to": release.version},
+            )  # fmt: skip
+            result.steps = done.steps
+            result.lines.append(
+                f"release {release.version} is current already; {done.changed} changed"
+            )
             return result
 
         found = report.run(preflight_context(loaded.config, paths), skip)

@@ -113,8 +113,10 @@ class Site:
             self.bundles[version] = inside
             sandbox.path(inside).write_bytes(bundle.read_bytes())
 
-    def run(self, binary: str, *args: str) -> tuple[int, str, str]:
-        env = {"STELLARBASE_RELEASE_PUBKEY": KEY_IN_SANDBOX}
+    def run(
+        self, binary: str, *args: str, env: dict[str, str] | None = None
+    ) -> tuple[int, str, str]:
+        env = {"STELLARBASE_RELEASE_PUBKEY": KEY_IN_SANDBOX, **(env or {})}
         out = self.sandbox.run([binary, *args], check=False, env=env, timeout=600)
         return out.returncode, out.stdout, out.stderr
 
@@ -231,7 +233,7 @@ def test_install_upgrade_fail_rollback(systemd_sandbox: SystemdSandbox, releases
     # a re-run of the same upgrade changes nothing
     code, out, err = site.run("/opt/stellarbase/current/stellarbase", "upgrade", "--bundle",
                               site.bundles[B])  # fmt: skip
-    assert code == 0 and "current already" in out, out + err
+    assert code == 0 and "current already; 0 changed" in out, out + err
 
     # 4. B → C: C never gets ready, so the upgrade puts B back by itself
     pids_b = site.pids(SERVICES)
@@ -267,7 +269,32 @@ def test_install_upgrade_fail_rollback(systemd_sandbox: SystemdSandbox, releases
     assert site.sql("SELECT count(*), sum(hashtext(body)) FROM customer_rows") == rows
     assert site.audit("rollback")[-1] == ("success", {"from": B, "to": A})
 
-    # 6. forward again with rollback, then a breaking migration: A is refused
+    # 6. forward again with rollback
+    code, out, err = site.run("/opt/stellarbase/current/stellarbase", "rollback")
+    assert code == 0 and site.state()["version"] == B, out + err
+
+    # 7. a downgrade to A (allowed: the schema is additive) killed right after worker@1
+    # restarted; the same command again finishes the move
+    code, out, err = site.run("/opt/stellarbase/current/stellarbase", "plan", "--config",
+                              config, "-o", "json")  # fmt: skip
+    names = [step["step"] for step in json.loads(out)["steps"]]
+    stop_after = names.index("start stellarbase-worker@1.service") + 1
+    pids_b = site.pids(SERVICES)
+    crash = {"STELLARBASE_STOP_AFTER_STEP": str(stop_after)}
+    code, out, err = site.run("/opt/stellarbase/current/stellarbase", "upgrade", "--bundle",
+                              site.bundles[A], env=crash)  # fmt: skip
+    assert code != 0, out + err
+    assert site.current() == f"releases/{A}"
+    moved = {u for u, pid in site.pids(SERVICES).items() if pid != pids_b[u]}
+    assert moved == {"stellarbase-worker@1.service"}, moved
+    code, out, err = site.run("/opt/stellarbase/current/stellarbase", "upgrade", "--bundle",
+                              site.bundles[A])  # fmt: skip
+    assert code == 0 and f"release {A} is current already; " in out, out + err
+    assert site.state()["version"] == A and site.all_ready()
+    assert all(site.pids([u])[u] != pids_b[u] for u in SERVICES), "every service runs A"
+    assert site.sql("SELECT count(*), sum(hashtext(body)) FROM customer_rows") == rows
+
+    # 8. back to B, then a breaking migration: A is refused
     code, out, err = site.run("/opt/stellarbase/current/stellarbase", "rollback")
     assert code == 0 and site.state()["version"] == B, out + err
     site.sql("UPDATE stellarbase_migrations SET compatible_from = 3 WHERE version = 3")
