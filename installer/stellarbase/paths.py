@@ -66,6 +66,9 @@ class HostPaths:
     def current(self) -> Path:
         return self.opt / "current"
 
+    def release_binary(self, version: str) -> Path:
+        return self.releases / version / "stellarbase"
+
     @property
     def state_dir(self) -> Path:
         return self.at("/var/lib/stellarbase")

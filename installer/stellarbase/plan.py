@@ -250,9 +250,8 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
     mine(EnsureDir(paths.service_settings_dir, "root", GROUP, 0o750))
     mine(EnsureDir(paths.opt, "root", "root", 0o755))
     mine(EnsureDir(paths.releases, "root", "root", 0o755))
-    release = paths.releases / facts.version
-    mine(EnsureDir(release, "root", "root", 0o755))
-    binary = release / "stellarbase"
+    binary = paths.release_binary(facts.version)
+    mine(EnsureDir(binary.parent, "root", "root", 0o755))
     mine(CopyFile(binary, facts.binary, facts.binary_digest, "root", "root", 0o755))
     mine(Symlink(paths.current, f"releases/{facts.version}"))
 
@@ -330,6 +329,7 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
         secret = config.postgres.password
         database = (config.postgres.url, secret.get_secret_value() if secret else None)
     endpoints = tuple((u.name, _base_url(config.bind, u.port)) for u in instances)
+    ready_urls = {name: f"{url}/readyz" for name, url in endpoints if name in probed}
     if paths.live:
         wanted = {*local.units(), render.SUPERVISE_SOCKET, *(u.name for u in instances)}
         if backups:
@@ -377,7 +377,7 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
                     facts.binary_digest.encode(),
                 ]
             )
-            ready_url = f"{_base_url(config.bind, unit.port)}/readyz" if unit.name in probed else ""
+            ready_url = ready_urls.get(unit.name, "")
             steps.append(StartUnit(unit.name, digest(inputs), port=unit.port, ready_url=ready_url))
         if backups:
             timer = (
@@ -394,7 +394,7 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
                     *(u.name for u in instances),
                     render.TARGET,
                 ),
-                ready_urls=tuple((n, f"{url}/readyz") for n, url in endpoints if n in probed),
+                ready_urls=tuple(ready_urls.items()),
                 timeout=config.health.timeout_seconds,
             )
         )

@@ -114,13 +114,14 @@ def upgrade(loaded: LoadedConfig, paths: HostPaths, bundle: Path, skip: list[str
         database = postgres_target(loaded, paths)
         db_newest, db_floor = migrate.applied_schema(*database)
         move = check_move(before.version, target, release.upgrade_from, db_newest, db_floor)
-        result = Result("upgrade", info={"from": before.version, "to": release.version})
+        details: dict[str, Any] = {"from": before.version, "to": release.version}
+        result = Result("upgrade", info=dict(details))
         if move == "same" and _current_release(paths) == release.version:
             # Converge only: after a crash mid-upgrade this restarts what still runs the
             # release before; on a finished upgrade it changes nothing.
             done = install(
                 loaded, paths, verified.binary, skip, preflight=False, rolling=True,
-                action="upgrade", audit_details={"from": before.version, "to": release.version},
+                action="upgrade", audit_details=details,
             )  # fmt: skip
             result.steps = done.steps
             result.lines.append(
@@ -130,7 +131,6 @@ def upgrade(loaded: LoadedConfig, paths: HostPaths, bundle: Path, skip: list[str
 
         found = report.run(preflight_context(loaded.config, paths), skip)
         report.refuse_on_failure(found)
-        details: dict[str, Any] = {"from": before.version, "to": release.version}
         backup = _fresh_backup(before)
         if backup:
             result.lines.append(backup)
@@ -258,21 +258,25 @@ def _roll_back_to(
 
 def activate_release(paths: HostPaths, version: str) -> None:
     """Make an installed release current with its own binary; raise when it is not healthy."""
-    binary = paths.releases / version / "stellarbase"
+    binary = paths.release_binary(version)
     argv = [str(binary), "activate", "--root", str(paths.root), "-o", "json"]
     proc = _run_release(argv, capture=True, timeout=ACTIVATE_TIMEOUT_S)
-    if proc.returncode != 0:
-        message, hint = _error_of(proc.stderr) or (f"exit code {proc.returncode}", "")
-        raise StellarError(
-            f"release {version}: {message}",
-            hint=hint or "see `stellarbase status`",
-            code=ExitCode.UPGRADE,
-        ).with_details(proc.stderr.strip().splitlines()[-15:])
+    if proc.returncode == 0:
+        return
+    try:  # with -o json a refused command prints its error, hint and details as JSON
+        failed = json.loads(proc.stdout)
+    except ValueError:
+        failed = {}
+    raise StellarError(
+        f"release {version}: {failed.get('error') or f'exit code {proc.returncode}'}",
+        hint=failed.get("hint") or "see `stellarbase status`",
+        code=ExitCode.UPGRADE,
+    ).with_details(failed.get("details") or proc.stderr.strip().splitlines()[-15:])
 
 
 def release_schema(paths: HostPaths, version: str) -> SchemaSupport:
     """What an installed release says of its schema (`stellarbase version -o json`)."""
-    binary = paths.releases / version / "stellarbase"
+    binary = paths.release_binary(version)
     proc = _run_release([str(binary), "version", "-o", "json"], capture=True, timeout=60)
     try:
         data = json.loads(proc.stdout)
@@ -296,7 +300,7 @@ def hand_over(binary: Path, version: str) -> None:
 
 def installed_releases(paths: HostPaths) -> list[str]:
     try:
-        found = [p.name for p in paths.releases.iterdir() if (p / "stellarbase").is_file()]
+        found = [p.name for p in paths.releases.iterdir() if paths.release_binary(p.name).is_file()]
     except FileNotFoundError:
         return []
     return sorted(found, key=lambda v: version_key(v) if _VERSION.fullmatch(v) else (0,))
@@ -350,14 +354,3 @@ def _run_release(
             hint="see `stellarbase status` and the units' journals",
             code=ExitCode.UPGRADE,
         ) from None
-
-
-def _error_of(stderr: str) -> tuple[str, str] | None:
-    """The message and hint a stellarbase command printed on failure."""
-    message = hint = ""
-    for line in stderr.splitlines():
-        if line.startswith("error: "):
-            message = line.removeprefix("error: ")
-        elif line.startswith("hint: "):
-            hint = line.removeprefix("hint: ")
-    return (message, hint) if message else None
