@@ -1,4 +1,4 @@
-"""Signed release bundles of this source tree and of variants of it, for the upgrade tests.
+"""Signed release bundles of this source tree and of variants of it, and tampered copies.
 
 A variant is a copy of the tree with another version, extra migrations and small source
 edits, built by packaging/build.sh and bundled by packaging/make_bundle.py with a throwaway
@@ -7,10 +7,15 @@ key. Tests trust that key through STELLARBASE_RELEASE_PUBKEY.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import os
 import re
 import shutil
 import subprocess
+import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,17 +41,23 @@ class SigningKey:
     public_pem: str
 
     @classmethod
-    def throwaway(cls, directory: Path) -> SigningKey:
-        key = Ed25519PrivateKey.generate()
+    def throwaway(cls, directory: Path, *, reuse: bool = False) -> SigningKey:
+        """A new key pair in directory/signing-key.pem; with reuse, the one already there."""
         path = directory / "signing-key.pem"
-        path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
+        if reuse and path.exists():
+            loaded = serialization.load_pem_private_key(path.read_bytes(), None)
+            assert isinstance(loaded, Ed25519PrivateKey)
+            key = loaded
+        else:
+            key = Ed25519PrivateKey.generate()
+            path.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
             )
-        )
-        path.chmod(0o600)
+            path.chmod(0o600)
         public = key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
@@ -103,3 +114,54 @@ def build_variant(variant: Variant, workdir: Path, key: SigningKey) -> Path:
     upgrade_from = variant.upgrade_from or variant.version
     return make_bundle(tree / "dist" / "stellarbase", workdir / "bundles", variant.version,
                        upgrade_from, key, tree)  # fmt: skip
+
+
+# --- tampered bundles ---------------------------------------------------------------------
+
+
+def bundle_members(path: Path) -> dict[str, bytes]:
+    """Entry name → content (b"" for the directory) of a bundle."""
+    with tarfile.open(path, "r:gz") as tar:
+        return {
+            m.name: (tar.extractfile(m) or io.BytesIO()).read() if m.isfile() else b""
+            for m in tar.getmembers()
+        }
+
+
+def rewrite_bundle(path: Path, change: Callable[[dict[str, bytes]], None]) -> Path:
+    """Repack a bundle next to it after `change` edited its files (name in the top dir →
+    bytes); the tampered copy's path."""
+    members = bundle_members(path)
+    top = next(name for name in members if "/" not in name)
+    files = {name.removeprefix(top + "/"): body for name, body in members.items() if name != top}
+    change(files)
+    out = path.with_name("tampered-" + path.name)
+    with tarfile.open(out, "w:gz") as tar:
+        for name, body in files.items():
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return out
+
+
+def flip_binary_byte(files: dict[str, bytes]) -> None:
+    body = bytearray(files["stellarbase"])
+    body[100] ^= 0x01
+    files["stellarbase"] = bytes(body)
+
+
+def change_sums(files: dict[str, bytes]) -> None:
+    """The binary is replaced and its line in SHA256SUMS updated to match."""
+    old = hashlib.sha256(files["stellarbase"]).hexdigest().encode()
+    files["stellarbase"] = b"#!/bin/sh\necho not the release\n"
+    new = hashlib.sha256(files["stellarbase"]).hexdigest().encode()
+    files["SHA256SUMS"] = files["SHA256SUMS"].replace(old, new)
+
+
+def drop_signature(files: dict[str, bytes]) -> None:
+    del files["SHA256SUMS.sig"]
+
+
+def sign_with_other_key(files: dict[str, bytes]) -> None:
+    other = Ed25519PrivateKey.generate()
+    files["SHA256SUMS.sig"] = base64.b64encode(other.sign(files["SHA256SUMS"])) + b"\n"

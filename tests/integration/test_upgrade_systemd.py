@@ -11,12 +11,8 @@ and reuse them on the next run.
 
 from __future__ import annotations
 
-import base64
-import gzip
-import io
 import json
 import os
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +21,21 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from stellarbase.errors import ExitCode
 from stellarbase.installed import read_env_file
 from tests.integration.conftest import free_port_block, ready, wait_for
-from tests.release_builds import SigningKey, Variant, build_variant, make_bundle
+from tests.release_builds import (
+    SigningKey,
+    Variant,
+    build_variant,
+    change_sums,
+    drop_signature,
+    flip_binary_byte,
+    make_bundle,
+    rewrite_bundle,
+    sign_with_other_key,
+)
 from tests.systemd_sandbox import SystemdSandbox
 
 pytestmark = [pytest.mark.systemd, pytest.mark.integration]
@@ -66,15 +70,7 @@ def releases(tmp_path_factory: pytest.TempPathFactory, binary: Path) -> Releases
     cache = os.environ.get("RELEASES_TEST_DIR")
     workdir = Path(cache) if cache else tmp_path_factory.mktemp("releases")
     workdir.mkdir(parents=True, exist_ok=True)
-    key_file = workdir / "signing-key.pem"
-    if cache and key_file.exists():
-        private = serialization.load_pem_private_key(key_file.read_bytes(), None)
-        public = private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        key = SigningKey(key_file, public.decode())
-    else:
-        key = SigningKey.throwaway(workdir)
+    key = SigningKey.throwaway(workdir, reuse=bool(cache))
     bundles = {A: make_bundle(binary, workdir / "bundles", A, A, key)}
     variants = [
         Variant(B, upgrade_from=A, migrations=dict([B_MIGRATION])),
@@ -199,7 +195,7 @@ def test_install_upgrade_fail_rollback(systemd_sandbox: SystemdSandbox, releases
     # 2. tampered bundles of B are refused before anything changes
     before = site.host_files()
     pids = site.pids(SERVICES)
-    for name, data in _tampered(releases.bundles[B], releases.key).items():
+    for name, data in _tampered(releases.bundles[B]).items():
         path = f"/root/tampered-{name}.tar.gz"
         site.sandbox.path(path).write_bytes(data)
         code, out, err = site.run("/opt/stellarbase/current/stellarbase", "upgrade",
@@ -306,55 +302,16 @@ def test_install_upgrade_fail_rollback(systemd_sandbox: SystemdSandbox, releases
     assert site.host_files() == before and site.all_ready()
 
 
-def _tampered(bundle: Path, key: SigningKey) -> dict[str, bytes]:
+def _tampered(bundle: Path) -> dict[str, bytes]:
     """Five broken copies of a bundle: each must be refused."""
-    with gzip.open(bundle) as raw:
-        members = _members(raw.read())
-    top = next(iter(members)).split("/")[0]
-    flipped = dict(members)
-    binary = bytearray(flipped[f"{top}/stellarbase"])
-    binary[len(binary) // 2] ^= 0x01
-    flipped[f"{top}/stellarbase"] = bytes(binary)
-    sums = dict(members)
-    sums[f"{top}/SHA256SUMS"] = members[f"{top}/SHA256SUMS"].replace(b"  README.md", b"  README")
-    unsigned = {k: v for k, v in members.items() if not k.endswith(".sig")}
-    other = dict(members)
-    signature = Ed25519PrivateKey.generate().sign(members[f"{top}/SHA256SUMS"])
-    other[f"{top}/SHA256SUMS.sig"] = base64.b64encode(signature) + b"\n"
-    whole = bundle.read_bytes()
-    return {
-        "flipped-byte": _pack(flipped),
-        "changed-sums": _pack(sums),
-        "unsigned": _pack(unsigned),
-        "other-key": _pack(other),
-        "truncated": whole[: len(whole) * 2 // 3],
+    out = {
+        name: rewrite_bundle(bundle, change).read_bytes()
+        for name, change in [
+            ("flipped-byte", flip_binary_byte),
+            ("changed-sums", change_sums),
+            ("unsigned", drop_signature),
+            ("other-key", sign_with_other_key),
+        ]
     }
-
-
-def _members(data: bytes) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        for member in tar:
-            f = tar.extractfile(member) if member.isfile() else None
-            out[member.name] = f.read() if f else b""
-    return out
-
-
-def _pack(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with (
-        gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz,
-        tarfile.open(fileobj=gz, mode="w") as tar,
-    ):
-        for name, body in members.items():
-            info = tarfile.TarInfo(name)
-            if body or not name.count("/"):
-                info.size = len(body)
-            if "/" not in name:
-                info.type = tarfile.DIRTYPE
-                info.mode = 0o755
-                tar.addfile(info)
-                continue
-            info.mode = 0o755 if name.endswith("/stellarbase") else 0o644
-            tar.addfile(info, io.BytesIO(body))
-    return buf.getvalue()
+    whole = bundle.read_bytes()
+    return out | {"truncated": whole[: len(whole) * 2 // 3]}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import hashlib
 import importlib.util
 import io
 import json
@@ -24,6 +23,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from stellarbase import __version__, cli, release_key
 from stellarbase.bundle import verify_bundle
 from stellarbase.errors import ExitCode, StellarError
+from tests.release_builds import (
+    bundle_members,
+    change_sums,
+    drop_signature,
+    flip_binary_byte,
+    rewrite_bundle,
+    sign_with_other_key,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_BINARY = b"\x7fELF fake stellarbase release binary\n" * 64
@@ -81,30 +88,6 @@ def build(tmp_path: Path, signing_key: Ed25519PrivateKey) -> BuildFn:
     return _build
 
 
-def _members(path: Path) -> dict[str, bytes]:
-    with tarfile.open(path, "r:gz") as tar:
-        return {
-            m.name: (tar.extractfile(m) or io.BytesIO()).read() if m.isfile() else b""
-            for m in tar.getmembers()
-        }
-
-
-def _rewrite(path: Path, change: Callable[[dict[str, bytes]], None]) -> Path:
-    """Repack the bundle after `change` edited its files (name under the top dir → bytes)."""
-    top = f"stellarbase-{__version__}"
-    files = {
-        name.removeprefix(top + "/"): body for name, body in _members(path).items() if name != top
-    }
-    change(files)
-    out = path.with_name("tampered-" + path.name)
-    with tarfile.open(out, "w:gz") as tar:
-        for name, body in files.items():
-            info = tarfile.TarInfo(f"{top}/{name}")
-            info.size = len(body)
-            tar.addfile(info, io.BytesIO(body))
-    return out
-
-
 def _refusal(path: Path) -> StellarError:
     with pytest.raises(StellarError) as caught:
         verify_bundle(path)
@@ -117,7 +100,7 @@ def test_bundle_layout_and_verification(build: BuildFn) -> None:
     path = build()
     assert path.name == f"stellarbase-{__version__}-linux-x86_64.tar.gz"
     top = f"stellarbase-{__version__}"
-    members = _members(path)
+    members = bundle_members(path)
     assert sorted(members) == [
         top,
         *(
@@ -160,43 +143,20 @@ def test_same_inputs_and_epoch_give_identical_bytes(build: BuildFn) -> None:
         assert {(m.mtime, m.uid, m.gid) for m in tar.getmembers()} == {(EPOCH, 0, 0)}
 
 
-def _flip_binary_byte(files: dict[str, bytes]) -> None:
-    body = bytearray(files["stellarbase"])
-    body[100] ^= 0x01
-    files["stellarbase"] = bytes(body)
-
-
-def _change_sums(files: dict[str, bytes]) -> None:
-    """The binary is replaced and its line in SHA256SUMS updated to match."""
-    old = hashlib.sha256(files["stellarbase"]).hexdigest().encode()
-    files["stellarbase"] = b"#!/bin/sh\necho not the release\n"
-    new = hashlib.sha256(files["stellarbase"]).hexdigest().encode()
-    files["SHA256SUMS"] = files["SHA256SUMS"].replace(old, new)
-
-
-def _drop_signature(files: dict[str, bytes]) -> None:
-    del files["SHA256SUMS.sig"]
-
-
-def _sign_with_other_key(files: dict[str, bytes]) -> None:
-    other = Ed25519PrivateKey.generate()
-    files["SHA256SUMS.sig"] = base64.b64encode(other.sign(files["SHA256SUMS"])) + b"\n"
-
-
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (_flip_binary_byte, "stellarbase does not match its checksum in SHA256SUMS"),
-        (_change_sums, "signature of SHA256SUMS does not match any trusted release key"),
-        (_drop_signature, "unsigned: SHA256SUMS.sig is missing"),
-        (_sign_with_other_key, "signature of SHA256SUMS does not match any trusted release key"),
+        (flip_binary_byte, "stellarbase does not match its checksum in SHA256SUMS"),
+        (change_sums, "signature of SHA256SUMS does not match any trusted release key"),
+        (drop_signature, "unsigned: SHA256SUMS.sig is missing"),
+        (sign_with_other_key, "signature of SHA256SUMS does not match any trusted release key"),
     ],
     ids=["binary-byte-flipped", "sums-changed", "signature-missing", "other-key"],
 )
 def test_tampered_bundle_is_refused(
     build: BuildFn, change: Callable[[dict[str, bytes]], None], expected: str
 ) -> None:
-    assert expected in _refusal(_rewrite(build(), change)).message
+    assert expected in _refusal(rewrite_bundle(build(), change)).message
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.99])
@@ -211,7 +171,9 @@ def test_unlisted_file_is_refused(build: BuildFn) -> None:
     def add_file(files: dict[str, bytes]) -> None:
         files["extra.sh"] = b"#!/bin/sh\n"
 
-    assert "not listed in SHA256SUMS: extra.sh" in _refusal(_rewrite(build(), add_file)).message
+    assert (
+        "not listed in SHA256SUMS: extra.sh" in _refusal(rewrite_bundle(build(), add_file)).message
+    )
 
 
 def _tarball(path: Path, *entries: tarfile.TarInfo) -> Path:
@@ -283,7 +245,7 @@ def test_install_of_tampered_bundle_leaves_root_untouched(
     (root / "etc").mkdir(parents=True)
     (root / "etc/hostname").write_text("host\n")
     before = _snapshot(root)
-    tampered = _rewrite(build(), _flip_binary_byte)
+    tampered = rewrite_bundle(build(), flip_binary_byte)
     code = _run_cli(monkeypatch, "install", "--root", str(root), "--bundle", str(tampered))
     assert code == ExitCode.BUNDLE == 12
     err = capsys.readouterr().err
