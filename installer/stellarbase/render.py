@@ -256,8 +256,12 @@ def render_env_file(values: dict[str, str], header: str) -> str:
     return f"# {header}\n" + "".join(lines)
 
 
+def env_escape(value: str) -> str:
+    """The value as written between systemd EnvironmentFile= (and Redis) double quotes: a
+    backslash escapes " \\ ` $. Newlines cannot be written this way; config validation
+    refuses them in secrets."""
+    return re.sub(r'(["\\\\`$])', r"\\\1", value)
+
+
 def _env_quote(value: str) -> str:
-    # systemd EnvironmentFile= (and Redis) double quotes: a backslash escapes " \\ ` $.
-    # Newlines cannot be written this way; config validation refuses them in secrets.
-    escaped = re.sub(r'(["\\\\`$])', r"\\\1", value)
-    return f'"{escaped}"'
+    return f'"{env_escape(value)}"'

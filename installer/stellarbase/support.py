@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from stellarbase import __version__, installed, state
+from stellarbase import __version__, installed, render, state
 from stellarbase import config as cfg
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import write_atomic
@@ -255,13 +255,13 @@ def versions(paths: HostPaths) -> dict[str, Any]:
 
 
 def os_release(paths: HostPaths) -> dict[str, str]:
-    from stellarbase.preflight.host import parse_os_release
+    from stellarbase.preflight.host import OS_RELEASE, parse_os_release
 
-    for name in ("/etc/os-release", "/usr/lib/os-release"):
+    for name in OS_RELEASE:
         path = paths.at(name)
         if path.exists():
             return parse_os_release(path.read_text(errors="replace"))
-    raise FileNotFoundError(2, "no os-release", str(paths.at("/etc/os-release")))
+    raise FileNotFoundError(2, "no os-release", str(paths.at(OS_RELEASE[0])))
 
 
 def _server_versions(find: Callable[[], tuple[Any, list[Any]]]) -> list[str]:
@@ -342,8 +342,7 @@ def _unquoted(raw: str) -> str:
 
 def spellings(value: str) -> set[str]:
     """How a secret may appear in collected text: as is, JSON-escaped, env-file-escaped."""
-    env_escaped = re.sub(r'(["\\`$])', r"\\\1", value)
-    return {value, json.dumps(value)[1:-1], env_escaped} - {""}
+    return {value, json.dumps(value)[1:-1], render.env_escape(value)} - {""}
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:

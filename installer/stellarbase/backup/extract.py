@@ -26,6 +26,7 @@ from stellarbase.backup.codec import CodecError
 from stellarbase.backup.repo import Repository
 from stellarbase.backup.tarstream import TarError, TarExtractor
 from stellarbase.errors import ExitCode, StellarError
+from stellarbase.files import fsync_dir
 
 EXTRACT_WORKERS = 4  # parts extracted at once
 _DEPTH = 8  # decoded pieces held per part between its decoder and its writer
@@ -171,8 +172,4 @@ def extract_backup(
 def sync_dirs(path: Path) -> None:
     """fsync every directory under `path` (and it): their entries are then durable too."""
     for dirpath, _, _ in os.walk(path):
-        fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(Path(dirpath))
