@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import shutil
 import signal
@@ -61,6 +62,10 @@ class Executor:
     # systemd is told to change something, so a guard never reads a stale state.
     _units: dict[str, systemd.UnitStatus] = field(default_factory=dict)
     _plan_units: list[str] = field(default_factory=list)
+    # Every path this run changed, as it was before, while no service has been started,
+    # stopped or restarted and no data changed: a failure then puts them all back. None
+    # once a step acts beyond files (the re-run converges from there) and in a dry run.
+    _undo: list[_Kept] | None = None
 
     def apply(self, plan: Plan) -> list[StepResult]:
         current = state.load(self.paths.state_file)
@@ -73,13 +78,20 @@ class Executor:
             )
         )
         stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
+        self._undo = None if self.dry_run else [_keep(self.paths.state_file)]
         for index, step in enumerate(plan.steps, start=1):
             name = describe(step)
             try:
                 detail, diff = self._do(step, current, plan)
             except StellarError as exc:
                 self.results.append(StepResult(name, Status.FAILED, exc.message))
+                exc.details.extend(self._put_back())
                 raise
+            except BaseException:
+                self._put_back()
+                raise
+            if detail and not isinstance(step, FILE_STEPS):
+                self._undo = None
             status = Status.CHANGED if detail else Status.UNCHANGED
             self.results.append(StepResult(name, status, detail or "", diff))
             if detail and not self.dry_run:
@@ -122,6 +134,39 @@ class Executor:
             self._save(current)
         return result
 
+    def _remember(self, path: Path) -> None:
+        if self._undo is not None:
+            self._undo.append(_keep(path))
+
+    def _put_back(self) -> list[str]:
+        """After a failure: the changed paths as they were, when no service saw them yet.
+
+        The state file first (it is inside a directory this run may have made), then the
+        rest newest first, so a directory is emptied before it is removed. Lines for the error.
+        """
+        kept, self._undo = self._undo, None
+        if not kept or len(kept) == 1:
+            return []
+        failed: list[str] = []
+        for each in [kept[0], *reversed(kept[1:])]:
+            try:
+                _restore(each)
+            except OSError as exc:
+                failed.append(f"{each.path}: {exc.strerror or exc}")
+        if self.paths.live and any(k.path.parent == self.paths.unit_dir for k in kept):
+            self._units = {}
+            systemd.daemon_reload()
+        changed = len({k.path for k in kept[1:]})
+        if failed:
+            log.error("could not put back every file", failed=failed)
+            return [
+                f"no service was touched, but {len(failed)} of the {changed} paths this run "
+                "changed could not be put back: " + "; ".join(failed),
+                "running install again with the intended config converges them",
+            ]
+        log.info("failed before any service saw the change; files put back", paths=changed)
+        return [f"no service was touched: the {changed} paths this run changed are as they were"]
+
     def _show(self, units: list[str]) -> dict[str, systemd.UnitStatus]:
         if any(u not in self._units for u in units):
             self._units = systemd.show(list(dict.fromkeys([*self._plan_units, *units])))
@@ -160,6 +205,9 @@ class Executor:
             st = step.path.stat()
         except FileNotFoundError:
             if not self.dry_run:
+                made = [p for p in [step.path, *step.path.parents] if not p.exists()]
+                for each in reversed(made):  # outermost first: put back innermost first
+                    self._remember(each)
                 step.path.mkdir(mode=step.mode, parents=True)
                 os.chmod(step.path, step.mode)  # mkdir's mode is masked by the umask
                 os.chown(step.path, uid, gid)
@@ -167,6 +215,7 @@ class Executor:
         if _same_meta(st, step.mode, uid, gid):
             return None, ""
         if not self.dry_run:
+            self._remember(step.path)
             os.chmod(step.path, step.mode)
             os.chown(step.path, uid, gid)
         return f"owner/mode set to {step.owner}:{step.group} {step.mode:04o}", ""
@@ -182,6 +231,7 @@ class Executor:
         else:
             diff, detail = "", f"owner/mode set to {step.owner}:{step.group} {step.mode:04o}"
         if not self.dry_run:
+            self._remember(step.path)
             write_atomic(step.path, step.content, mode=step.mode, uid=uid, gid=gid)
         return detail, diff
 
@@ -195,6 +245,7 @@ class Executor:
         ):
             return None, ""
         if not self.dry_run:
+            self._remember(step.path)
             copy_atomic(step.path, step.source, mode=step.mode, uid=uid, gid=gid)
         return ("replaced" if exists else "created"), ""
 
@@ -202,6 +253,7 @@ class Executor:
         if step.path.is_symlink() and os.readlink(step.path) == step.target:
             return None, ""
         if not self.dry_run:
+            self._remember(step.path)
             symlink_atomic(step.path, step.target)
         return f"now points to {step.target}", ""
 
@@ -352,6 +404,57 @@ class Executor:
             return None, ""
         health.wait_healthy(list(step.units), list(step.ready_urls), step.timeout)
         return None, ""
+
+
+# Steps that change only files and directories (and systemd's view of the unit files):
+# until another kind changes something, a failure can put the host back as it was.
+FILE_STEPS = (EnsureDir, EnsureUser, WriteFile, CopyFile, Symlink, DaemonReload, WaitHealthy)
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """A path as it was before this run changed it: absent, a file, a symlink or a dir."""
+
+    path: Path
+    kind: str
+    content: bytes = b""
+    target: str = ""
+    mode: int = 0
+    uid: int = -1
+    gid: int = -1
+
+
+def _keep(path: Path) -> _Kept:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return _Kept(path, "absent")
+    if stat.S_ISLNK(st.st_mode):
+        return _Kept(path, "link", target=os.readlink(path))
+    mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+    if stat.S_ISDIR(st.st_mode):
+        return _Kept(path, "dir", mode=mode, uid=uid, gid=gid)
+    return _Kept(path, "file", content=path.read_bytes(), mode=mode, uid=uid, gid=gid)
+
+
+def _restore(kept: _Kept) -> None:
+    path = kept.path
+    if kept.kind == "absent":
+        if path.is_dir() and not path.is_symlink():
+            try:
+                path.rmdir()
+            except OSError as exc:  # made by this run, but what is left in it is not its own
+                if exc.errno != errno.ENOTEMPTY:
+                    raise
+        else:
+            path.unlink(missing_ok=True)
+    elif kept.kind == "link":
+        symlink_atomic(path, kept.target)
+    elif kept.kind == "dir":
+        os.chmod(path, kept.mode)
+        os.chown(path, kept.uid, kept.gid)
+    else:
+        write_atomic(path, kept.content, mode=kept.mode, uid=kept.uid, gid=kept.gid)
 
 
 def remove_path(path: Path) -> None:

@@ -304,9 +304,14 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
         if u.service != "inference" or config.inference.command == render.DEFAULT_INFERENCE_COMMAND
     }
     # Not an input of the agent's unit: the agent reads it again each round, so a new
-    # worker or port does not restart it.
+    # worker or port does not restart it. On a live host it is written only once the
+    # schema is current, just before the services restart: a run that fails earlier
+    # never has the agent probe ports nothing listens on yet.
     agent_targets = render.render_agent_targets(config, local, devices, probed).encode()
-    mine(WriteFile(targets_file(paths), agent_targets, "root", GROUP, 0o640))
+    targets = WriteFile(targets_file(paths), agent_targets, "root", GROUP, 0o640)
+    owned.append(targets.path)
+    if not paths.live:
+        steps.append(targets)
 
     unit_files = render.render_units(config, paths, local, devices)
     for unit_name, content in unit_files.items():
@@ -363,6 +368,7 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
             )
         if database:
             steps.append(Migrate(*database, timeout))
+        steps.append(targets)
         socket_inputs = b"\0".join(
             unit_files[u].encode() for u in (render.SUPERVISE_SOCKET, render.SUPERVISE_TEMPLATE)
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,20 @@ def _ports() -> list[str]:
 def _sb(sandbox: SystemdSandbox, binary: Path, *args: str) -> tuple[int, str, str]:
     out = sandbox.run([str(binary), *args], check=False, timeout=240)
     return out.returncode, out.stdout, out.stderr
+
+
+def _installed_files(sandbox: SystemdSandbox) -> dict[str, tuple[int, int, int, str]]:
+    """Config, units, releases and state as they lie on disk: mode, owner, content digest."""
+    out = {}
+    tops = ["/etc/stellarbase", "/etc/systemd/system", "/opt/stellarbase"]
+    for top in [*map(sandbox.path, tops), sandbox.path("/var/lib/stellarbase/state.json")]:
+        for path in [top, *top.rglob("*")] if top.is_dir() else [top]:
+            st = path.lstat()
+            body = os.readlink(path).encode() if path.is_symlink() else b""
+            if path.is_file() and not path.is_symlink():
+                body = path.read_bytes()
+            out[str(path)] = (st.st_mode, st.st_uid, st.st_gid, hashlib.sha256(body).hexdigest())
+    return out
 
 
 def test_pilot_with_no_config_runs_its_own_postgres_and_redis(
@@ -110,6 +126,7 @@ def test_pilot_with_no_config_runs_its_own_postgres_and_redis(
     )
     api_port = int(ports[0].split("=")[-1])
     moved = [f"--set=api.port={api_port + 6}", *ports[1:]]  # the API would restart
+    files_before = _installed_files(sandbox)
     out = sandbox.run(
         [str(sb), "install", "--tier", "pilot", *moved],
         check=False,
@@ -118,6 +135,9 @@ def test_pilot_with_no_config_runs_its_own_postgres_and_redis(
     )
     assert out.returncode == ExitCode.MIGRATION, out.stdout + out.stderr
     assert "9001_broken" in out.stderr
+    # nothing had restarted yet, so the config and units on disk are put back as well
+    assert "paths this run changed are as they were" in out.stderr
+    assert _installed_files(sandbox) == files_before
     assert {u: sandbox.main_pid(u) for u in APP_UNITS} == {u: pids[u] for u in APP_UNITS}
     assert all(ready(url) for url in result["endpoints"].values())
     psql = sandbox.run(

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from stellarbase import operations, state
+from stellarbase.apply import Executor
 from stellarbase.config import load_config
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.installed import read_env_file
 from stellarbase.output import Status
 from stellarbase.paths import HostPaths
-from stellarbase.plan import Facts, make_plan
+from stellarbase.plan import Facts, Migrate, Plan, RemoveStale, Step, make_plan
 
 pytestmark = pytest.mark.host_commands  # systemd-sysusers --root=<tmp> creates the user
 
@@ -165,3 +168,65 @@ def test_missing_server_binaries_stop_the_plan(tmp_path: Path, binary: Path) -> 
     assert info.value.code == ExitCode.HOST
     assert "install postgresql" in info.value.hint
     assert not (tmp_path / "root").exists()
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _failing(plan: Plan, *before: Step) -> Plan:
+    """The plan with steps that fail last: the database it migrates does not answer."""
+    url = f"postgresql://stellarbase@127.0.0.1:{_dead_port()}/stellarbase"
+    return replace(plan, steps=(*plan.steps, *before, Migrate(url, "pw", 2.0)))
+
+
+def _plan(root: Path, binary: Path, *sets: str) -> Plan:
+    loaded = load_config(sets=list(sets), env={})
+    return operations.make_plan(loaded, HostPaths(root), binary)
+
+
+def test_a_failure_before_any_service_saw_the_change_puts_every_file_back(
+    tmp_path: Path, binary: Path
+) -> None:
+    root = tmp_path / "root"
+    _install(root, binary)
+    before = _snapshot(root)
+    plan = _failing(_plan(root, binary, "worker.instances=3", "api.port=9123"))
+    with pytest.raises(StellarError) as err:
+        Executor(HostPaths(root)).apply(plan)
+    assert err.value.code == ExitCode.DEPENDENCY
+    assert _snapshot(root) == before
+    assert err.value.details[-1] == (
+        "no service was touched: the 4 paths this run changed are as they were"
+    )
+
+
+def test_a_failed_first_install_leaves_only_the_system_user(tmp_path: Path, binary: Path) -> None:
+    root = tmp_path / "root"
+    plan = _failing(_plan(root, binary))
+    with pytest.raises(StellarError) as err:
+        Executor(HostPaths(root)).apply(plan)
+    assert "are as they were" in err.value.details[-1]
+    # systemd-sysusers made the user (kept: harmless, and the next run finds it): the user
+    # database in etc/ is all that is left, no directory of ours, no unit, no release.
+    left = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert "etc/passwd" in left
+    assert [p for p in left if p == "etc" or (p.startswith("etc/") and p.count("/") == 1)] == left
+    assert "stellarbase:" in (root / "etc/passwd").read_text()
+
+
+def test_once_a_step_acts_beyond_files_a_failure_leaves_them_for_the_next_run(
+    tmp_path: Path, binary: Path
+) -> None:
+    root = tmp_path / "root"
+    _install(root, binary)
+    stale = HostPaths(root).etc / "left-by-an-older-release.conf"
+    stale.write_text("old\n")
+    plan = _failing(_plan(root, binary, "worker.instances=3"), RemoveStale((stale,)))
+    with pytest.raises(StellarError) as err:
+        Executor(HostPaths(root)).apply(plan)
+    assert not any("as they were" in line for line in err.value.details)
+    assert "stellarbase-worker@3" in (root / "etc/systemd/system/stellarbase.target").read_text()
+    assert not stale.exists()
