@@ -64,7 +64,8 @@ class Executor:
     _plan_units: list[str] = field(default_factory=list)
     # Every path this run changed, as it was before, while no service has been started,
     # stopped or restarted and no data changed: a failure then puts them all back. None
-    # once a step acts beyond files (the re-run converges from there) and in a dry run.
+    # once a step changed more than files or failed where it may have (the re-run
+    # converges from there), and in a dry run.
     _undo: list[_Kept] | None = None
 
     def apply(self, plan: Plan) -> list[StepResult]:
@@ -83,15 +84,16 @@ class Executor:
             name = describe(step)
             try:
                 detail, diff = self._do(step, current, plan)
-            except StellarError as exc:
-                self.results.append(StepResult(name, Status.FAILED, exc.message))
-                exc.details.extend(self._put_back())
-                raise
-            except BaseException:
-                self._put_back()
+            except BaseException as exc:
+                if not isinstance(step, LEAVES_NOTHING_WHEN_FAILED):
+                    self._undo = None  # it may have acted on a service or data before failing
+                lines = self._put_back()
+                if isinstance(exc, StellarError):
+                    self.results.append(StepResult(name, Status.FAILED, exc.message))
+                    exc.details.extend(lines)
                 raise
             if detail and not isinstance(step, FILE_STEPS):
-                self._undo = None
+                self._undo = None  # a service or the data moved on: the files are in use
             status = Status.CHANGED if detail else Status.UNCHANGED
             self.results.append(StepResult(name, status, detail or "", diff))
             if detail and not self.dry_run:
@@ -409,6 +411,10 @@ class Executor:
 # Steps that change only files and directories (and systemd's view of the unit files):
 # until another kind changes something, a failure can put the host back as it was.
 FILE_STEPS = (EnsureDir, EnsureUser, WriteFile, CopyFile, Symlink, DaemonReload, WaitHealthy)
+# Steps whose failure leaves nothing of theirs beyond files: a migration that fails is
+# rolled back (those before it stay, and the schema stays compatible with the running
+# release). A unit start or a database change that fails may have acted first.
+LEAVES_NOTHING_WHEN_FAILED = (*FILE_STEPS, Migrate)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,15 @@ from stellarbase.errors import ExitCode, StellarError
 from stellarbase.installed import read_env_file
 from stellarbase.output import Status
 from stellarbase.paths import HostPaths
-from stellarbase.plan import Facts, Migrate, Plan, RemoveStale, Step, make_plan
+from stellarbase.plan import (
+    EnsureDatabase,
+    Facts,
+    Migrate,
+    Plan,
+    RemoveStale,
+    Step,
+    make_plan,
+)
 
 pytestmark = pytest.mark.host_commands  # systemd-sysusers --root=<tmp> creates the user
 
@@ -230,3 +238,18 @@ def test_once_a_step_acts_beyond_files_a_failure_leaves_them_for_the_next_run(
     assert not any("as they were" in line for line in err.value.details)
     assert "stellarbase-worker@3" in (root / "etc/systemd/system/stellarbase.target").read_text()
     assert not stale.exists()
+
+
+def test_a_step_that_may_have_acted_before_failing_leaves_the_files_for_the_next_run(
+    tmp_path: Path, binary: Path
+) -> None:
+    root = tmp_path / "root"
+    _install(root, binary)
+    # A database step can fail after it changed a role or a password: the files that go
+    # with it stay as this run wrote them.
+    plan = _plan(root, binary, "worker.instances=3")
+    failing = replace(plan, steps=(*plan.steps, EnsureDatabase(_dead_port(), "a", "b", 1.0)))
+    with pytest.raises(StellarError) as err:
+        Executor(HostPaths(root)).apply(failing)
+    assert not any("as they were" in line for line in err.value.details)
+    assert "stellarbase-worker@3" in (root / "etc/systemd/system/stellarbase.target").read_text()
