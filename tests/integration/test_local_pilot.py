@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ import pytest
 from stellarbase import migrate
 from stellarbase.errors import ExitCode
 from stellarbase.installed import read_env_file
+from tests.filetree import Entry, file_states
 from tests.integration.conftest import copy_binary, free_port_block, ready, wait_for
 from tests.systemd_sandbox import SystemdSandbox
 
@@ -37,18 +36,10 @@ def _sb(sandbox: SystemdSandbox, binary: Path, *args: str) -> tuple[int, str, st
     return out.returncode, out.stdout, out.stderr
 
 
-def _installed_files(sandbox: SystemdSandbox) -> dict[str, tuple[int, int, int, str]]:
-    """Config, units, releases and state as they lie on disk: mode, owner, content digest."""
-    out = {}
+def _installed_files(sandbox: SystemdSandbox) -> dict[str, Entry]:
+    """Config, units, releases and state as they lie on disk."""
     tops = ["/etc/stellarbase", "/etc/systemd/system", "/opt/stellarbase"]
-    for top in [*map(sandbox.path, tops), sandbox.path("/var/lib/stellarbase/state.json")]:
-        for path in [top, *top.rglob("*")] if top.is_dir() else [top]:
-            st = path.lstat()
-            body = os.readlink(path).encode() if path.is_symlink() else b""
-            if path.is_file() and not path.is_symlink():
-                body = path.read_bytes()
-            out[str(path)] = (st.st_mode, st.st_uid, st.st_gid, hashlib.sha256(body).hexdigest())
-    return out
+    return file_states(*map(sandbox.path, [*tops, "/var/lib/stellarbase/state.json"]))
 
 
 def test_pilot_with_no_config_runs_its_own_postgres_and_redis(

@@ -7,7 +7,6 @@ import gzip
 import importlib.util
 import io
 import json
-import os
 import stat
 import sys
 import tarfile
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from stellarbase import __version__, cli, release_key
 from stellarbase.bundle import verify_bundle
 from stellarbase.errors import ExitCode, StellarError
+from tests.filetree import file_states
 from tests.release_builds import (
     bundle_members,
     change_sums,
@@ -216,15 +216,6 @@ def test_unsafe_entries_are_refused(
     assert not (tmp_path / "etc").exists()
 
 
-def _snapshot(root: Path) -> list[tuple[str, int, bytes]]:
-    out = []
-    for dirpath, _, filenames in os.walk(root):
-        for name in ["", *filenames]:
-            p = Path(dirpath) / name
-            out.append((str(p), p.lstat().st_mode, p.read_bytes() if p.is_file() else b""))
-    return sorted(out)
-
-
 def _run_cli(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
     monkeypatch.setattr(sys, "argv", ["stellarbase", *argv])
     with pytest.raises(SystemExit) as exited:
@@ -244,13 +235,13 @@ def test_install_of_tampered_bundle_leaves_root_untouched(
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     (root / "etc/hostname").write_text("host\n")
-    before = _snapshot(root)
+    before = file_states(root)
     tampered = rewrite_bundle(build(), flip_binary_byte)
     code = _run_cli(monkeypatch, "install", "--root", str(root), "--bundle", str(tampered))
     assert code == ExitCode.BUNDLE == 12
     err = capsys.readouterr().err
     assert "stellarbase does not match its checksum" in err
-    assert _snapshot(root) == before
+    assert file_states(root) == before
     assert not list(scratch.iterdir())  # the unpacked files went with the refusal
 
 

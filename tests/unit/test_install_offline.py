@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from stellarbase.plan import (
     Step,
     make_plan,
 )
+from tests.filetree import file_states
 
 pytestmark = pytest.mark.host_commands  # systemd-sysusers --root=<tmp> creates the user
 
@@ -43,28 +43,15 @@ def _install(root: Path, binary: Path, *sets: str, env: dict[str, str] | None = 
     return operations.install(loaded, HostPaths(root), binary)
 
 
-def _snapshot(root: Path) -> dict[str, tuple[int, int, int, bytes]]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            p = Path(dirpath) / name
-            st = p.lstat()
-            body = os.readlink(p).encode() if p.is_symlink() else b""
-            if p.is_file() and not p.is_symlink():
-                body = p.read_bytes()
-            out[str(p.relative_to(root))] = (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, body)
-    return out
-
-
 def test_second_install_changes_nothing(tmp_path: Path, binary: Path) -> None:
     root = tmp_path / "root"
     first = _install(root, binary)
     assert first.changed > 10
-    before = _snapshot(root)
+    before = file_states(root)
     second = _install(root, binary)
     assert second.changed == 0
     assert all(s.status == Status.UNCHANGED for s in second.steps)
-    assert _snapshot(root) == before
+    assert file_states(root) == before
 
 
 def test_files_have_owner_and_mode(tmp_path: Path, binary: Path) -> None:
@@ -178,16 +165,16 @@ def test_missing_server_binaries_stop_the_plan(tmp_path: Path, binary: Path) -> 
     assert not (tmp_path / "root").exists()
 
 
-def _dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _failing(plan: Plan, *before: Step) -> Plan:
+def _failing(plan: Plan, dead_port: int, *before: Step) -> Plan:
     """The plan with steps that fail last: the database it migrates does not answer."""
-    url = f"postgresql://stellarbase@127.0.0.1:{_dead_port()}/stellarbase"
+    url = f"postgresql://stellarbase@127.0.0.1:{dead_port}/stellarbase"
     return replace(plan, steps=(*plan.steps, *before, Migrate(url, "pw", 2.0)))
+
+
+def _refused(root: Path, plan: Plan) -> StellarError:
+    with pytest.raises(StellarError) as err:
+        Executor(HostPaths(root)).apply(plan)
+    return err.value
 
 
 def _plan(root: Path, binary: Path, *sets: str) -> Plan:
@@ -196,27 +183,26 @@ def _plan(root: Path, binary: Path, *sets: str) -> Plan:
 
 
 def test_a_failure_before_any_service_saw_the_change_puts_every_file_back(
-    tmp_path: Path, binary: Path
+    tmp_path: Path, binary: Path, dead_port: int
 ) -> None:
     root = tmp_path / "root"
     _install(root, binary)
-    before = _snapshot(root)
-    plan = _failing(_plan(root, binary, "worker.instances=3", "api.port=9123"))
-    with pytest.raises(StellarError) as err:
-        Executor(HostPaths(root)).apply(plan)
-    assert err.value.code == ExitCode.DEPENDENCY
-    assert _snapshot(root) == before
-    assert err.value.details[-1] == (
+    before = file_states(root)
+    plan = _failing(_plan(root, binary, "worker.instances=3", "api.port=9123"), dead_port)
+    err = _refused(root, plan)
+    assert err.code == ExitCode.DEPENDENCY
+    assert file_states(root) == before
+    assert err.details[-1] == (
         "no service was touched: the 4 paths this run changed are as they were"
     )
 
 
-def test_a_failed_first_install_leaves_only_the_system_user(tmp_path: Path, binary: Path) -> None:
+def test_a_failed_first_install_leaves_only_the_system_user(
+    tmp_path: Path, binary: Path, dead_port: int
+) -> None:
     root = tmp_path / "root"
-    plan = _failing(_plan(root, binary))
-    with pytest.raises(StellarError) as err:
-        Executor(HostPaths(root)).apply(plan)
-    assert "are as they were" in err.value.details[-1]
+    err = _refused(root, _failing(_plan(root, binary), dead_port))
+    assert "are as they were" in err.details[-1]
     # systemd-sysusers made the user (kept: harmless, and the next run finds it): the user
     # database in etc/ is all that is left, no directory of ours, no unit, no release.
     left = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
@@ -226,30 +212,28 @@ def test_a_failed_first_install_leaves_only_the_system_user(tmp_path: Path, bina
 
 
 def test_once_a_step_acts_beyond_files_a_failure_leaves_them_for_the_next_run(
-    tmp_path: Path, binary: Path
+    tmp_path: Path, binary: Path, dead_port: int
 ) -> None:
     root = tmp_path / "root"
     _install(root, binary)
     stale = HostPaths(root).etc / "left-by-an-older-release.conf"
     stale.write_text("old\n")
-    plan = _failing(_plan(root, binary, "worker.instances=3"), RemoveStale((stale,)))
-    with pytest.raises(StellarError) as err:
-        Executor(HostPaths(root)).apply(plan)
-    assert not any("as they were" in line for line in err.value.details)
+    plan = _failing(_plan(root, binary, "worker.instances=3"), dead_port, RemoveStale((stale,)))
+    err = _refused(root, plan)
+    assert not any("as they were" in line for line in err.details)
     assert "stellarbase-worker@3" in (root / "etc/systemd/system/stellarbase.target").read_text()
     assert not stale.exists()
 
 
 def test_a_step_that_may_have_acted_before_failing_leaves_the_files_for_the_next_run(
-    tmp_path: Path, binary: Path
+    tmp_path: Path, binary: Path, dead_port: int
 ) -> None:
     root = tmp_path / "root"
     _install(root, binary)
     # A database step can fail after it changed a role or a password: the files that go
     # with it stay as this run wrote them.
     plan = _plan(root, binary, "worker.instances=3")
-    failing = replace(plan, steps=(*plan.steps, EnsureDatabase(_dead_port(), "a", "b", 1.0)))
-    with pytest.raises(StellarError) as err:
-        Executor(HostPaths(root)).apply(failing)
-    assert not any("as they were" in line for line in err.value.details)
+    failing = replace(plan, steps=(*plan.steps, EnsureDatabase(dead_port, "a", "b", 1.0)))
+    err = _refused(root, failing)
+    assert not any("as they were" in line for line in err.details)
     assert "stellarbase-worker@3" in (root / "etc/systemd/system/stellarbase.target").read_text()
