@@ -7,6 +7,7 @@ import base64
 import hashlib
 import io
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -38,6 +39,7 @@ from stellarbase.backup.repo import (
     repository_from,
 )
 from stellarbase.config import BackupConfig, S3Config
+from stellarbase.errors import StellarError
 from tests import servers
 
 pytestmark = pytest.mark.integration
@@ -287,7 +289,9 @@ def test_archive_command_checks_the_marker(tmp_path: Path) -> None:
     (data_dir / "pg_wal").mkdir(parents=True)
     name = "000000010000000000000001"
     (data_dir / "pg_wal" / name).write_bytes(b"wal bytes")
-    command = archive_command(spool).replace("%p", f"pg_wal/{name}").replace("%f", name)
+    # As PostgreSQL substitutes: the placeholders, and `%%` as one `%`.
+    values = {"p": f"pg_wal/{name}", "f": name, "%": "%"}
+    command = re.sub(r"%(.)", lambda m: values[m.group(1)], archive_command(spool))
 
     def run() -> int:
         return subprocess.run(["sh", "-c", command], cwd=data_dir, timeout=30).returncode
@@ -301,8 +305,8 @@ def test_archive_command_checks_the_marker(tmp_path: Path) -> None:
     wal.write_bytes(b"wal bytes")  # recreated: another file under the same name
     os.utime(wal, (0, wal.stat().st_mtime - 5))
     assert run() == 1
-    with pytest.raises(ValueError):
-        archive_command(Path("/var/lib/spool with space"))
+    with pytest.raises(StellarError, match="cannot be placed in a PostgreSQL command"):
+        archive_command(Path("/var/lib/spool\nwith a line break"))
 
 
 # --------------------------------------------------------------------------- a real PostgreSQL
@@ -440,6 +444,38 @@ def test_archiver_uploads_every_segment_of_a_real_cluster(
     assert failed == 0
     stats = running_archiver.stats()
     assert stats.failures_total == 0 and stats.uploads_total >= len(expected)
+
+
+def test_postgresql_18_archives_through_archive_command(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """PostgreSQL 16+ refuse a `%x` they do not know when archive_command runs: `stat`'s
+    format and a `%` in the spool path must reach them as `%%`. Set as `install` sets it
+    (ALTER SYSTEM), into a spool whose path needs quoting and escaping."""
+    spool = Path(tempfile.mkdtemp(prefix="stellarbase-spool 100%i-"))
+    spool.chmod(0o755)
+    pg = servers.start_postgres(
+        tmp_path_factory.mktemp("pg18-archiving"),
+        major=18,
+        auto_conf={"archive_mode": "on", "archive_command": archive_command(spool)},
+    )
+    repo = FileRepository(tmp_path / "repo")
+    archiver = Archiver(repo, pg.data_dir / "pg_wal", spool, concurrency=2)
+    stop = threading.Event()
+    thread = threading.Thread(target=archiver.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert pg.major == 18
+        names = [switch_wal(pg) for _ in range(3)]
+        wait_archived(pg, names[-1], timeout=20)
+        archived, failed = sql(pg, "SELECT archived_count, failed_count FROM pg_stat_archiver")
+    finally:
+        pg.stop()
+        stop.set()
+        thread.join(timeout=30)
+        shutil.rmtree(spool, ignore_errors=True)
+    assert (failed, archived >= 3) == (0, True)
+    assert {f"wal/{n}" for n in names} <= {o.key for o in repo.list("wal/")}
 
 
 def test_archive_throughput(cluster: Cluster) -> None:

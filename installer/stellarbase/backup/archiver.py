@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import struct
 import threading
 import time
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from stellarbase.backup import codec, walnames
+from stellarbase.backup.pgcommand import command_path
 from stellarbase.backup.repo import (
     ClusterIdentity,
     Repository,
@@ -44,7 +44,6 @@ log = structlog.get_logger()
 MARKERS = "archived"
 WAIT_STEPS = 100  # archive_command waits WAIT_STEPS * 0.1 s for the marker
 BACKOFF_CAP_S = 5.0
-_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/-]+$")
 
 # XLogLongPageHeaderData (access/xlog_internal.h), little-endian on the hosts we support:
 # magic u16, info u16, tli u32, pageaddr u64, rem_len u32, pad, sysid u64, seg_size u32,
@@ -70,18 +69,14 @@ def archive_command(spool_dir: Path) -> str:
     instead would cost ~0.1 s per segment, and Postgres archives one segment at a time.
 
     Runs as the postgres user with the data directory as cwd (%p is relative to it), so
-    the spool must be readable by that user. The spool path is restricted to characters
-    that need no quoting for `sh` and no escaping for Postgres' `%` substitution.
+    the spool must be readable by that user. `stat`'s own `%` are written `%%`: PostgreSQL
+    16+ refuse any other `%x` (see `pgcommand`).
     """
-    spool = str(spool_dir)
-    if not _SAFE_PATH.match(spool):
-        raise ValueError(
-            f"WAL spool path {spool!r} must be absolute and use only letters, digits and ._/-"
-        )
+    markers = command_path(spool_dir / MARKERS, "WAL spool path")
     return (
-        f"m={spool}/{MARKERS}/%f; i=0; "
+        f"m={markers}/%f; i=0; "
         f'while [ ! -f "$m" ]; do [ $i -ge {WAIT_STEPS} ] && exit 1; i=$((i+1)); sleep 0.1; done; '
-        '[ "$(cat "$m")" = "$(stat -c \'%i %s %Y\' "%p")" ]'
+        '[ "$(cat "$m")" = "$(stat -c \'%%i %%s %%Y\' "%p")" ]'
     )
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import enum
 import os
 import pwd
-import shlex
 import shutil
 import tempfile
 import time
@@ -28,6 +27,7 @@ import structlog
 from stellarbase.backup import walnames
 from stellarbase.backup.catalog import Catalog, Manifest, continuity, load_catalog
 from stellarbase.backup.extract import extract_backup
+from stellarbase.backup.pgcommand import command_path
 from stellarbase.backup.postmaster import Cluster, chown_tree, start_postmaster, wait_promoted
 from stellarbase.backup.prefetch import SPOOL_NAME, Prefetcher
 from stellarbase.backup.repo import Repository
@@ -275,9 +275,10 @@ def restore_command(spool_dir: Path) -> str:
     """The restore_command: wait for the prefetcher's file (or its `.missing` answer).
 
     Exit status 126 (a stale heartbeat) makes PostgreSQL abort recovery rather than take
-    the missing file as the end of WAL. `%%` is a literal percent in restore_command.
+    the missing file as the end of WAL. Every `%` that is not a placeholder, the spool
+    path's included, is written `%%` (see `pgcommand`).
     """
-    s = shlex.quote(str(spool_dir))
+    s = command_path(spool_dir, "restore spool path")
     return (
         f's={s}; touch "$s/%f.want" || exit 126; i=0; '
         f'while :; do if [ -f "$s/%f" ]; then rm -f "$s/%f.want"; '
