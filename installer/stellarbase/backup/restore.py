@@ -407,28 +407,33 @@ def restore_into(
     owner = _account(run_as)
     catalog = load_catalog(repo, key)
     plan = plan_restore(catalog, target, backup_id)
+    spool = data_dir / SPOOL_NAME
+    recovery = recovery_settings(plan, spool)  # refuses a data dir no command can name
     check_data_dir(data_dir, force)
     log.info("restore", backup=plan.backup.id, target=str(target), wal=len(plan.needed))
     data_dir.mkdir(parents=True, exist_ok=True)
     _empty_dir(data_dir)
-    spool = data_dir / SPOOL_NAME
     spool.mkdir(mode=0o700)
     os.chown(spool, owner.pw_uid, owner.pw_gid)
     # The base backup first, then WAL: fetching both at once made them compete for the
     # CPU (decoding, hashing) and the disk, and recovery needs the files before any WAL.
     raw_bytes = extract_backup(catalog.repo, catalog.key, plan.backup, data_dir)
     _prepare_data_dir(data_dir, owner)
-    write_recovery_settings(data_dir, recovery_settings(plan, spool), owner)
+    write_recovery_settings(data_dir, recovery, owner)
     extracted = time.monotonic()
     with Prefetcher(catalog, spool, plan.chain, owner) as prefetcher:
         cluster = start_postmaster(data_dir, bindir, owner, port=port, settings=settings)
-        wait_promoted(cluster, prefetcher, deadline_s)
-        recovered = time.monotonic()
-        stats = prefetcher.stats()
+        try:
+            wait_promoted(cluster, prefetcher, deadline_s)
+            recovered = time.monotonic()
+            stats = prefetcher.stats()
+            if not keep_running:
+                cluster.stop()
+        except BaseException:  # an interrupt included: no recovery server outlives us
+            cluster.stop()
+            raise
     shutil.rmtree(spool, ignore_errors=True)
     clear_recovery_settings(data_dir, owner)
-    if not keep_running:
-        cluster.stop()
     return RestoreResult(
         backup_id=plan.backup.id,
         target=str(target),
@@ -563,8 +568,9 @@ def drill(
 ) -> DrillResult:
     """Restore the newest backup to the latest point into a scratch dir, query, clean up.
 
-    The scratch cluster never archives (it would write a new timeline into the repository)
-    and listens only on its private socket and a free loopback port.
+    The scratch cluster never archives (it would write a new timeline into the repository;
+    see `postmaster.recovery_overrides`) and listens only on its private socket and a free
+    loopback port.
     """
     owner = _account(run_as)
     scratch = Path(tempfile.mkdtemp(prefix="drill-", dir=workdir))
@@ -579,7 +585,6 @@ def drill(
             bindir=bindir,
             run_as=run_as,
             keep_running=True,
-            settings={"archive_mode": "off"},
         )
         assert result.cluster is not None
         try:
