@@ -2,7 +2,9 @@
 
 redis-py takes longer to import than preflight's Redis check takes to run. This client
 sends a command, reads its reply, and bounds every socket operation by the time left to
-the caller's deadline; the services keep using redis-py.
+the caller's deadline. Preflight (`preflight.deps`) and readiness (`checks`, for the
+services' /readyz and the agent) use it; the services' own work keeps using redis-py.
+Valkey answers as Redis does; `server_version` tells the two apart.
 """
 
 from __future__ import annotations
@@ -110,6 +112,19 @@ def hello(client: Connection, target: Target, password: str | None) -> dict[str,
     if target.db:
         client.command("SELECT", str(target.db))
     return parse_info(client.command("INFO", "server"))
+
+
+def server_version(info: dict[str, str]) -> tuple[str, str]:
+    """(product, version) from INFO server: Valkey reports `valkey_version` besides a
+    `redis_version` kept for compatibility (7.2.4), which says nothing of the server."""
+    if "valkey_version" in info:
+        return "Valkey", info["valkey_version"]
+    return "Redis", info.get("redis_version", "?")
+
+
+def describe(info: dict[str, str]) -> str:
+    """The server by name and version: `Redis 7.0.15`, `Valkey 8.1.1`."""
+    return " ".join(server_version(info))
 
 
 def encode(args: Sequence[str | bytes]) -> bytes:

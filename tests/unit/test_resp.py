@@ -95,6 +95,16 @@ def test_info_fields_leave_headers_and_blank_lines_out() -> None:
         resp.parse_info(["not", "text"])
 
 
+def test_the_server_is_named_by_its_own_version() -> None:
+    valkey = resp.parse_info(
+        "# Server\r\nredis_version:7.2.4\r\nserver_name:valkey\r\nvalkey_version:8.1.1\r\n"
+    )
+    assert resp.server_version(valkey) == ("Valkey", "8.1.1")
+    assert resp.describe(valkey) == "Valkey 8.1.1"
+    assert resp.describe({"redis_version": "7.0.15"}) == "Redis 7.0.15"
+    assert resp.describe({}) == "Redis ?"
+
+
 def test_config_get_answer_becomes_a_dict() -> None:
     assert resp.as_pairs(["save", "", "appendonly", "no"]) == {"save": "", "appendonly": "no"}
     with pytest.raises(resp.ProtocolError):

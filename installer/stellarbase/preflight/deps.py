@@ -319,9 +319,11 @@ def _redis_steps(
     config: Config,
     found: list[Finding],
 ) -> None:
-    version = info.get("redis_version", "?")
+    product, version = resp.server_version(info)
+    # Valkey's numbers go on from Redis 7.2, where it forked: one minimum serves both.
     ok, upgrade = _major(version) >= REDIS_MIN_MAJOR, f"upgrade to Redis {REDIS_MIN_MAJOR}+"
-    found.append(_verdict("redis.version", ok, version, f"≥ {REDIS_MIN_MAJOR}", upgrade))
+    shown = f"{product} {version}"
+    found.append(_verdict("redis.version", ok, shown, f"≥ {REDIS_MIN_MAJOR}", upgrade))
     if not ok:
         return
     policy, aof, save = _redis_settings(client)
