@@ -59,7 +59,7 @@ def check_redis(dep: RedisConfig, timeout: float) -> str:
         info = resp.hello(client, target, password)
     finally:
         client.close()
-    return f"Redis {info.get('redis_version', '?')}"
+    return resp.describe(info)  # "Redis 7.0.15" or "Valkey 8.1.1"
 
 
 def check_s3(dep: S3Config, timeout: float) -> str:
