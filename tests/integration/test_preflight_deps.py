@@ -14,7 +14,8 @@ import pytest
 import redis
 from psycopg import sql
 
-from stellarbase.config import load_config
+from stellarbase import checks
+from stellarbase.config import RedisConfig, load_config
 from stellarbase.paths import HostPaths
 from stellarbase.preflight import Context, Finding, Level, deps, run_checks
 from tests import servers
@@ -93,16 +94,45 @@ def failures(findings: list[Finding]) -> list[str]:
     return [f"{f.check}: {f.value}" for f in findings if f.level == Level.FAIL]
 
 
-def test_healthy_servers_pass(site_deps: dict[str, Any], s3_server: servers.S3Server) -> None:
-    findings = preflight(context(site_deps))
+@pytest.fixture(params=[15, 18], ids=["pg15", "pg18"])
+def any_postgres(request: pytest.FixtureRequest) -> servers.PostgresServer:
+    """Debian's PostgreSQL 15 (no pgvector) and the wheel's 18 (with it)."""
+    name = "postgres_server" if request.param == 15 else "postgres18_server"
+    server: servers.PostgresServer = request.getfixturevalue(name)
+    return server
+
+
+def on(pg: servers.PostgresServer) -> dict[str, Any]:
+    """context() arguments that aim it at `pg` instead of the default server."""
+    return {
+        "postgres_url": f"postgresql://{pg.user}@{pg.host}:{pg.port}/{pg.database}",
+        "env": {"STELLARBASE_POSTGRES__PASSWORD": pg.password},
+    }
+
+
+def test_healthy_servers_pass(
+    site_deps: dict[str, Any], s3_server: servers.S3Server, any_postgres: servers.PostgresServer
+) -> None:
+    findings = preflight(context(site_deps, **on(any_postgres)))
 
     assert failures(findings) == []
     for family, expected in HEALTHY.items():
         assert names_of(findings, family) == expected
     found = by_name(findings)
-    # The Debian test cluster has no pgvector: that only turns semantic search off.
-    assert found["postgres.vector"].level in (Level.PASS, Level.WARN)
-    assert "(server_version_num 1" in found["postgres.version"].value
+    major = any_postgres.major
+    assert f"(server_version_num {major}00" in found["postgres.version"].value
+    assert found["postgres.version"].value.startswith(f"{major}.")
+    vector = found["postgres.vector"]
+    if major == 18:
+        assert (vector.level, vector.value) == (Level.PASS, "available (0.8.6)")
+    else:  # Debian's test cluster has no pgvector: that only turns semantic search off
+        assert vector.level == Level.WARN
+        assert f"apt install postgresql-{major}-pgvector" in vector.hint
+    assert (found["postgres.wal_level"].level, found["postgres.wal_level"].value) == (
+        Level.PASS,
+        "replica",
+    )
+    assert found["redis.version"].value.startswith("Redis 7.")
     assert found["redis.persistence"].level == Level.NOTE  # not required on pilot
     # The probe object is gone again.
     listed = servers.s3_client(s3_server).list_objects_v2(
@@ -204,9 +234,13 @@ def test_versioned_bucket_passes_and_keeps_no_probe_versions(
     assert left.get("Versions", []) == [] and left.get("DeleteMarkers", []) == []
 
 
-def test_too_small_max_connections_fails_with_the_numbers(site_deps: dict[str, Any]) -> None:
-    # The fixture server has max_connections=50; pilot has 1 worker and 10 headroom.
-    findings = preflight(context(site_deps, sets=("requirements.pool_size=30",)))
+def test_too_small_max_connections_fails_with_the_numbers(
+    site_deps: dict[str, Any], any_postgres: servers.PostgresServer
+) -> None:
+    # The fixture servers have max_connections=50; pilot has 1 worker and 10 headroom.
+    findings = preflight(
+        context(site_deps, sets=("requirements.pool_size=30",), **on(any_postgres))
+    )
 
     budget = by_name(findings)["postgres.connections"]
     assert budget.level == Level.FAIL
@@ -254,6 +288,31 @@ def own_redis(tmp_path: Path) -> Iterator[servers.RedisServer]:
 
 def redis_admin(server: servers.RedisServer) -> redis.Redis:
     return redis.Redis(host=server.host, port=server.port, password=server.password)
+
+
+def test_valkey_passes_as_redis_and_is_named(
+    site_deps: dict[str, Any], valkey_server: servers.RedisServer
+) -> None:
+    url = f"redis://{valkey_server.host}:{valkey_server.port}/0"
+    password = valkey_server.password
+    env = {"STELLARBASE_REDIS__PASSWORD": password}
+
+    findings = preflight(context(site_deps, redis_url=url, env=env))
+
+    assert failures(findings) == []
+    assert names_of(findings, "redis") == HEALTHY["redis"]
+    found = by_name(findings)
+    assert (found["redis.version"].level, found["redis.version"].value) == (
+        Level.PASS,
+        "Valkey 8.1.1",
+    )
+    assert found["redis.maxmemory_policy"].value == "noeviction"
+    # Readiness (/readyz, the agent) asks through the same client and names it alike.
+    ready = checks.dependency_checks(None, RedisConfig(url=url, password=password), None, 2.0)
+    assert [(r.name, r.ok, r.message) for r in ready] == [("redis", True, "Valkey 8.1.1")]
+    wrong = RedisConfig(url=url, password="wrong")
+    [refused] = checks.dependency_checks(None, wrong, None, 2.0)
+    assert not refused.ok and "invalid username-password pair" in refused.message
 
 
 def test_evicting_redis_fails_and_is_read_without_config(
@@ -340,11 +399,11 @@ def test_old_server_versions_fail_before_any_query(site_deps: dict[str, Any]) ->
 
     assert names_of(findings, "redis")[-1] == "redis.version"
     rd = found["redis.version"]
-    assert (rd.level, rd.value, rd.requirement) == (Level.FAIL, "6.2.0", "≥ 7")
+    assert (rd.level, rd.value, rd.requirement) == (Level.FAIL, "Redis 6.2.0", "≥ 7")
     assert "upgrade to Redis 7+" in rd.hint
     assert failures(findings) == [
         "postgres.version: 13.9 (server_version_num 130009)",
-        "redis.version: 6.2.0",
+        "redis.version: Redis 6.2.0",
     ]
 
 
