@@ -13,6 +13,7 @@ import base64
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -27,7 +28,7 @@ import psutil
 import psycopg
 import pytest
 
-from stellarbase.backup import catalog, restore, verify
+from stellarbase.backup import catalog, postmaster, restore, verify
 from stellarbase.backup.archiver import Archiver, archive_command
 from stellarbase.backup.basebackup import take_backup
 from stellarbase.backup.postmaster import start_postmaster, wait_promoted
@@ -283,7 +284,10 @@ def processes_in(data_dir: Path) -> list[str]:
 
 
 def test_restore_into_a_data_dir_stops_its_server_which_never_archived(
-    file_repo: tuple[Repository, BackupConfig], scratch: Path, pg_major: int
+    file_repo: tuple[Repository, BackupConfig],
+    scratch: Path,
+    pg_major: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The backup carries the primary's archiving, commands and preload libraries; the
     recovery server runs with none of them, stops with every process before the restore
@@ -341,8 +345,13 @@ def test_restore_into_a_data_dir_stops_its_server_which_never_archived(
         wait_promoted(cluster, None, 30)
         assert count_t(cluster_url(cluster)) == 1500
     finally:
+        # No time for a fast shutdown: the stop SIGKILLs, and still leaves nothing.
+        monkeypatch.setattr(postmaster, "STOP_DEADLINE_S", 0.0)
         cluster.stop()
+        monkeypatch.undo()
+    assert cluster.process.returncode == -signal.SIGKILL
     assert processes_in(data_dir) == []
+    assert not (data_dir / "postmaster.pid").exists()
 
     # A recovery server kept running (as the drill keeps it) shows its settings.
     kept = restore.restore_into(

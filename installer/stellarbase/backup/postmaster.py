@@ -31,7 +31,8 @@ from stellarbase.errors import ExitCode, StellarError
 
 log = structlog.get_logger()
 
-STOP_DEADLINE_S = 60.0
+STOP_DEADLINE_S = 60.0  # for a fast shutdown; then SIGKILL
+KILL_WAIT_S = 10.0  # for killed processes to be gone
 SUPERUSER = "postgres"
 
 
@@ -83,14 +84,14 @@ class Cluster:
                 )
                 family = [*family, *_descendants(self.process.pid)]
                 self.process.kill()
-                self.process.wait(timeout=STOP_DEADLINE_S)
+                self.process.wait(timeout=KILL_WAIT_S)
         # A postmaster that exited cleanly has reaped its children; these are only the
         # ones a killed postmaster left behind (now children of init).
         _gone, alive = psutil.wait_procs(family, timeout=0)
         for proc in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
-        psutil.wait_procs(alive, timeout=STOP_DEADLINE_S)
+        psutil.wait_procs(alive, timeout=KILL_WAIT_S)
         _remove_stale_pidfile(self.data_dir, self.process.pid)
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
