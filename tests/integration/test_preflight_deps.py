@@ -364,6 +364,14 @@ def test_redis_without_persistence_fails_where_required(
 
     admin = redis_admin(own_redis)
     admin.config_set("appendonly", "yes")
+    # Until its first AOF is written Redis refuses to shut down ("Writing initial AOF,
+    # can't exit"), and the fixture would wait out its stop deadline.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        info = admin.info("persistence")
+        if not (info["aof_rewrite_in_progress"] or info["aof_rewrite_scheduled"]):
+            break
+        time.sleep(0.05)
     admin.close()
     persistence = by_name(preflight(context(site_deps, sets=sets, redis_url=url, env=env)))[
         "redis.persistence"
