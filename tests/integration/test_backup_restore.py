@@ -605,6 +605,10 @@ def test_damaged_or_missing_part_is_named_and_restore_refuses(
     assert len(parts) > 5
     assert verify.verify(repo, None).ok
     assert restore_latest(repo, scratch / "whole") == 51000
+    unplaceable = scratch / "line\nbreak"
+    with pytest.raises(StellarError, match="cannot be placed in a PostgreSQL command"):
+        restore_latest(repo, unplaceable)
+    assert not unplaceable.exists(), "a refused restore must not write anything"
 
     # One stored byte altered, the size unchanged: the plan cannot tell, extraction can.
     damaged, lost = parts[len(parts) // 2], parts[-2]

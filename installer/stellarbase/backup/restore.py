@@ -471,7 +471,8 @@ def restore_live(
 
     from stellarbase import systemd
 
-    plan_restore(load_catalog(repo, key), target, backup_id)  # refuse before stopping
+    plan = plan_restore(load_catalog(repo, key), target, backup_id)  # refuse before stopping
+    recovery_settings(plan, data_dir / SPOOL_NAME)  # as a data dir no command can name
     if not force:
         check_data_dir(data_dir, force=False)
     systemd.stop([unit])
