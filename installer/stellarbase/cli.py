@@ -62,6 +62,14 @@ Bundle = Annotated[
     ),
 ]
 
+RetireLocal = Annotated[
+    bool,
+    typer.Option(
+        "--retire-local",
+        help="A dependency that goes external: stop its local server, keep its data on disk "
+        "(move the data first).",
+    ),
+]
 Skip = Annotated[
     list[str] | None,
     typer.Option("--skip", help="Skip a preflight check or family by name (repeatable)."),
@@ -91,6 +99,7 @@ def install(
     binary: Binary = None,
     bundle: Bundle = None,
     skip: Skip = None,
+    retire_local: RetireLocal = False,
     output: Output = Format.TEXT,
     yes: Yes = False,
     debug: Debug = False,
@@ -106,10 +115,14 @@ def install(
             code=ExitCode.USAGE,
         )
     loaded = _load(config, set_, tier)
+    paths = HostPaths(root)
     if bundle is not None:
-        emit(operations.install_bundle(loaded, HostPaths(root), bundle, skip or []), output)
-        return
-    emit(operations.install(loaded, HostPaths(root), binary, skip or []), output)
+        result = operations.install_bundle(
+            loaded, paths, bundle, skip or [], retire_local=retire_local
+        )
+    else:
+        result = operations.install(loaded, paths, binary, skip or [], retire_local=retire_local)
+    emit(result, output)
 
 
 @app.command()
@@ -119,6 +132,7 @@ def plan(
     set_: Sets = None,
     root: Root = Path("/"),
     binary: Binary = None,
+    retire_local: RetireLocal = False,
     output: Output = Format.TEXT,
     debug: Debug = False,
 ) -> None:
@@ -127,7 +141,8 @@ def plan(
 
     _begin(output, debug)
     loaded = _load(config, set_, tier)
-    emit(operations.dry_run(loaded, HostPaths(root), binary), output, show_diff=True)
+    result = operations.dry_run(loaded, HostPaths(root), binary, retire_local=retire_local)
+    emit(result, output, show_diff=True)
 
 
 @app.command()
