@@ -43,6 +43,9 @@ NON_CONFIG_ENV = frozenset(
         "STELLARBASE_FAKE_NVML",
         "STELLARBASE_RELEASE_PUBKEY",
         "STELLARBASE_SIGNING_KEY",
+        "STELLARBASE_REBUILD",  # the test suite: rebuild dist/stellarbase first
+        "STELLARBASE_TEST_ROOTS",  # the test suite: where cached distribution roots live
+        "STELLARBASE_SRC",  # Vagrant provisioning: the checkout inside the VM
     }
 )
 
