@@ -90,6 +90,14 @@ def _load(config: Path | None, sets: list[str] | None, tier: str | None) -> cfg.
     return cfg.load_config(site_file=config, sets=sets or [], tier=tier)
 
 
+def _validate(loaded: cfg.LoadedConfig, paths: HostPaths) -> None:
+    """The config's own checks, before the modules that plan and apply load: a refused
+    config answers at once. Install and plan run them again, for callers other than this."""
+    from stellarbase import validate
+
+    validate.check_install(loaded, paths)
+
+
 @app.command()
 def install(
     tier: TierOpt = None,
@@ -105,8 +113,6 @@ def install(
     debug: Debug = False,
 ) -> None:
     """Converge this host to healthy StellarBase services (a re-run changes nothing)."""
-    from stellarbase import operations
-
     _begin(output, debug)
     if bundle is not None and binary is not None:
         raise StellarError(
@@ -116,6 +122,9 @@ def install(
         )
     loaded = _load(config, set_, tier)
     paths = HostPaths(root)
+    _validate(loaded, paths)
+    from stellarbase import operations
+
     if bundle is not None:
         result = operations.install_bundle(
             loaded, paths, bundle, skip or [], retire_local=retire_local
@@ -137,10 +146,11 @@ def plan(
     debug: Debug = False,
 ) -> None:
     """Show what install would change, with a diff for every file."""
-    from stellarbase import operations
-
     _begin(output, debug)
     loaded = _load(config, set_, tier)
+    _validate(loaded, HostPaths(root))
+    from stellarbase import operations
+
     result = operations.dry_run(loaded, HostPaths(root), binary, retire_local=retire_local)
     emit(result, output, show_diff=True)
 

@@ -1,7 +1,8 @@
 """What a config must hold before install acts on it, beyond what the config model checks
 alone: the settings each kind of dependency needs, and values read by tools or files of
 the host (systemd's calendar parser, the kernel's privileged ports, TLS files, the
-inference executable). Install, plan and preflight run it before anything else.
+inference executable). Install, plan and preflight run it before anything else; it
+imports little, so that the command line can refuse a config before loading the rest.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import ssl
 from pathlib import Path
 from typing import Literal
 
-from stellarbase import render, systemd
+from stellarbase import systemd
 from stellarbase.config import DependencyMode, LoadedConfig
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.paths import HostPaths
@@ -98,8 +99,10 @@ def _check_tls_files(loaded: LoadedConfig) -> None:
 
 
 def _check_inference_command(loaded: LoadedConfig) -> None:
+    from stellarbase.render import DEFAULT_INFERENCE_COMMAND
+
     command = loaded.config.inference.command
-    if command == render.DEFAULT_INFERENCE_COMMAND:
+    if command == DEFAULT_INFERENCE_COMMAND:
         return  # installed by this run
     executable = shlex.split(command)[0]
     if not os.access(executable, os.X_OK) or not Path(executable).is_file():
