@@ -15,8 +15,8 @@ from pydantic import AfterValidator
 # MemoryMax= below this: a service could not even load its Python runtime.
 MIN_MEMORY_BYTES = 64 << 20
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-# Where a file:// backup repository must not be: the installer's own directories (purge
-# removes them) and the system's (virtual file systems, private or cleaned temp dirs).
+# Where an installed file:// backup repository must not be: the installer's own directories
+# (purge removes them) and the system's (virtual file systems, private or cleaned temp dirs).
 OWN_DIRS = ("/var/lib/stellarbase", "/etc/stellarbase", "/opt/stellarbase")
 SYSTEM_DIRS = (
     "/proc", "/sys", "/dev", "/run", "/tmp", "/var/tmp", "/boot", "/etc", "/usr", "/bin",
@@ -137,14 +137,23 @@ def check_file_repository(repo: str) -> str:
             f"{path!r} has the character {bad.group()!r}: systemd reads this path in "
             "ReadWritePaths=; use letters, digits and . _ - + @"
         )
+    return "file://" + path
+
+
+def repository_location_problem(path: str) -> str | None:
+    """Why a file:// repository must not be at `path` on an installed host, or None.
+
+    Not a rule of the value itself: tools and tests use repositories in temp dirs, which
+    the installed services could not (they run with a private /tmp).
+    """
     for top in (*OWN_DIRS, *SYSTEM_DIRS):
         if path == top or path.startswith(top + "/"):
-            raise ValueError(
+            return (
                 f"{path!r} is inside {top}: keep backups out of the installer's and the "
-                "system's directories (uninstall --purge removes /var/lib/stellarbase), "
-                "e.g. file:///srv/stellarbase-backups"
+                "system's directories (uninstall --purge removes /var/lib/stellarbase; "
+                "the services see a private /tmp)"
             )
-    return "file://" + path
+    return None
 
 
 def check_schedule(schedule: str) -> str:
