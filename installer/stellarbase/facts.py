@@ -23,6 +23,7 @@ from stellarbase.render import LocalServers
 def gather(paths: HostPaths, binary: Path | None, config: Config) -> Facts:
     source = binary or release_binary()
     previous = state.load(paths.state_file)
+    data = {"postgres": paths.postgres_data, "redis": paths.redis_data}
     return replace(
         dependency_facts(paths, config),
         binary=source,
@@ -30,6 +31,9 @@ def gather(paths: HostPaths, binary: Path | None, config: Config) -> Facts:
         previous_files=tuple(previous.files),
         previous_units=tuple(previous.units),
         gpu_devices=tuple(inference_devices(config)),
+        local_data=tuple(dep for dep, path in data.items() if localdeps.holds_files(path)),
+        postgres_leftovers=localdeps.holds_files(paths.postgres_data)
+        and not localdeps.cluster_ready(paths.postgres_data),
     )
 
 
