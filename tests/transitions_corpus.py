@@ -14,6 +14,7 @@ that data again.
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -298,6 +299,12 @@ CASES: tuple[Case, ...] = (
     Case("port 70000", _c({"agent": {"port": 70000}}), ExitCode.CONFIG, needle="agent.port"),
     Case("port as a word", _c({"api": {"port": "http"}}), ExitCode.CONFIG, needle="api.port"),
     Case(
+        "privileged port for an unprivileged service",
+        _c({"api": {"port": 80}}),
+        ExitCode.CONFIG,
+        needle="privileged",
+    ),
+    Case(
         "api port equals agent port",
         lambda ctx: {"agent": {"port": ctx.at(API)}},
         ExitCode.CONFIG,
@@ -329,6 +336,18 @@ CASES: tuple[Case, ...] = (
         _c({"api": {"limits": {"memory_max": "lots"}}}),
         ExitCode.CONFIG,
         needle="memory_max",
+    ),
+    Case(
+        "memory_max too small for a service to start",
+        _c({"worker": {"limits": {"memory_max": "1M"}}}),
+        ExitCode.CONFIG,
+        needle="memory_max",
+    ),
+    Case(
+        "cpu_quota of 0%",
+        _c({"api": {"limits": {"cpu_quota": "0%"}}}),
+        ExitCode.CONFIG,
+        needle="cpu_quota",
     ),
     Case(
         "cpu_quota without a percent sign",
@@ -483,8 +502,16 @@ CASES: tuple[Case, ...] = (
 BOOTSTRAP = CASES[0]
 
 
-def by_name(name: str) -> Case:
-    return next(c for c in CASES if c.name == name)
+def sequence(seed: int, steps: int) -> list[Case]:
+    """The bootstrap pilot, then whole shuffles of the corpus: every case is met once
+    before any comes again, so a run one longer than the corpus covers all of it."""
+    rng = random.Random(seed)
+    out = [BOOTSTRAP]
+    while len(out) < steps:
+        batch = list(CASES)
+        rng.shuffle(batch)
+        out.extend(batch)
+    return out[:steps]
 
 
-__all__ = ["BOOTSTRAP", "CASES", "Case", "Context", "Deps", "base", "by_name", "merge"]
+__all__ = ["BOOTSTRAP", "CASES", "Case", "Context", "Deps", "base", "merge", "sequence"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import socket
 import subprocess
 import time
@@ -49,6 +48,7 @@ from tests.transitions_corpus import (
     Case,
     Context,
     Deps,
+    sequence,
 )
 
 pytestmark = [pytest.mark.systemd, pytest.mark.integration]
@@ -71,30 +71,12 @@ LIVE = ("postgres", "redis", "wal-spool", "backup-status.json")
 SECRET_KEYS = {"password", "access_key", "secret_key", "encryption_key", "metrics_token"}
 
 
-def sequence(seed: int, steps: int) -> list[Case]:
-    """The bootstrap pilot, then whole shuffles of the corpus: every case is met once
-    before any comes again, so a run as long as the corpus covers all of it."""
-    rng = random.Random(seed)
-    out = [BOOTSTRAP]
-    while len(out) < steps:
-        batch = list(CASES)
-        rng.shuffle(batch)
-        out.extend(batch)
-    return out[:steps]
-
-
 def chosen_sequence() -> tuple[int, list[Case]]:
     seed = int(os.environ.get(SEED_ENV) or DEFAULT_SEED)
     given = os.environ.get(CASES_ENV, "").strip()
     if given:
         return seed, [BOOTSTRAP, *(CASES[int(i)] for i in given.split(",") if i.strip())]
     return seed, sequence(seed, int(os.environ.get(STEPS_ENV) or DEFAULT_STEPS))
-
-
-def test_same_seed_same_sequence() -> None:
-    assert sequence(7, 60) == sequence(7, 60)
-    assert sequence(7, 60) != sequence(8, 60)
-    assert set(sequence(1, len(CASES) + 1)) == set(CASES)
 
 
 @dataclass
