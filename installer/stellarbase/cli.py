@@ -62,6 +62,14 @@ Bundle = Annotated[
     ),
 ]
 
+RetireLocal = Annotated[
+    bool,
+    typer.Option(
+        "--retire-local",
+        help="A dependency that goes external: stop its local server, keep its data on disk "
+        "(move the data first).",
+    ),
+]
 Skip = Annotated[
     list[str] | None,
     typer.Option("--skip", help="Skip a preflight check or family by name (repeatable)."),
@@ -82,6 +90,14 @@ def _load(config: Path | None, sets: list[str] | None, tier: str | None) -> cfg.
     return cfg.load_config(site_file=config, sets=sets or [], tier=tier)
 
 
+def _validate(loaded: cfg.LoadedConfig, paths: HostPaths) -> None:
+    """The config's own checks, before the modules that plan and apply load: a refused
+    config answers at once. Install and plan run them again, for callers other than this."""
+    from stellarbase import validate
+
+    validate.check_install(loaded, paths)
+
+
 @app.command()
 def install(
     tier: TierOpt = None,
@@ -91,13 +107,12 @@ def install(
     binary: Binary = None,
     bundle: Bundle = None,
     skip: Skip = None,
+    retire_local: RetireLocal = False,
     output: Output = Format.TEXT,
     yes: Yes = False,
     debug: Debug = False,
 ) -> None:
     """Converge this host to healthy StellarBase services (a re-run changes nothing)."""
-    from stellarbase import operations
-
     _begin(output, debug)
     if bundle is not None and binary is not None:
         raise StellarError(
@@ -106,10 +121,17 @@ def install(
             code=ExitCode.USAGE,
         )
     loaded = _load(config, set_, tier)
+    paths = HostPaths(root)
+    _validate(loaded, paths)
+    from stellarbase import operations
+
     if bundle is not None:
-        emit(operations.install_bundle(loaded, HostPaths(root), bundle, skip or []), output)
-        return
-    emit(operations.install(loaded, HostPaths(root), binary, skip or []), output)
+        result = operations.install_bundle(
+            loaded, paths, bundle, skip or [], retire_local=retire_local
+        )
+    else:
+        result = operations.install(loaded, paths, binary, skip or [], retire_local=retire_local)
+    emit(result, output)
 
 
 @app.command()
@@ -119,15 +141,18 @@ def plan(
     set_: Sets = None,
     root: Root = Path("/"),
     binary: Binary = None,
+    retire_local: RetireLocal = False,
     output: Output = Format.TEXT,
     debug: Debug = False,
 ) -> None:
     """Show what install would change, with a diff for every file."""
-    from stellarbase import operations
-
     _begin(output, debug)
     loaded = _load(config, set_, tier)
-    emit(operations.dry_run(loaded, HostPaths(root), binary), output, show_diff=True)
+    _validate(loaded, HostPaths(root))
+    from stellarbase import operations
+
+    result = operations.dry_run(loaded, HostPaths(root), binary, retire_local=retire_local)
+    emit(result, output, show_diff=True)
 
 
 @app.command()

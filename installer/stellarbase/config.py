@@ -11,13 +11,24 @@ import enum
 import ipaddress
 import os
 import re
+import shlex
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stellarbase import resources
 from stellarbase.errors import ExitCode, StellarError
@@ -32,10 +43,53 @@ NON_CONFIG_ENV = frozenset(
         "STELLARBASE_FAKE_NVML",
         "STELLARBASE_RELEASE_PUBKEY",
         "STELLARBASE_SIGNING_KEY",
+        "STELLARBASE_REBUILD",  # the test suite: rebuild dist/stellarbase first
+        "STELLARBASE_TEST_ROOTS",  # the test suite: where cached distribution roots live
+        "STELLARBASE_SRC",  # Vagrant provisioning: the checkout inside the VM
     }
 )
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+# MemoryMax= below this: a service could not even load its Python runtime.
+MIN_MEMORY_BYTES = 64 << 20
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+# Where a file:// backup repository must not be: the installer's own directories (purge
+# removes them) and the system's (virtual file systems, private or cleaned temp dirs).
+OWN_DIRS = ("/var/lib/stellarbase", "/etc/stellarbase", "/opt/stellarbase")
+SYSTEM_DIRS = (
+    "/proc", "/sys", "/dev", "/run", "/tmp", "/var/tmp", "/boot", "/etc", "/usr", "/bin",
+    "/sbin", "/lib", "/lib32", "/lib64",
+)  # fmt: skip
+# systemd specifiers an inference command may use: the unit's instance and names.
+COMMAND_SPECIFIERS = "%iInNpP"
+
+
+def control_character(value: str) -> str | None:
+    """The first control character in value, as U+XXXX, or None."""
+    for char in value:
+        if unicodedata.category(char) == "Cc":
+            return f"U+{ord(char):04X}"
+    return None
+
+
+def _printable(value: str) -> str:
+    found = control_character(value)
+    if found:
+        raise ValueError(
+            f"contains a control character ({found}): every value lands in a unit file or "
+            "a server setting, on one line"
+        )
+    return value
+
+
+# Every string that reaches a unit file, a server setting or a URL: one printable line.
+Text = Annotated[str, AfterValidator(_printable)]
+
+
+def size_bytes(text: str) -> int | None:
+    """Bytes of a systemd size like 512M (base 1024); None for infinity or a percentage."""
+    match = re.fullmatch(r"(\d+)([KMGTP]?)", text)
+    return int(match.group(1)) * SIZE_UNITS[match.group(2)] if match else None
 
 
 class Model(BaseModel):
@@ -51,13 +105,33 @@ class Tier(enum.StrEnum):
 class Limits(Model):
     """systemd resource limits of one service."""
 
-    memory_max: Annotated[str, Field(pattern=r"^(\d+[KMGT]?|infinity)$")] = Field(
-        description="MemoryMax=, e.g. 512M, 2G or infinity"
+    memory_max: Annotated[str, Field(pattern=r"^(\d+[KMGTP]?|\d+%|infinity)$")] = Field(
+        description="MemoryMax=, e.g. 512M, 2G, 50% (of the host's memory) or infinity"
     )
     cpu_quota: Annotated[str, Field(pattern=r"^\d+%$")] = Field(
-        description="CPUQuota=, e.g. 50% or 200%"
+        description="CPUQuota=, e.g. 50% or 200% (two CPUs)"
     )
     tasks_max: Annotated[int, Field(ge=16, le=1_000_000)] = Field(description="TasksMax=")
+
+    @field_validator("memory_max")
+    @classmethod
+    def _check_memory(cls, value: str) -> str:
+        size = size_bytes(value)
+        if size is not None and size < MIN_MEMORY_BYTES:
+            raise ValueError(
+                "is below 64M, too little for a service to start (sizes are bytes unless "
+                "they end in K, M, G, T)"
+            )
+        if value.endswith("%") and not 1 <= int(value[:-1]) <= 100:
+            raise ValueError("a share of the host's memory is 1% to 100%")
+        return value
+
+    @field_validator("cpu_quota")
+    @classmethod
+    def _check_quota(cls, value: str) -> str:
+        if int(value[:-1]) < 1:
+            raise ValueError("must be at least 1%: systemd ignores a quota of 0%")
+        return value
 
 
 class ServiceConfig(Model):
@@ -94,52 +168,60 @@ class AgentConfig(ServiceConfig):
     metrics_token: SecretStr | None = Field(
         None, description="bearer token remote scrapers send; kept in secrets.env"
     )
-    tls_cert: str | None = Field(None, description="PEM certificate (chain) of that listener")
-    tls_key: str | None = Field(
+    tls_cert: Text | None = Field(None, description="PEM certificate (chain) of that listener")
+    tls_key: Text | None = Field(
         None, description="PEM private key, readable by the stellarbase user"
     )
 
+    @field_validator("tls_cert", "tls_key")
+    @classmethod
+    def _check_tls_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f"{value!r} is not an absolute path")
+        return value
+
     @model_validator(mode="after")
     def _check_remote(self) -> AgentConfig:
-        if self.remote_port is None:
-            return self
-        if self.metrics_token is None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both agent.tls_cert and agent.tls_key, or neither")
+        if self.remote_port is not None and self.metrics_token is None:
             raise ValueError(
                 "agent.remote_port needs agent.metrics_token: export "
                 "STELLARBASE_AGENT__METRICS_TOKEN (e.g. `openssl rand -hex 32`)"
             )
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("set both agent.tls_cert and agent.tls_key, or neither")
-        for path in (self.tls_cert, self.tls_key):
-            if path is not None and not path.startswith("/"):
-                raise ValueError(f"{path!r}: agent TLS files need absolute paths")
         return self
 
 
 class PostgresConfig(Model):
-    url: str = Field(description="postgresql://USER@HOST:PORT/DB (no password here)")
+    url: Text = Field(description="postgresql://USER@HOST:PORT/DB (no password here)")
     password: SecretStr | None = Field(None, description="kept in secrets.env only")
 
-    @model_validator(mode="after")
-    def _check_url(self) -> PostgresConfig:
-        _check_url(self.url, ("postgresql", "postgres"), "postgresql://USER@HOST:5432/DB")
-        return self
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        _check_url(url, ("postgresql", "postgres"), "postgresql://USER@HOST:5432/DB")
+        if not re.fullmatch(r"/[^/]+", urlsplit(url).path):
+            raise ValueError(f"{url!r} names no database: postgresql://USER@HOST:5432/DB")
+        return url
 
 
 class RedisConfig(Model):
-    url: str = Field(description="redis://HOST:PORT/DB or rediss:// for TLS (no password here)")
+    url: Text = Field(description="redis://HOST:PORT/DB or rediss:// for TLS (no password here)")
     password: SecretStr | None = Field(None, description="kept in secrets.env only")
 
-    @model_validator(mode="after")
-    def _check_url(self) -> RedisConfig:
-        _check_url(self.url, ("redis", "rediss"), "redis://HOST:6379/0")
-        return self
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        _check_url(url, ("redis", "rediss"), "redis://HOST:6379/0")
+        if not re.fullmatch(r"(/\d*)?", urlsplit(url).path):
+            raise ValueError(f"{url!r}: the database is a number, as in redis://HOST:6379/0")
+        return url
 
 
 class S3Config(Model):
-    endpoint: str | None = Field(None, description="S3 endpoint URL; empty for AWS")
+    endpoint: Text | None = Field(None, description="S3 endpoint URL; empty for AWS")
     bucket: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
-    region: str = "us-east-1"
+    region: Annotated[str, Field(pattern=r"^[a-z0-9-]{1,32}$")] = "us-east-1"
     addressing: Literal["path", "virtual"] = "path"
     # boto3 >= 1.36 sends checksums some S3-compatible stores reject; keep it switchable.
     checksums: Literal["when_supported", "when_required"] = "when_required"
@@ -191,13 +273,30 @@ class InferenceConfig(Model):
     mig: Literal["whole", "slices"] = Field(
         description="a GPU in MIG mode: one unit for the whole GPU, or one per MIG instance"
     )
-    command: str = Field(description="inference server command; gets CUDA_VISIBLE_DEVICES")
+    command: Text = Field(description="inference server command; gets CUDA_VISIBLE_DEVICES")
     port: Port = Field(description="port of the first inference unit; the next get +1, +2…")
     limits: Limits
 
+    @field_validator("command")
+    @classmethod
+    def _check_command(cls, command: str) -> str:
+        try:
+            words = shlex.split(command)
+        except ValueError:
+            raise ValueError("has an unclosed quote") from None
+        if not words or not words[0].startswith("/"):
+            raise ValueError("must start with the absolute path of the executable")
+        specifiers = re.findall(r"%(.?)", command)
+        if any(not s or s not in COMMAND_SPECIFIERS for s in specifiers):
+            raise ValueError(
+                "has a % that systemd would expand: write %% for a literal %, "
+                "or use %i (the GPU) as a specifier"
+            )
+        return command
+
 
 class BackupConfig(Model):
-    repository: str = Field(
+    repository: Text = Field(
         "none",
         description="none, s3 (the s3 section's bucket) or file:///path (pilot only)",
     )
@@ -207,7 +306,7 @@ class BackupConfig(Model):
     archive_timeout_seconds: Annotated[int, Field(ge=10, le=3600)] = Field(
         60, description="archive_timeout: a partly filled WAL segment is archived after this"
     )
-    schedule: str = Field("daily", description="OnCalendar= of stellarbase-backup.timer")
+    schedule: Text = Field("daily", description="OnCalendar= of stellarbase-backup.timer")
     retention_full: Annotated[int, Field(ge=1)] | None = Field(
         2, description="backup expire keeps this many full backups (none: by days only)"
     )
@@ -227,11 +326,47 @@ class BackupConfig(Model):
     def enabled(self) -> bool:
         return self.repository != "none"
 
+    @field_validator("repository")
+    @classmethod
+    def _check_repository(cls, repo: str) -> str:
+        if repo in ("none", "s3"):
+            return repo
+        if not repo.startswith("file:///"):
+            raise ValueError("is not none, s3 or file:///ABSOLUTE/PATH")
+        path = repo.removeprefix("file://")
+        path = path.rstrip("/") if path != "/" else path
+        parts = path.split("/")[1:]
+        if len(parts) < 2 or not all(parts):
+            raise ValueError(
+                f"{path!r}: use a directory of its own, at least two levels deep "
+                "(install makes it the stellarbase user's), e.g. file:///srv/stellarbase-backups"
+            )
+        if any(p in (".", "..") for p in parts):
+            raise ValueError(f"{path!r}: write the path without . or .. components")
+        bad = re.search(r"[^A-Za-z0-9._@+-]", "".join(parts))
+        if bad:
+            raise ValueError(
+                f"{path!r} has the character {bad.group()!r}: systemd reads this path in "
+                "ReadWritePaths=; use letters, digits and . _ - + @"
+            )
+        for top in (*OWN_DIRS, *SYSTEM_DIRS):
+            if path == top or path.startswith(top + "/"):
+                raise ValueError(
+                    f"{path!r} is inside {top}: keep backups out of the installer's and the "
+                    "system's directories (uninstall --purge removes /var/lib/stellarbase), "
+                    "e.g. file:///srv/stellarbase-backups"
+                )
+        return "file://" + path
+
+    @field_validator("schedule")
+    @classmethod
+    def _check_schedule(cls, schedule: str) -> str:
+        if not schedule.strip() or schedule.lstrip().startswith("-"):
+            raise ValueError("is not an OnCalendar= expression such as daily or 'Sun 03:00'")
+        return schedule
+
     @model_validator(mode="after")
-    def _check_repository(self) -> BackupConfig:
-        repo = self.repository
-        if repo not in ("none", "s3") and not repo.startswith("file:///"):
-            raise ValueError(f"backup.repository {repo!r} is not none, s3 or file:///ABSOLUTE/PATH")
+    def _check_retention(self) -> BackupConfig:
         if self.retention_full is None and self.retention_days is None:
             raise ValueError("set backup.retention_full or backup.retention_days (or both)")
         if self.encryption_key is not None:
@@ -310,6 +445,11 @@ class Config(Model):
                 )
         if self.worker.port + self.worker.instances - 1 > 65535:
             raise ValueError("worker.port + worker.instances - 1 exceeds 65535")
+        taken.update({port: "worker.port" for port in self.worker_ports()})
+        if self.inference.port in taken:
+            raise ValueError(
+                f"inference.port {self.inference.port} is the port of {taken[self.inference.port]}"
+            )
         for dep in ("postgres", "redis"):
             if self.mode_of(dep) == DependencyMode.LOCAL and getattr(self, dep) is not None:
                 raise ValueError(
@@ -367,10 +507,13 @@ def require_secrets(config: Config, sources: Mapping[str, str]) -> None:
     for section, key in SECRET_KEYS:
         dep = getattr(config, section)
         value = getattr(dep, key) if dep is not None else None
-        if value is not None and "\n" in value.get_secret_value():
+        found = control_character(value.get_secret_value()) if value is not None else None
+        if found:
             raise StellarError(
-                f"{sources.get(section, 'the configuration')}: {section}.{key} has a line break",
-                hint="secrets are written to an EnvironmentFile: use a single-line value",
+                f"{sources.get(section, 'the configuration')}: {section}.{key} has a control "
+                f"character ({found})",
+                hint="secrets are written to an EnvironmentFile: use one line of printable "
+                "characters",
                 code=ExitCode.CONFIG,
             )
         if dep is None or value is not None or section in ("backup", "agent"):
@@ -490,6 +633,7 @@ def parse_sets(items: list[str]) -> Layer:
                 hint="for example --set worker.instances=3",
                 code=ExitCode.CONFIG,
             )
+        _refuse_control(raw, f"--set {key}")
         _put(data, key.split("."), _scalar(raw))
     return Layer("--set", data)
 
@@ -500,10 +644,23 @@ def parse_env(env: Mapping[str, str]) -> list[Layer]:
         if not name.startswith(ENV_PREFIX) or name in NON_CONFIG_ENV:
             continue
         key = name[len(ENV_PREFIX) :].lower().split("__")
+        _refuse_control(env[name], f"environment variable {name}")
         data: dict[str, Any] = {}
         _put(data, key, _scalar(env[name]))
         layers.append(Layer(f"environment variable {name}", data))
     return layers
+
+
+def _refuse_control(raw: str, where: str) -> None:
+    """YAML would fold a line break into a space: refuse it before it is parsed."""
+    found = control_character(raw)
+    if found:
+        raise StellarError(
+            f"{where}: the value contains a control character ({found})",
+            hint="every value lands in a unit file or a server setting on one line: "
+            "remove line breaks and other control characters",
+            code=ExitCode.CONFIG,
+        )
 
 
 def load_config(
@@ -584,7 +741,9 @@ def _explain(exc: ValidationError, sources: Mapping[str, str]) -> StellarError:
     shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
     msg = err["msg"].removeprefix("Value error, ")
     if not loc:  # a rule across keys: name the layer of the first key the message mentions
-        keys = re.findall(r"\b(?:api|agent|worker|local|postgres|redis)(?:\.[a-z_]+)*", msg)
+        keys = re.findall(
+            r"\b(?:api|agent|worker|local|postgres|redis|inference|backup)(?:\.[a-z_]+)*", msg
+        )
         named = [sources[k] for k in keys if k in sources]
         # The user's own layer is the likelier culprit than the tier defaults.
         named.sort(key=lambda name: name.startswith("tier defaults"))
@@ -644,6 +803,8 @@ def _put(data: dict[str, Any], path: list[str], value: Any) -> None:
 def _scalar(raw: str) -> Any:
     import yaml
 
+    if re.fullmatch(r"\d+(:\d+)+", raw.strip()):
+        return raw  # a time like 02:30, not YAML 1.1's base-60 integer
     try:
         return yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError:

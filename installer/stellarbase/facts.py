@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import re
 import socket
 import sys
@@ -23,6 +24,7 @@ from stellarbase.render import LocalServers
 def gather(paths: HostPaths, binary: Path | None, config: Config) -> Facts:
     source = binary or release_binary()
     previous = state.load(paths.state_file)
+    data = {"postgres": paths.postgres_data, "redis": paths.redis_data}
     return replace(
         dependency_facts(paths, config),
         binary=source,
@@ -30,7 +32,21 @@ def gather(paths: HostPaths, binary: Path | None, config: Config) -> Facts:
         previous_files=tuple(previous.files),
         previous_units=tuple(previous.units),
         gpu_devices=tuple(inference_devices(config)),
+        local_data=tuple(dep for dep, path in data.items() if holds_files(path)),
+        postgres_leftovers=holds_files(paths.postgres_data)
+        and not localdeps.cluster_ready(paths.postgres_data),
     )
+
+
+def holds_files(path: Path) -> bool:
+    """Whether anything lies in the directory (something else in its place counts too)."""
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is not None
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        return True
 
 
 def dependency_facts(paths: HostPaths, config: Config) -> Facts:

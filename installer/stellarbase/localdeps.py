@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stellarbase.errors import ExitCode, StellarError
+from stellarbase.files import fsync_dir
 
 if TYPE_CHECKING:
     import psycopg
@@ -130,11 +131,27 @@ def cluster_ready(data_dir: Path) -> bool:
 def init_cluster(bindir: Path, data_dir: Path, user: str, admin_password: str) -> None:
     """initdb with data checksums and scram-sha-256, as the service user.
 
-    A directory left half-written by an interrupted initdb is emptied first: nothing in it
-    can be data yet, since the cluster never started.
+    Never over files: a data directory that holds anything is refused. initdb writes into a
+    scratch directory beside it, renamed onto the empty data directory once complete, so a
+    crash leaves either no cluster or a whole one (a scratch left by a crash never ran a
+    server and is started over). A data directory that is a mount point cannot be renamed
+    onto: initdb then writes into it directly.
     """
-    for leftover in data_dir.iterdir():
-        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    if _holds_files(data_dir):
+        raise StellarError(
+            f"{data_dir} holds files but no PostgreSQL cluster: initdb never runs over them",
+            hint="move them aside if they are not needed, or restore the cluster into it; "
+            "then run install again",
+            code=ExitCode.HOST,
+        )
+    target = data_dir
+    if not os.path.ismount(data_dir):
+        target = data_dir.with_name(f".{data_dir.name}.initdb")
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(mode=0o700)
+        shutil.chown(target, user=user, group=user)
+        os.chmod(target, 0o700)
     with tempfile.NamedTemporaryFile("w", dir=data_dir.parent, prefix=".pw-", delete=False) as f:
         f.write(admin_password + "\n")
     try:
@@ -147,7 +164,7 @@ def init_cluster(bindir: Path, data_dir: Path, user: str, admin_password: str) -
                 user,
                 "--",
                 str(bindir / "initdb"),
-                f"--pgdata={data_dir}",
+                f"--pgdata={target}",
                 f"--username={ADMIN_ROLE}",
                 f"--pwfile={f.name}",
                 "--auth=scram-sha-256",
@@ -159,6 +176,16 @@ def init_cluster(bindir: Path, data_dir: Path, user: str, admin_password: str) -
         )
     finally:
         Path(f.name).unlink(missing_ok=True)
+    if target != data_dir:
+        os.rename(target, data_dir)  # replaces the empty directory in one step
+        fsync_dir(data_dir.parent)
+
+
+def _holds_files(path: Path) -> bool:
+    try:
+        return any(True for _ in path.iterdir())
+    except FileNotFoundError:
+        return False
 
 
 def ensure_database(

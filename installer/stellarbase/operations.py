@@ -11,7 +11,18 @@ from typing import Any, Literal
 
 import structlog
 
-from stellarbase import __version__, audit, facts, gpu, health, plan, render, state, systemd
+from stellarbase import (
+    __version__,
+    audit,
+    facts,
+    gpu,
+    health,
+    plan,
+    render,
+    state,
+    systemd,
+    validate,
+)
 from stellarbase.agent.targets import AGENT_UNIT
 from stellarbase.apply import Executor, remove_path
 from stellarbase.config import Config, LoadedConfig
@@ -34,6 +45,15 @@ def require_root(paths: HostPaths) -> None:
         )
 
 
+def require_systemd(paths: HostPaths) -> None:
+    """A live host must run systemd as its service manager: every step after talks to it."""
+    from stellarbase.preflight.host import NOT_BOOTED_HINT, init_problem
+
+    problem = init_problem() if paths.live else None
+    if problem:
+        raise StellarError(f"this host is {problem}", hint=NOT_BOOTED_HINT, code=ExitCode.HOST)
+
+
 def preflight_context(config: Config, paths: HostPaths) -> Context:
     """Checks of this config; ports this installation already listens on count as free."""
     current = state.load(paths.state_file)
@@ -51,6 +71,7 @@ def preflight_context(config: Config, paths: HostPaths) -> Context:
 def preflight(
     loaded: LoadedConfig, paths: HostPaths, skip: list[str]
 ) -> tuple[Result, report.Report]:
+    validate.check_install(loaded, paths)
     found = report.run(preflight_context(loaded.config, paths), skip)
     return _report_result("preflight", found), found
 
@@ -90,8 +111,14 @@ def _report_result(operation: str, found: report.Report) -> Result:
     return result
 
 
-def make_plan(loaded: LoadedConfig, paths: HostPaths, binary: Path | None) -> plan.Plan:
-    return plan.make_plan(loaded.config, paths, facts.gather(paths, binary, loaded.config))
+def make_plan(
+    loaded: LoadedConfig, paths: HostPaths, binary: Path | None, *, retire_local: bool = False
+) -> plan.Plan:
+    """Every check of the config and the host first, then the plan: a refusal changes nothing."""
+    validate.check_install(loaded, paths)
+    require_systemd(paths)
+    the_facts = facts.gather(paths, binary, loaded.config)
+    return plan.make_plan(loaded.config, paths, the_facts, retire_local=retire_local)
 
 
 def install(
@@ -104,12 +131,16 @@ def install(
     rolling: bool = False,
     action: str = "install",
     audit_details: dict[str, Any] | None = None,
+    retire_local: bool = False,
 ) -> Result:
     """Converge the host. `preflight=False` and `rolling=True` serve upgrade and rollback,
-    which checked what they need before, and restart one unit at a time."""
+    which checked what they need before, and restart one unit at a time. `retire_local`:
+    a dependency that goes external stops its local server and keeps its data."""
     skip = skip or []
+    if retire_local:
+        audit_details = {**(audit_details or {}), "retire_local": True}
     require_root(paths)
-    the_plan = make_plan(loaded, paths, binary)
+    the_plan = make_plan(loaded, paths, binary, retire_local=retire_local)
     source = str(loaded.site_file.resolve()) if loaded.site_file else "tier defaults"
     if loaded.site_file and loaded.site_file.resolve() == paths.config_file.resolve():
         source = ""  # the installed config again (upgrade, rollback): keep where it came from
@@ -154,7 +185,12 @@ def install(
 
 
 def install_bundle(
-    loaded: LoadedConfig, paths: HostPaths, source: Path, skip: list[str] | None = None
+    loaded: LoadedConfig,
+    paths: HostPaths,
+    source: Path,
+    skip: list[str] | None = None,
+    *,
+    retire_local: bool = False,
 ) -> Result:
     """Install the binary of a release bundle, once its signature and checksums hold."""
     from stellarbase.bundle import verify_bundle
@@ -169,7 +205,7 @@ def install_bundle(
                 f"sudo ./stellarbase-{version}/stellarbase install --bundle {source.name}",
                 code=ExitCode.BUNDLE,
             )
-        result = install(loaded, paths, verified.binary, skip)
+        result = install(loaded, paths, verified.binary, skip, retire_local=retire_local)
     result.lines.insert(0, f"bundle {source}: release {version}, signature and checksums OK")
     return result
 
@@ -191,8 +227,10 @@ def record_audit(
         )
 
 
-def dry_run(loaded: LoadedConfig, paths: HostPaths, binary: Path | None) -> Result:
-    the_plan = make_plan(loaded, paths, binary)
+def dry_run(
+    loaded: LoadedConfig, paths: HostPaths, binary: Path | None, *, retire_local: bool = False
+) -> Result:
+    the_plan = make_plan(loaded, paths, binary, retire_local=retire_local)
     steps = Executor(paths, dry_run=True).apply(the_plan)
     result = Result("plan", steps)
     result.lines.append(f"{result.changed} to change, {len(steps) - result.changed} unchanged")
@@ -221,6 +259,7 @@ def status(paths: HostPaths) -> Result:
         )
     if not paths.live:
         return result
+    require_systemd(paths)
     units = [*current.units]
     shown = systemd.show(units)
     agent = agent_readiness(current.ports.get(AGENT_UNIT))
@@ -286,6 +325,7 @@ def _agent_says_ready(agent: dict[str, Any], unit: str) -> bool | None:
 
 def uninstall(paths: HostPaths, *, purge: bool) -> Result:
     require_root(paths)
+    require_systemd(paths)
     current = state.load(paths.state_file)
     result = Result("uninstall")
     if paths.live:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import SecretStr
 
 from stellarbase import config as cfg
 from stellarbase import render
 from stellarbase.agent.targets import targets_file
+from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import digest
 from stellarbase.localdeps import (
     ADMIN_PASSWORD,
@@ -39,6 +41,8 @@ class Facts:
     gpu_devices: tuple[str, ...] = ()  # CUDA_VISIBLE_DEVICES ids that get an inference unit
     # Passwords the installer generates (local servers), reused from the last install.
     generated: tuple[tuple[str, str], ...] = ()
+    local_data: tuple[str, ...] = ()  # dependencies whose local data directory holds files
+    postgres_leftovers: bool = False  # its data directory holds files but no cluster
 
     def secret(self, name: str) -> str:
         return dict(self.generated)[name]
@@ -205,6 +209,60 @@ def require_local_servers(config: cfg.Config, facts: Facts) -> None:
             raise missing_error(dep, list(found.get(dep, ())), minimum)
 
 
+def refuse_lost_data(config: cfg.Config, paths: HostPaths, facts: Facts, retire: bool) -> None:
+    """A dependency that goes external while its local data is still on disk: refused,
+    unless the way forward was taken (the data moved) and said so with --retire-local."""
+    if retire:
+        return
+    deps: tuple[Literal["postgres", "redis"], ...] = ("postgres", "redis")
+    leaving = [
+        d
+        for d in deps
+        if d in facts.local_data and config.mode_of(d) == cfg.DependencyMode.EXTERNAL
+    ]
+    if not leaving:
+        return
+    where = {"postgres": paths.postgres_data, "redis": paths.redis_data}
+    held = ", ".join(f"{d} ({paths.host_view(where[d])})" for d in leaving)
+    raise StellarError(
+        f"the local {held} holds data, and this config makes it external: "
+        "install never leaves data behind unasked",
+        hint="move the data first (`stellarbase backup now` and restore it there, or "
+        "`pg_dump` into the external server), then run install again with --retire-local: "
+        "it stops the local servers and keeps their data on disk",
+        code=ExitCode.CONFIG,
+    )
+
+
+def kept_data(config: cfg.Config, paths: HostPaths) -> tuple[Path, ...]:
+    """What install, upgrade and rollback never remove, wanted or not: the data, and the
+    password that opens the local cluster. Only `uninstall --purge` removes them."""
+    kept = [
+        paths.postgres_data,
+        paths.redis_data,
+        paths.wal_spool,
+        paths.backup_status_file,
+        paths.admin_secrets_file,
+    ]
+    if config.backup.repository.startswith("file://"):
+        kept.append(paths.at(config.backup.repository.removeprefix("file://")))
+    return tuple(kept)
+
+
+def _check_inference_ports(config: cfg.Config, devices: tuple[str, ...]) -> None:
+    taken = {port: key for key, port in config.fixed_ports()}
+    taken.update({port: "worker.port" for port in config.worker_ports()})
+    for unit in render.inference_instances(config, devices):
+        if unit.port in taken:
+            raise StellarError(
+                f"inference.port: the {len(devices)} inference units take ports "
+                f"{config.inference.port}-{config.inference.port + len(devices) - 1}, "
+                f"and {unit.port} is {taken[unit.port]}",
+                hint="choose an inference.port with one free port per GPU after it",
+                code=ExitCode.CONFIG,
+            )
+
+
 @dataclass(frozen=True)
 class Plan:
     steps: tuple[Step, ...]
@@ -213,8 +271,22 @@ class Plan:
     database: tuple[str, str | None] | None = None  # (url, password) for the audit log
 
 
-def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
+def make_plan(
+    site_config: cfg.Config, paths: HostPaths, facts: Facts, *, retire_local: bool = False
+) -> Plan:
+    """The steps to converge the host; raises, before any step, on a config this host
+    must not take. `retire_local`: a dependency gone external leaves its local data."""
     require_local_servers(site_config, facts)
+    refuse_lost_data(site_config, paths, facts, retire_local)
+    _check_inference_ports(site_config, facts.gpu_devices)
+    if facts.local.postgres and facts.postgres_leftovers:
+        raise StellarError(
+            f"{paths.host_view(paths.postgres_data)} holds files but no PostgreSQL cluster: "
+            "install never initialises over them",
+            hint="if they are not needed (an initdb interrupted by an older release), move "
+            "them aside and run install again; otherwise restore the cluster into it",
+            code=ExitCode.HOST,
+        )
     config = with_local_servers(site_config, facts)
     local = facts.local
     steps: list[Step] = []
@@ -235,14 +307,16 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
     steps.append(EnsureUser(USER, paths.sysusers_file))
 
     mine(EnsureDir(paths.state_dir, "root", GROUP, 0o750))
+    # Data directories are ensured, never owned: a config that no longer wants them leaves
+    # them as they are (see kept_data).
     if local.postgres:
-        mine(EnsureDir(paths.postgres_data, USER, GROUP, 0o700))  # initdb insists on 0700
+        steps.append(EnsureDir(paths.postgres_data, USER, GROUP, 0o700))  # initdb wants 0700
     if local.redis:
-        mine(EnsureDir(paths.redis_data, USER, GROUP, 0o750))
+        steps.append(EnsureDir(paths.redis_data, USER, GROUP, 0o750))
     backups = render.backups_on(config, local)
     if backups:
         # 0755: archive_command runs as the PostgreSQL user and reads the markers.
-        mine(EnsureDir(paths.wal_spool, USER, GROUP, 0o755))
+        steps.append(EnsureDir(paths.wal_spool, USER, GROUP, 0o755))
         repo = config.backup.repository
         if repo.startswith("file://"):  # ensured, never owned: uninstall keeps backups
             steps.append(EnsureDir(paths.at(repo.removeprefix("file://")), USER, GROUP, 0o750))
@@ -321,11 +395,26 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
     mine(Symlink(wants / render.TARGET, paths.host_view(paths.unit_dir / render.TARGET)))
 
     owned_views = tuple(paths.host_view(p) for p in owned)
+    kept = kept_data(config, paths)
     stale = [
         paths.at(p)
         for p in facts.previous_files
-        if p not in owned_views and not p.startswith(paths.host_view(paths.releases) + "/")
+        if p not in owned_views
+        and not p.startswith(paths.host_view(paths.releases) + "/")
+        # An earlier release may have recorded a data directory as its own file.
+        and not any(k == paths.at(p) or k in paths.at(p).parents for k in kept)
+        and not any(paths.at(p) in k.parents for k in kept)
     ]
+    wanted_units: set[str] = set()
+    if paths.live:
+        wanted_units = {*local.units(), render.SUPERVISE_SOCKET, *(u.name for u in instances)}
+        if backups:
+            wanted_units.add(render.BACKUP_TIMER)
+        gone = tuple(
+            u for u in facts.previous_units if u not in wanted_units and u != render.TARGET
+        )
+        if gone:  # stopped before their unit files and settings go
+            steps.append(StopUnits(gone))
     if stale:
         steps.append(RemoveStale(tuple(stale)))
 
@@ -336,14 +425,8 @@ def make_plan(site_config: cfg.Config, paths: HostPaths, facts: Facts) -> Plan:
     endpoints = tuple((u.name, _base_url(config.bind, u.port)) for u in instances)
     ready_urls = {name: f"{url}/readyz" for name, url in endpoints if name in probed}
     if paths.live:
-        wanted = {*local.units(), render.SUPERVISE_SOCKET, *(u.name for u in instances)}
-        if backups:
-            wanted.add(render.BACKUP_TIMER)
-        gone = tuple(u for u in facts.previous_units if u not in wanted and u != render.TARGET)
-        if gone:
-            steps.append(StopUnits(gone))
         loaded = [u for u in unit_files if not u.endswith("@.service")]  # templates: via instances
-        steps.append(DaemonReload(tuple(dict.fromkeys([*loaded, *wanted]))))
+        steps.append(DaemonReload(tuple(dict.fromkeys([*loaded, *wanted_units]))))
         for unit_name in local.units():
             inputs = unit_files[unit_name].encode() + b"\0" + local_inputs
             steps.append(StartUnit(unit_name, digest(inputs)))

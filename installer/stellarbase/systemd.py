@@ -1,10 +1,12 @@
-"""Thin adapter over systemctl and journalctl: build argv, run, parse."""
+"""Thin adapter over systemctl, systemd-analyze and journalctl: build argv, run, parse."""
 
 from __future__ import annotations
 
+import re
+import shutil
 from dataclasses import dataclass
 
-from stellarbase.run import run
+from stellarbase.run import BASE_ENV, run
 
 SHOW_PROPS = ("ActiveState", "SubState", "MainPID", "NRestarts", "NeedDaemonReload", "LoadState")
 
@@ -65,8 +67,9 @@ def restart(unit: str, wait: bool = False) -> None:
 
 
 def stop(units: list[str]) -> None:
+    # The local PostgreSQL may take its unit's TimeoutSec= (300 s) for a fast shutdown.
     if units:
-        run(["systemctl", "stop", *units], timeout=120)
+        run(["systemctl", "stop", *units], timeout=330)
 
 
 def reset_failed(units: list[str]) -> None:
@@ -79,3 +82,69 @@ def journal_tail(unit: str, lines: int = 15) -> list[str]:
         ["journalctl", "--no-pager", "--output=cat", "-n", str(lines), "-u", unit], check=False
     )
     return out.stdout.strip().splitlines()
+
+
+# --- OnCalendar= ---------------------------------------------------------------------------
+
+CALENDAR_SHORTHANDS = frozenset(
+    {"minutely", "hourly", "daily", "weekly", "monthly", "quarterly", "semiannually",
+     "yearly", "annually"}
+)  # fmt: skip
+_DAYS = "mon|tue|wed|thu|fri|sat|sun|monday|tuesday|wednesday|thursday|friday|saturday|sunday"
+_WEEKDAYS = re.compile(rf"(?:{_DAYS})(?:\.\.(?:{_DAYS}))?(?:,(?:{_DAYS})(?:\.\.(?:{_DAYS}))?)*")
+_DATE_RANGES = ((1970, 2199), (1, 12), (1, 31))
+_TIME_RANGES = ((0, 23), (0, 59), (0, 59))
+
+
+def calendar_problem(expression: str) -> str | None:
+    """Why systemd would refuse `expression` in OnCalendar=, or None when it takes it.
+
+    Asks `systemd-analyze calendar`, the parser systemd itself uses. Where that is missing
+    (a files-only install on a build host), only a plain subset is taken: shorthands like
+    daily, and `[weekdays] [date] time [UTC]` with numbers, *, lists, .. ranges and /steps.
+    """
+    tool = shutil.which("systemd-analyze", path=BASE_ENV["PATH"])
+    if tool is None:
+        return _calendar_subset_problem(expression)
+    out = run([tool, "calendar", "--", expression], check=False, timeout=10)
+    if out.returncode == 0:
+        return None
+    lines = out.stderr.strip().splitlines()
+    return lines[-1] if lines else f"systemd-analyze calendar exited with {out.returncode}"
+
+
+def _calendar_subset_problem(expression: str) -> str | None:
+    words = expression.split()
+    refused = (
+        f"{expression!r} is not in the subset checked without systemd-analyze "
+        "(daily, weekly…, or [Mon..Fri] [*-*-*] HH:MM[:SS] [UTC])"
+    )
+    if len(words) == 1 and words[0].lower() in CALENDAR_SHORTHANDS:
+        return None
+    if words and words[-1] == "UTC":
+        words = words[:-1]
+    if words and _WEEKDAYS.fullmatch(words[0].lower()):
+        words = words[1:]
+    if words and "-" in words[0]:
+        if not _fields_ok(words[0].split("-"), _DATE_RANGES):
+            return refused
+        words = words[1:]
+    if len(words) > 1 or (len(words) == 1 and not _fields_ok(words[0].split(":"), _TIME_RANGES)):
+        return refused
+    return None if expression.split() else refused
+
+
+def _fields_ok(fields: list[str], ranges: tuple[tuple[int, int], ...]) -> bool:
+    """Date (Y-M-D, M-D) or time (H:M, H:M:S) fields: * or n[..m][,…], each with a /step."""
+    if not 2 <= len(fields) <= 3 or (ranges is _TIME_RANGES and len(fields) < 2):
+        return False
+    picked = ranges[-len(fields) :] if ranges is _DATE_RANGES else ranges[: len(fields)]
+    for field, (low, high) in zip(fields, picked, strict=True):
+        for item in field.split(","):
+            match = re.fullmatch(r"(\*|\d+(?:\.\.\d+)?)(?:/(\d+))?", item)
+            if not match or (match.group(2) is not None and int(match.group(2)) == 0):
+                return False
+            numbers = [int(n) for n in re.findall(r"\d+", match.group(1))]
+            if any(not low <= n <= high for n in numbers):
+                return False
+    return True

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import shutil
 import socket
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -102,3 +107,41 @@ def test_bad_input_changes_nothing(host: Host, case: str, dead_port: int) -> Non
     if code != ExitCode.USAGE:
         assert len(lines) == 2 and lines[1].startswith("hint: "), out.stderr
     assert _snapshot(host) == before
+
+
+def test_a_host_without_systemd_as_init_is_refused_with_a_way_forward(
+    binary: Path, tmp_path: Path
+) -> None:
+    """A container, WSL or chroot: systemd is installed, but PID 1 is something else.
+
+    The binary runs as PID 1 of a fresh PID namespace, with an empty /run, so whatever the
+    machine running the tests boots with, it sees a host not booted with systemd.
+    """
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a private PID and mount namespace")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        inner = 'mount -t tmpfs none /run && exec "$0" "$@"'
+        argv = ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "sh", "-c", inner]
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
+        return subprocess.run(
+            [*argv, str(binary), *args], capture_output=True, text=True, env=env, timeout=60
+        )
+
+    out = run("preflight", "--tier", "pilot", "-o", "json", "--skip", "host.ports")
+    assert out.returncode == ExitCode.CHECKS_FAILED, out.stdout + out.stderr
+    found = {f["check"]: f for f in json.loads(out.stdout)["findings"]}
+    assert found["host.systemd"]["level"] == "fail", found["host.systemd"]
+    assert "not booted with systemd" in found["host.systemd"]["value"]
+    assert "--root" in found["host.systemd"]["hint"]
+    for command in ("plan", "install"):
+        out = run(command, "--tier", "pilot")
+        assert out.returncode == ExitCode.HOST, out.stdout + out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert lines[0].startswith("error: this host is not booted with systemd"), out.stderr
+        assert lines[1].startswith("hint: ") and "--root DIR" in lines[1], out.stderr
+        assert "System has not been booted" not in out.stderr
+    root = tmp_path / "root"  # the way forward named in the hint: files only
+    out = run("install", "--tier", "pilot", "--root", str(root))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (root / "etc/systemd/system/stellarbase.target").is_file()

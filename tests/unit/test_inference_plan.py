@@ -94,7 +94,12 @@ def test_plan_cli_follows_the_fake_nvml(fake_nvml: Path, tmp_path: Path) -> None
     binary = tmp_path / "bin"
     binary.write_text("x")
     root = tmp_path / "root"
-    env = {**os.environ, gpu.FAKE_ENV: str(fake_nvml)}
+    env = {
+        **os.environ,
+        gpu.FAKE_ENV: str(fake_nvml),
+        "STELLARBASE_POSTGRES__PASSWORD": "pg-pw",
+        "STELLARBASE_REDIS__PASSWORD": "r-pw",
+    }
     argv = [
         sys.executable,
         "-m",
@@ -106,6 +111,10 @@ def test_plan_cli_follows_the_fake_nvml(fake_nvml: Path, tmp_path: Path) -> None
         str(binary),
         "--set",
         "dependencies.mode=external",
+        "--set",
+        "postgres.url=postgresql://sb@db.example:5432/sb",
+        "--set",
+        "redis.url=redis://cache.example:6379/0",
         "-o",
         "json",
     ]

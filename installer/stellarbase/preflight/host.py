@@ -2,8 +2,8 @@
 clock, open-file limit, security modules and root.
 
 Split into a few Checks so that one slow answer (timedatectl waits on D-Bus, a hung mount
-stalls statvfs) cannot hold the others. Facts of the running system come from /proc, /sys
-and /etc directly; only systemd's version and the clock need a command.
+stalls statvfs) cannot hold the others. Facts of the running system come from /proc, /sys,
+/run and /etc directly; only systemd's version and the clock need a command.
 """
 
 from __future__ import annotations
@@ -41,6 +41,14 @@ MEMORY_SLACK = 0.9
 COMMAND_TIMEOUT = 5.0
 LOOPBACK = "127.0.0.1"  # where the local PostgreSQL and Redis listen
 OS_RELEASE = (Path("/etc/os-release"), Path("/usr/lib/os-release"))
+# systemd creates this directory when it boots as the service manager: what sd_booted()
+# tests. The package alone (a container, WSL, a chroot) has systemctl but not this.
+SYSTEMD_RUNTIME_DIR = Path("/run/systemd/system")
+PID1_COMM = Path("/proc/1/comm")
+NOT_BOOTED_HINT = (
+    "StellarBase runs its services as systemd units: install on a VM or host booted with "
+    "systemd, or write the files only with --root DIR"
+)
 
 
 def checks(ctx: Context) -> list[Check]:
@@ -61,7 +69,7 @@ def checks(ctx: Context) -> list[Check]:
         ),
         Check(
             "host.systemd",
-            lambda: [systemd_finding()],
+            lambda: [systemd_finding(ctx.paths)],
             COMMAND_TIMEOUT + 5,
             "`systemctl --version` did not answer",
         ),
@@ -289,7 +297,26 @@ def ports_finding(config: Config, own_ports: frozenset[int]) -> Finding:
 # --- systemd, clock -------------------------------------------------------------------
 
 
-def systemd_finding() -> Finding:
+def init_problem() -> str | None:
+    """Why systemd is not the running service manager here, or None when it is."""
+    if SYSTEMD_RUNTIME_DIR.is_dir():
+        return None
+    try:
+        pid1 = PID1_COMM.read_text().strip()
+    except OSError:
+        pid1 = ""
+    return (
+        f"not booted with systemd: PID 1 is {pid1 or 'unknown'} "
+        f"and {SYSTEMD_RUNTIME_DIR} does not exist"
+    )
+
+
+def systemd_finding(paths: HostPaths) -> Finding:
+    if not paths.live:
+        return noted("host.systemd", f"not needed: files only, under {paths.root}")
+    problem = init_problem()
+    if problem:
+        return failed("host.systemd", problem, "systemd running as PID 1", NOT_BOOTED_HINT)
     try:
         out = run(["systemctl", "--version"], timeout=COMMAND_TIMEOUT)
     except StellarError as exc:
