@@ -180,15 +180,40 @@ class Transitions:
     def local_pg_port(self) -> int:
         return int(self.installed.site(self.ctx)["local"]["postgres"]["port"])
 
-    def sql(self, query: str, db: str = "transition_canary") -> str:
-        out = self.sandbox.run(
-            ["psql", "-h", "127.0.0.1", "-p", str(self.local_pg_port()), "-U", "postgres",
-             "-d", db, "-AtqX", "-v", "ON_ERROR_STOP=1", "-c", query],
-            env={"PGPASSWORD": self.admin_password, "PGCONNECT_TIMEOUT": "5"},
-            check=False,
-        )  # fmt: skip
+    def sql(self, query: str, db: str = "transition_canary", password: str = "") -> str:
+        out = self.psql(query, db, password or self.admin_password)
+        if out.returncode != 0 and "password authentication failed" in out.stderr:
+            raise AssertionError(f"canary query refused: {self.why_refused()}")
         assert out.returncode == 0, f"canary query failed: {out.stderr.strip()}"
         return out.stdout.strip()
+
+    def psql(self, query: str, db: str, password: str) -> subprocess.CompletedProcess[str]:
+        return self.sandbox.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(self.local_pg_port()), "-U", "postgres",
+             "-d", db, "-AtqX", "-v", "ON_ERROR_STOP=1", "-c", query],
+            env={"PGPASSWORD": password, "PGCONNECT_TIMEOUT": "5"},
+            check=False,
+        )  # fmt: skip
+
+    def why_refused(self) -> str:
+        """The superuser password of the first cluster no longer opens the one running: say
+        whether the cluster is another one, through the password the host holds now."""
+        try:
+            admin = read_env_file(self.sandbox.path("/etc/stellarbase/postgres-admin.env"))
+        except OSError:
+            return "the superuser password changed and postgres-admin.env is gone"
+        now = admin.get("STELLARBASE_LOCAL_POSTGRES_ADMIN_PASSWORD", "")
+        out = self.psql("SELECT system_identifier FROM pg_control_system()", "postgres", now)
+        if out.returncode != 0:
+            return f"neither the first nor the current superuser password opens it: {out.stderr}"
+        found = out.stdout.strip()
+        if found != self.system_id:
+            has = self.psql("SELECT 1", "transition_canary", now).returncode == 0
+            return (
+                f"the local cluster was re-initialised (system identifier {found}, was "
+                f"{self.system_id}); the canary database {'is' if has else 'is not'} in it"
+            )
+        return "the same cluster, but its superuser password was changed"
 
     CANARY_SUM = "SELECT count(*) || ':' || md5(string_agg(v, ',' ORDER BY n)) FROM canary"
 
