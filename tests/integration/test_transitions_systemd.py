@@ -10,11 +10,12 @@ order drawn from a seed. After every step:
 * an accepted one converged: the installed config is the one given, the units match it,
   and a re-run reports 0 changed and changes nothing.
 
-STELLARBASE_TRANSITION_SEED picks the order (the same seed gives the same sequence),
-STELLARBASE_TRANSITION_STEPS how many installs (at least 40 in CI), and
-STELLARBASE_TRANSITION_CASES (indices into the corpus, comma-separated) replays a given
-sequence instead. STELLARBASE_TRANSITION_KEEP_GOING=1 reports every failing step rather than
-stopping at the first. A failure names the seed and the steps so far.
+TRANSITIONS_TEST_SEED picks the order (the same seed gives the same sequence),
+TRANSITIONS_TEST_STEPS how many installs (at least 40 in CI), and
+TRANSITIONS_TEST_CASES (indices into the corpus, comma-separated) replays a given
+sequence instead. TRANSITIONS_TEST_KEEP_GOING=1 reports every failing step rather than
+stopping at the first. A failure names the seed and the steps so far. (Not STELLARBASE_*:
+every such variable is site config to the binary.)
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ from tests.transitions_corpus import (
 
 pytestmark = [pytest.mark.systemd, pytest.mark.integration]
 
-SEED_ENV = "STELLARBASE_TRANSITION_SEED"
-STEPS_ENV = "STELLARBASE_TRANSITION_STEPS"
-CASES_ENV = "STELLARBASE_TRANSITION_CASES"
-KEEP_GOING_ENV = "STELLARBASE_TRANSITION_KEEP_GOING"
+SEED_ENV = "TRANSITIONS_TEST_SEED"
+STEPS_ENV = "TRANSITIONS_TEST_STEPS"
+CASES_ENV = "TRANSITIONS_TEST_CASES"
+KEEP_GOING_ENV = "TRANSITIONS_TEST_KEEP_GOING"
 DEFAULT_SEED = 20261207
 DEFAULT_STEPS = 40
 # A refusal happens before any change: a config error takes the binary's start-up (about
