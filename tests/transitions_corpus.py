@@ -393,6 +393,18 @@ CASES: tuple[Case, ...] = (
         needle="backup.repository",
     ),
     Case(
+        "file:// repository in the services' private /tmp",
+        _c({"backup": {"repository": "file:///tmp/stellarbase-backups"}}),
+        ExitCode.CONFIG,
+        needle="backup.repository",
+    ),
+    Case(
+        "file:// repository inside /var/lib/stellarbase",
+        _c({"backup": {"repository": "file:///var/lib/stellarbase/backups"}}),
+        ExitCode.CONFIG,
+        needle="backup.repository",
+    ),
+    Case(
         "file:// repository on the department tier",
         lambda ctx: {
             "tier": "department",

@@ -64,6 +64,8 @@ DEFAULT_STEPS = 40
 # half a second here), a preflight refusal one dependency check at most. The bound is
 # generous for a loaded CI runner; the measured times are printed.
 REFUSAL_BOUND_S = 10.0
+# An accepted install slower than this has what it changed printed in the summary.
+SLOW_S = 20.0
 SITE = "/root/site.yaml"
 CANARY_ROWS = 1000
 # Under /var/lib/stellarbase, what the servers and the agent write while running: compared by
@@ -89,6 +91,7 @@ class Step:
     seconds: float = 0.0
     rerun_seconds: float = 0.0
     failure: str = ""
+    said: str = ""  # what a slow accepted install changed, for the summary
 
     def line(self) -> str:
         rerun = f" re-run {self.rerun_seconds:5.1f}s" if self.rerun_seconds else ""
@@ -261,6 +264,8 @@ class Transitions:
         step.code = out.returncode
         if out.returncode == 0:
             self.installed = case  # whatever was expected: the host moved
+            if step.seconds > SLOW_S:
+                step.said = out.stdout
         said = f"stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-3000:]}"
         assert out.returncode == expected, f"exit {out.returncode}, expected {expected}\n{said}"
         if expected == ExitCode.OK:
@@ -410,4 +415,6 @@ def test_random_transitions_keep_the_data_and_converge(
     refused = [s.seconds for s in host.steps if s.expected != 0 and s.code == s.expected]
     if refused:
         print(f"refusals: {len(refused)}, slowest {max(refused):.2f}s")
+    for slow in (s for s in host.steps if s.said):
+        print(f"step {slow.index} took {slow.seconds:.0f}s:\n{slow.said}")
     assert failures == [], "\n\n".join([*failures, replay])
