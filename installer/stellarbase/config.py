@@ -11,16 +11,12 @@ import enum
 import ipaddress
 import os
 import re
-import shlex
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -30,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from stellarbase import resources
+from stellarbase import resources, values
 from stellarbase.errors import ExitCode, StellarError
 
 ENV_PREFIX = "STELLARBASE_"
@@ -50,46 +46,6 @@ NON_CONFIG_ENV = frozenset(
 )
 
 Port = Annotated[int, Field(ge=1, le=65535)]
-# MemoryMax= below this: a service could not even load its Python runtime.
-MIN_MEMORY_BYTES = 64 << 20
-SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-# Where a file:// backup repository must not be: the installer's own directories (purge
-# removes them) and the system's (virtual file systems, private or cleaned temp dirs).
-OWN_DIRS = ("/var/lib/stellarbase", "/etc/stellarbase", "/opt/stellarbase")
-SYSTEM_DIRS = (
-    "/proc", "/sys", "/dev", "/run", "/tmp", "/var/tmp", "/boot", "/etc", "/usr", "/bin",
-    "/sbin", "/lib", "/lib32", "/lib64",
-)  # fmt: skip
-# systemd specifiers an inference command may use: the unit's instance and names.
-COMMAND_SPECIFIERS = "%iInNpP"
-
-
-def control_character(value: str) -> str | None:
-    """The first control character in value, as U+XXXX, or None."""
-    for char in value:
-        if unicodedata.category(char) == "Cc":
-            return f"U+{ord(char):04X}"
-    return None
-
-
-def _printable(value: str) -> str:
-    found = control_character(value)
-    if found:
-        raise ValueError(
-            f"contains a control character ({found}): every value lands in a unit file or "
-            "a server setting, on one line"
-        )
-    return value
-
-
-# Every string that reaches a unit file, a server setting or a URL: one printable line.
-Text = Annotated[str, AfterValidator(_printable)]
-
-
-def size_bytes(text: str) -> int | None:
-    """Bytes of a systemd size like 512M (base 1024); None for infinity or a percentage."""
-    match = re.fullmatch(r"(\d+)([KMGTP]?)", text)
-    return int(match.group(1)) * SIZE_UNITS[match.group(2)] if match else None
 
 
 class Model(BaseModel):
@@ -113,25 +69,8 @@ class Limits(Model):
     )
     tasks_max: Annotated[int, Field(ge=16, le=1_000_000)] = Field(description="TasksMax=")
 
-    @field_validator("memory_max")
-    @classmethod
-    def _check_memory(cls, value: str) -> str:
-        size = size_bytes(value)
-        if size is not None and size < MIN_MEMORY_BYTES:
-            raise ValueError(
-                "is below 64M, too little for a service to start (sizes are bytes unless "
-                "they end in K, M, G, T)"
-            )
-        if value.endswith("%") and not 1 <= int(value[:-1]) <= 100:
-            raise ValueError("a share of the host's memory is 1% to 100%")
-        return value
-
-    @field_validator("cpu_quota")
-    @classmethod
-    def _check_quota(cls, value: str) -> str:
-        if int(value[:-1]) < 1:
-            raise ValueError("must be at least 1%: systemd ignores a quota of 0%")
-        return value
+    _check_memory = field_validator("memory_max")(values.check_memory_max)
+    _check_quota = field_validator("cpu_quota")(values.check_cpu_quota)
 
 
 class ServiceConfig(Model):
@@ -168,8 +107,10 @@ class AgentConfig(ServiceConfig):
     metrics_token: SecretStr | None = Field(
         None, description="bearer token remote scrapers send; kept in secrets.env"
     )
-    tls_cert: Text | None = Field(None, description="PEM certificate (chain) of that listener")
-    tls_key: Text | None = Field(
+    tls_cert: values.Text | None = Field(
+        None, description="PEM certificate (chain) of that listener"
+    )
+    tls_key: values.Text | None = Field(
         None, description="PEM private key, readable by the stellarbase user"
     )
 
@@ -193,33 +134,23 @@ class AgentConfig(ServiceConfig):
 
 
 class PostgresConfig(Model):
-    url: Text = Field(description="postgresql://USER@HOST:PORT/DB (no password here)")
+    url: values.Text = Field(description="postgresql://USER@HOST:PORT/DB (no password here)")
     password: SecretStr | None = Field(None, description="kept in secrets.env only")
 
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, url: str) -> str:
-        _check_url(url, ("postgresql", "postgres"), "postgresql://USER@HOST:5432/DB")
-        if not re.fullmatch(r"/[^/]+", urlsplit(url).path):
-            raise ValueError(f"{url!r} names no database: postgresql://USER@HOST:5432/DB")
-        return url
+    _check_url = field_validator("url")(values.check_postgres_url)
 
 
 class RedisConfig(Model):
-    url: Text = Field(description="redis://HOST:PORT/DB or rediss:// for TLS (no password here)")
+    url: values.Text = Field(
+        description="redis://HOST:PORT/DB or rediss:// for TLS (no password here)"
+    )
     password: SecretStr | None = Field(None, description="kept in secrets.env only")
 
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, url: str) -> str:
-        _check_url(url, ("redis", "rediss"), "redis://HOST:6379/0")
-        if not re.fullmatch(r"(/\d*)?", urlsplit(url).path):
-            raise ValueError(f"{url!r}: the database is a number, as in redis://HOST:6379/0")
-        return url
+    _check_url = field_validator("url")(values.check_redis_url)
 
 
 class S3Config(Model):
-    endpoint: Text | None = Field(None, description="S3 endpoint URL; empty for AWS")
+    endpoint: values.Text | None = Field(None, description="S3 endpoint URL; empty for AWS")
     bucket: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
     region: Annotated[str, Field(pattern=r"^[a-z0-9-]{1,32}$")] = "us-east-1"
     addressing: Literal["path", "virtual"] = "path"
@@ -232,7 +163,7 @@ class S3Config(Model):
     @model_validator(mode="after")
     def _check_endpoint(self) -> S3Config:
         if self.endpoint:
-            _check_url(self.endpoint, ("http", "https"), "https://s3.example.com")
+            values.check_url(self.endpoint, ("http", "https"), "https://s3.example.com")
         return self
 
 
@@ -273,30 +204,15 @@ class InferenceConfig(Model):
     mig: Literal["whole", "slices"] = Field(
         description="a GPU in MIG mode: one unit for the whole GPU, or one per MIG instance"
     )
-    command: Text = Field(description="inference server command; gets CUDA_VISIBLE_DEVICES")
+    command: values.Text = Field(description="inference server command; gets CUDA_VISIBLE_DEVICES")
     port: Port = Field(description="port of the first inference unit; the next get +1, +2…")
     limits: Limits
 
-    @field_validator("command")
-    @classmethod
-    def _check_command(cls, command: str) -> str:
-        try:
-            words = shlex.split(command)
-        except ValueError:
-            raise ValueError("has an unclosed quote") from None
-        if not words or not words[0].startswith("/"):
-            raise ValueError("must start with the absolute path of the executable")
-        specifiers = re.findall(r"%(.?)", command)
-        if any(not s or s not in COMMAND_SPECIFIERS for s in specifiers):
-            raise ValueError(
-                "has a % that systemd would expand: write %% for a literal %, "
-                "or use %i (the GPU) as a specifier"
-            )
-        return command
+    _check_command = field_validator("command")(values.check_command)
 
 
 class BackupConfig(Model):
-    repository: Text = Field(
+    repository: values.Text = Field(
         "none",
         description="none, s3 (the s3 section's bucket) or file:///path (pilot only)",
     )
@@ -306,7 +222,7 @@ class BackupConfig(Model):
     archive_timeout_seconds: Annotated[int, Field(ge=10, le=3600)] = Field(
         60, description="archive_timeout: a partly filled WAL segment is archived after this"
     )
-    schedule: Text = Field("daily", description="OnCalendar= of stellarbase-backup.timer")
+    schedule: values.Text = Field("daily", description="OnCalendar= of stellarbase-backup.timer")
     retention_full: Annotated[int, Field(ge=1)] | None = Field(
         2, description="backup expire keeps this many full backups (none: by days only)"
     )
@@ -326,44 +242,8 @@ class BackupConfig(Model):
     def enabled(self) -> bool:
         return self.repository != "none"
 
-    @field_validator("repository")
-    @classmethod
-    def _check_repository(cls, repo: str) -> str:
-        if repo in ("none", "s3"):
-            return repo
-        if not repo.startswith("file:///"):
-            raise ValueError("is not none, s3 or file:///ABSOLUTE/PATH")
-        path = repo.removeprefix("file://")
-        path = path.rstrip("/") if path != "/" else path
-        parts = path.split("/")[1:]
-        if len(parts) < 2 or not all(parts):
-            raise ValueError(
-                f"{path!r}: use a directory of its own, at least two levels deep "
-                "(install makes it the stellarbase user's), e.g. file:///srv/stellarbase-backups"
-            )
-        if any(p in (".", "..") for p in parts):
-            raise ValueError(f"{path!r}: write the path without . or .. components")
-        bad = re.search(r"[^A-Za-z0-9._@+-]", "".join(parts))
-        if bad:
-            raise ValueError(
-                f"{path!r} has the character {bad.group()!r}: systemd reads this path in "
-                "ReadWritePaths=; use letters, digits and . _ - + @"
-            )
-        for top in (*OWN_DIRS, *SYSTEM_DIRS):
-            if path == top or path.startswith(top + "/"):
-                raise ValueError(
-                    f"{path!r} is inside {top}: keep backups out of the installer's and the "
-                    "system's directories (uninstall --purge removes /var/lib/stellarbase), "
-                    "e.g. file:///srv/stellarbase-backups"
-                )
-        return "file://" + path
-
-    @field_validator("schedule")
-    @classmethod
-    def _check_schedule(cls, schedule: str) -> str:
-        if not schedule.strip() or schedule.lstrip().startswith("-"):
-            raise ValueError("is not an OnCalendar= expression such as daily or 'Sun 03:00'")
-        return schedule
+    _check_repository = field_validator("repository")(values.check_file_repository)
+    _check_schedule = field_validator("schedule")(values.check_schedule)
 
     @model_validator(mode="after")
     def _check_retention(self) -> BackupConfig:
@@ -507,7 +387,7 @@ def require_secrets(config: Config, sources: Mapping[str, str]) -> None:
     for section, key in SECRET_KEYS:
         dep = getattr(config, section)
         value = getattr(dep, key) if dep is not None else None
-        found = control_character(value.get_secret_value()) if value is not None else None
+        found = values.control_character(value.get_secret_value()) if value is not None else None
         if found:
             raise StellarError(
                 f"{sources.get(section, 'the configuration')}: {section}.{key} has a control "
@@ -545,18 +425,6 @@ def public_dict(config: Config) -> dict[str, Any]:
         if isinstance(data.get(section), dict):
             data[section].pop(key, None)
     return data
-
-
-def _check_url(url: str, schemes: tuple[str, ...], example: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in schemes or not parts.hostname:
-        raise ValueError(f"{url!r} is not a {schemes[0]}:// URL like {example}")
-    if parts.password:
-        raise ValueError("the URL carries a password: put it in the password key instead")
-    try:
-        parts.port  # noqa: B018 -- property raises ValueError on a bad port
-    except ValueError as exc:
-        raise ValueError(f"{url!r} has a bad port") from exc
 
 
 # --- loading ------------------------------------------------------------------------------
@@ -653,7 +521,7 @@ def parse_env(env: Mapping[str, str]) -> list[Layer]:
 
 def _refuse_control(raw: str, where: str) -> None:
     """YAML would fold a line break into a space: refuse it before it is parsed."""
-    found = control_character(raw)
+    found = values.control_character(raw)
     if found:
         raise StellarError(
             f"{where}: the value contains a control character ({found})",

@@ -13,7 +13,7 @@ import ssl
 from pathlib import Path
 from typing import Literal
 
-from stellarbase import systemd
+from stellarbase import systemd, values
 from stellarbase.config import DependencyMode, LoadedConfig
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.paths import HostPaths
@@ -26,6 +26,10 @@ def check_install(loaded: LoadedConfig, paths: HostPaths) -> None:
     """Raise a config error (exit 3) naming the key and where it was set; changes nothing."""
     config = loaded.config
     require_external_urls(loaded)
+    repo = config.backup.repository
+    problem = values.repository_location_problem(repo.removeprefix("file://"))
+    if repo.startswith("file://") and problem:
+        raise _error(loaded, "backup.repository", problem, "e.g. file:///srv/stellarbase-backups")
     if config.backup.enabled:
         problem = systemd.calendar_problem(config.backup.schedule)
         if problem:

@@ -171,14 +171,29 @@ def test_colliding_ports_are_refused(sets: list[str]) -> None:
         ("file:///", "directory"),
         ("file:///srv/../etc", ".."),
         ("file:///srv/my backups", "character"),
-        ("file:///var/lib/stellarbase/backups", "/var/lib/stellarbase"),
-        ("file:///etc/stellarbase/b", "/etc/stellarbase"),
-        ("file:///proc/b", "/proc"),
+        ("file:///srv/90%", "character"),
     ],
 )
 def test_a_file_repository_needs_a_sane_absolute_directory(repo: str, needle: str) -> None:
     err = _config_error(f"backup.repository={repo}")
     assert needle in err.message + err.hint
+
+
+@pytest.mark.host_commands  # systemd-sysusers --root=<tmp> creates the user
+@pytest.mark.parametrize(
+    ("repo", "needle"),
+    [
+        ("file:///var/lib/stellarbase/backups", "/var/lib/stellarbase"),  # purge removes it
+        ("file:///etc/stellarbase/b", "/etc/stellarbase"),
+        ("file:///tmp/backups", "/tmp"),  # the services have a private /tmp
+        ("file:///proc/b", "/proc"),
+    ],
+)
+def test_a_file_repository_stays_out_of_installer_and_system_dirs(
+    installed: Path, binary: Path, repo: str, needle: str
+) -> None:
+    err = _install_refused(installed, binary, f"backup.repository={repo}")
+    assert "backup.repository" in err.message and needle in err.message
 
 
 def test_external_urls_need_a_host_and_a_sane_database() -> None:
