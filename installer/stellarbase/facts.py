@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import re
 import socket
 import sys
@@ -32,21 +31,10 @@ def gather(paths: HostPaths, binary: Path | None, config: Config) -> Facts:
         previous_files=tuple(previous.files),
         previous_units=tuple(previous.units),
         gpu_devices=tuple(inference_devices(config)),
-        local_data=tuple(dep for dep, path in data.items() if holds_files(path)),
-        postgres_leftovers=holds_files(paths.postgres_data)
+        local_data=tuple(dep for dep, path in data.items() if localdeps.holds_files(path)),
+        postgres_leftovers=localdeps.holds_files(paths.postgres_data)
         and not localdeps.cluster_ready(paths.postgres_data),
     )
-
-
-def holds_files(path: Path) -> bool:
-    """Whether anything lies in the directory (something else in its place counts too)."""
-    try:
-        with os.scandir(path) as entries:
-            return next(entries, None) is not None
-    except FileNotFoundError:
-        return False
-    except NotADirectoryError:
-        return True
 
 
 def dependency_facts(paths: HostPaths, config: Config) -> Facts:

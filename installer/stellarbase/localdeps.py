@@ -137,7 +137,7 @@ def init_cluster(bindir: Path, data_dir: Path, user: str, admin_password: str) -
     server and is started over). A data directory that is a mount point cannot be renamed
     onto: initdb then writes into it directly.
     """
-    if _holds_files(data_dir):
+    if holds_files(data_dir):
         raise StellarError(
             f"{data_dir} holds files but no PostgreSQL cluster: initdb never runs over them",
             hint="move them aside if they are not needed, or restore the cluster into it; "
@@ -181,11 +181,15 @@ def init_cluster(bindir: Path, data_dir: Path, user: str, admin_password: str) -
         fsync_dir(data_dir.parent)
 
 
-def _holds_files(path: Path) -> bool:
+def holds_files(path: Path) -> bool:
+    """Whether anything lies in the directory (something else in its place counts too)."""
     try:
-        return any(True for _ in path.iterdir())
+        with os.scandir(path) as entries:
+            return next(entries, None) is not None
     except FileNotFoundError:
         return False
+    except NotADirectoryError:
+        return True
 
 
 def ensure_database(

@@ -214,3 +214,32 @@ def test_planner_refuses_a_data_dir_that_is_no_cluster(binary: Path) -> None:
     assert (
         info.value.code == ExitCode.HOST and "/var/lib/stellarbase/postgres" in info.value.message
     )
+
+
+def test_initdb_writes_aside_and_renames_into_the_empty_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash mid-initdb leaves a scratch dir (started over), never a half cluster."""
+    from stellarbase import localdeps
+
+    data = tmp_path / "postgres"
+    data.mkdir(mode=0o700)
+    scratch = tmp_path / ".postgres.initdb"
+    scratch.mkdir()
+    (scratch / "PG_VERSION").write_text("15\n")  # what a crash of an earlier initdb left
+    seen: list[str] = []
+
+    def initdb(argv: list[str], **_: object) -> None:
+        target = Path(next(a for a in argv if a.startswith("--pgdata=")).split("=", 1)[1])
+        seen.append(str(target))
+        assert not any(target.iterdir())  # started over
+        (target / "PG_VERSION").write_text("15\n")
+        (target / "global").mkdir()
+        (target / "global" / "pg_control").write_bytes(b"control")
+
+    monkeypatch.setattr(localdeps, "run", initdb)
+    monkeypatch.setattr(localdeps.shutil, "chown", lambda *a, **k: None)
+    localdeps.init_cluster(Path("/usr/lib/postgresql/15/bin"), data, "stellarbase", "pw")
+    assert seen == [str(scratch)]
+    assert localdeps.cluster_ready(data) and not scratch.exists()
+    assert oct(data.stat().st_mode)[-3:] == "700"
