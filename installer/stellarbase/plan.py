@@ -333,7 +333,8 @@ def make_plan(
     secrets = render.render_secrets(config).encode()
     mine(WriteFile(paths.config_file, site, "root", GROUP, 0o640))
     mine(WriteFile(paths.secrets_file, secrets, "root", GROUP, 0o640, secret=True))
-    local_inputs = b""
+    # Files each local server reads besides its unit: a change restarts that server only.
+    local_inputs: dict[str, bytes] = {}
     if local.postgres:
         admin = {ADMIN_PASSWORD: facts.secret(ADMIN_PASSWORD)}
         admin_env = render.render_env_file(admin, "Local PostgreSQL superuser; root only.")
@@ -346,7 +347,7 @@ def make_plan(
         redis_auth = render.render_redis_auth(facts.secret(REDIS_PASSWORD)).encode()
         mine(WriteFile(paths.redis_conf, redis_conf, "root", GROUP, 0o640))
         mine(WriteFile(paths.redis_auth, redis_auth, "root", GROUP, 0o640, secret=True))
-        local_inputs = redis_conf + b"\0" + redis_auth
+        local_inputs[render.REDIS_UNIT] = redis_conf + b"\0" + redis_auth
     devices = facts.gpu_devices
     settings: dict[str, bytes] = {}
     names: list[ServiceName] = [*load_catalog().services]
@@ -428,7 +429,7 @@ def make_plan(
         loaded = [u for u in unit_files if not u.endswith("@.service")]  # templates: via instances
         steps.append(DaemonReload(tuple(dict.fromkeys([*loaded, *wanted_units]))))
         for unit_name in local.units():
-            inputs = unit_files[unit_name].encode() + b"\0" + local_inputs
+            inputs = unit_files[unit_name].encode() + b"\0" + local_inputs.get(unit_name, b"")
             steps.append(StartUnit(unit_name, digest(inputs)))
         timeout = config.health.timeout_seconds
         if local.postgres:

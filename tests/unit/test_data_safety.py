@@ -16,7 +16,15 @@ from stellarbase.config import load_config
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.localdeps import ServerBinary
 from stellarbase.paths import HostPaths
-from stellarbase.plan import Facts, InitPostgres, Plan, RemoveStale, StopUnits, make_plan
+from stellarbase.plan import (
+    Facts,
+    InitPostgres,
+    Plan,
+    RemoveStale,
+    StartUnit,
+    StopUnits,
+    make_plan,
+)
 from stellarbase.render import POSTGRES_UNIT, REDIS_UNIT, LocalServers
 from tests.filetree import file_states
 
@@ -243,3 +251,29 @@ def test_initdb_writes_aside_and_renames_into_the_empty_data_dir(
     assert seen == [str(scratch)]
     assert localdeps.cluster_ready(data) and not scratch.exists()
     assert oct(data.stat().st_mode)[-3:] == "700"
+
+
+def test_a_change_of_the_local_redis_restarts_redis_only(binary: Path) -> None:
+    """Each local server's restart digest covers its own inputs: a new Redis port or
+    password must not restart PostgreSQL (and with it every open connection)."""
+    pg = ServerBinary(Path("/usr/lib/postgresql/15/bin"), (15, 4))
+    redis = ServerBinary(Path("/usr/bin/redis-server"), (7, 0))
+    facts = Facts(
+        "0.1.0",
+        binary,
+        "digest",
+        local=LocalServers(pg, redis),
+        generated=(
+            ("STELLARBASE_LOCAL_POSTGRES_ADMIN_PASSWORD", "a"),
+            ("STELLARBASE_POSTGRES__PASSWORD", "b"),
+            ("STELLARBASE_REDIS__PASSWORD", "c"),
+        ),
+    )
+
+    def digests(*sets: str) -> dict[str, str]:
+        plan = make_plan(load_config(sets=list(sets), env={}).config, HostPaths(), facts)
+        return {s.unit: s.digest for s in plan.steps if isinstance(s, StartUnit)}
+
+    before, after = digests(), digests("local.redis.port=8380")
+    assert after[REDIS_UNIT] != before[REDIS_UNIT]
+    assert after[POSTGRES_UNIT] == before[POSTGRES_UNIT]
