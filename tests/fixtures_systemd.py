@@ -19,6 +19,7 @@ from tests.systemd_sandbox import SystemdSandbox, can_boot
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_ROOT_SCRIPT = REPO / "scripts" / "test-root.sh"
+ROOT_ENV = "STELLARBASE_DEBIAN13_ROOT"  # set by scripts/test.sh to what test-root.sh printed
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,14 @@ def _cannot_run(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def debian13_root() -> Path:
-    """The Debian 13 root, built by scripts/test-root.sh when it is not cached yet (a minute)."""
+    """The Debian 13 root: the one scripts/test.sh built, or built by scripts/test-root.sh
+    now when it is not cached yet (about a minute)."""
     ok, reason = can_boot()
     if not ok:
         _cannot_run(reason)
+    given = os.environ.get(ROOT_ENV)
+    if given:
+        return Path(given)
     out = subprocess.run(
         ["bash", str(TEST_ROOT_SCRIPT)], capture_output=True, text=True, timeout=900
     )
