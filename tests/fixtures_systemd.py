@@ -42,6 +42,10 @@ ROOTS = {
     "debian13": SandboxRoot("debian13", postgres="17", pgvector=True, systemd=257, built=True),
 }
 
+# A sandbox is thrown away after its test: a shutdown that takes longer (PostgreSQL retrying
+# archive_command for 10 s a try once the agent has stopped, say) is cut short by SIGKILL.
+TEARDOWN_POWEROFF_S = 10.0
+
 on_both_roots = pytest.mark.parametrize("sandbox_root", list(ROOTS), indirect=True)
 """Run a systemd test once on the Debian 12 host root and once on the Debian 13 root."""
 
@@ -103,4 +107,4 @@ def systemd_sandbox(
     try:
         yield sandbox
     finally:
-        sandbox.poweroff()
+        sandbox.poweroff(timeout=TEARDOWN_POWEROFF_S)

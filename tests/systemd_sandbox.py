@@ -17,8 +17,9 @@ The sandbox lets tests exercise the installer against a genuine service manager 
   cgroup2 subtree of the caller's cgroup, entered through a cgroup namespace.
 * Loopback (and every other network interface) is shared with the host, so servers started
   by the test session on 127.0.0.1 are reachable from services inside.
-* Host-enabled units (everything under `/etc/systemd/system/*.wants`) and units that would
-  touch hardware, the network configuration or kernel state are disabled or masked.
+* Units enabled in the lower layer (everything under `/etc/systemd/system/*.wants`), the
+  generators it ships (but a few harmless ones) and units that would touch hardware, the
+  network configuration or kernel state are disabled or masked.
 
 Everything runs as root; callers must check `can_boot()` first.
 """

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures_systemd import SandboxRoot, boot_sandbox
+from tests.fixtures_systemd import TEARDOWN_POWEROFF_S, SandboxRoot, boot_sandbox
 from tests.integration.conftest import free_port_block
 from tests.release_builds import SigningKey, make_bundle
 from tests.systemd_sandbox import SystemdSandbox
@@ -32,7 +32,7 @@ def isolated(request: pytest.FixtureRequest, sandbox_root: SandboxRoot) -> Itera
     try:
         yield sandbox
     finally:
-        sandbox.poweroff()
+        sandbox.poweroff(timeout=TEARDOWN_POWEROFF_S)
 
 
 def test_bundle_installs_with_loopback_only(
