@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(postgresql redis-server python3-venv python3-dev binutils procps util-linux curl
     prometheus  # for promtool: tests/test_observability.py checks the alert rules and a scrape
-    ruby)  # tests/unit/test_vagrantfile.py checks and evaluates the Vagrantfile
+    ruby  # tests/unit/test_vagrantfile.py checks and evaluates the Vagrantfile
+    debootstrap)  # scripts/test-root.sh: the Debian 13 root the systemd tests also boot
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

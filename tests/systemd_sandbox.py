@@ -1,10 +1,14 @@
-"""Boot a real systemd in a throwaway PID + mount namespace over a copy-on-write view of `/`.
+"""Boot a real systemd in a throwaway PID + mount namespace over a copy-on-write view of `/`
+or of another distribution's root directory.
 
 The sandbox lets tests exercise the installer against a genuine service manager without a VM:
 
-* The root is an overlay with the host `/` as its read-only lower layer and a tmpfs as upper
-  layer, so everything the sandbox writes (its boot-time `/tmp` cleanup included) vanishes
-  with it. Only the host root filesystem is visible; other host mounts appear as empty dirs.
+* The root is an overlay with a read-only lower layer and a tmpfs as upper layer, so
+  everything the sandbox writes (its boot-time `/tmp` cleanup included) vanishes with it.
+  The lower layer is the host `/` (only the host root filesystem is visible; other host
+  mounts appear as empty dirs) or, with `boot(lower=DIR)`, a distribution tree such as the
+  Debian 13 root that scripts/test-root.sh builds: its own systemd, libraries and packages
+  then run on the host kernel.
 * `/proc`, `/sys`, `/dev`, `/run` and `/tmp` are fresh, private instances. `/proc/sys`,
   `/proc/sysrq-trigger` and `/sys` are read-only because, without a network or user namespace,
   writes there would change the host kernel.
@@ -13,8 +17,9 @@ The sandbox lets tests exercise the installer against a genuine service manager 
   cgroup2 subtree of the caller's cgroup, entered through a cgroup namespace.
 * Loopback (and every other network interface) is shared with the host, so servers started
   by the test session on 127.0.0.1 are reachable from services inside.
-* Host-enabled units (everything under `/etc/systemd/system/*.wants`) and units that would
-  touch hardware, the network configuration or kernel state are disabled or masked.
+* Units enabled in the lower layer (everything under `/etc/systemd/system/*.wants`), the
+  generators it ships (but a few harmless ones) and units that would touch hardware, the
+  network configuration or kernel state are disabled or masked.
 
 Everything runs as root; callers must check `can_boot()` first.
 """
@@ -57,6 +62,7 @@ MASKED_UNITS: tuple[str, ...] = (
     "systemd-networkd.service",
     "systemd-networkd.socket",
     "systemd-networkd-wait-online.service",
+    "systemd-networkd-persistent-storage.service",
     "systemd-resolved.service",
     "networking.service",
     "ifupdown-pre.service",
@@ -85,6 +91,26 @@ MASKED_UNITS: tuple[str, ...] = (
     "systemd-pcrmachine.service",
     "systemd-pcrfs-root.service",
     "systemd-pcrfs@.service",
+    "systemd-pcrphase-initrd.service",
+    "systemd-pcrextend.socket",
+    "systemd-pcrextend@.service",
+    "systemd-pcrlock.socket",
+    "systemd-pcrlock@.service",
+    "systemd-tpm2-setup-early.service",
+    "systemd-tpm2-setup.service",
+    # Credentials sealed to the host (TPM, /var/lib/systemd/credential.secret) and EFI or
+    # ESP state (hibernation variables, the boot loader's random seed) are the host's.
+    "systemd-creds.socket",
+    "systemd-creds@.service",
+    "systemd-hibernate-clear.service",
+    "systemd-boot-random-seed.service",
+    "systemd-bsod.service",
+    "systemd-battery-check.service",
+    # System extension images would be merged over /usr and /etc of the lower layer.
+    "systemd-sysext.service",
+    "systemd-sysext.socket",
+    "systemd-sysext@.service",
+    "systemd-confext.service",
     # Root filesystem handling: the root is an overlay that must be left as it is.
     "systemd-remount-fs.service",
     "systemd-fsck-root.service",
@@ -110,7 +136,7 @@ KEPT_GENERATORS: frozenset[str] = frozenset(
         "postgresql-generator",
     }
 )
-_GENERATOR_DIRS = (
+GENERATOR_DIRS = (
     "/etc/systemd/system-generators",
     "/usr/local/lib/systemd/system-generators",
     "/lib/systemd/system-generators",
@@ -132,7 +158,7 @@ root=$base/root
 
 mount -t tmpfs -o mode=0700 stellarbase-sandbox "$base"
 mkdir "$base/upper" "$base/work" "$root"
-mount -t overlay -o "lowerdir=/,upperdir=$base/upper,workdir=$base/work" \
+mount -t overlay -o "lowerdir=$SB_LOWER,upperdir=$base/upper,workdir=$base/work" \
     stellarbase-sandbox "$root"
 # Everything below writes and deletes through $root, so make sure it is the overlay.
 if [ "$(stat -f -c %T "$root")" != overlayfs ]; then
@@ -297,14 +323,16 @@ def _has_cap_sys_admin() -> bool:
     return bool(int(effective, 16) & (1 << _CAP_SYS_ADMIN))
 
 
-def can_boot() -> tuple[bool, str]:
-    """Whether this machine can boot a sandbox, and why not if it cannot."""
+def can_boot(lower: Path | None = None) -> tuple[bool, str]:
+    """Whether this machine can boot a sandbox (over `lower`, or the host root), and why not
+    if it cannot."""
     if os.geteuid() != 0:
         return False, "booting a systemd sandbox needs root"
     if not _has_cap_sys_admin():
         return False, "booting a systemd sandbox needs CAP_SYS_ADMIN (unprivileged container?)"
-    if not os.access(SYSTEMD, os.X_OK):
-        return False, f"{SYSTEMD} is not installed"
+    systemd = _in_lower(lower, SYSTEMD)
+    if not os.access(systemd, os.X_OK):
+        return False, f"{systemd} is not installed"
     missing = [tool for tool in _REQUIRED_TOOLS if shutil.which(tool, path=_PATH) is None]
     if missing:
         return False, f"missing tools: {', '.join(missing)}"
@@ -319,11 +347,17 @@ def can_boot() -> tuple[bool, str]:
     return True, "ok"
 
 
-def _masked_generators() -> list[str]:
+def _in_lower(lower: Path | None, path: str) -> Path:
+    """Host-side path of `path` in the lower layer (the host root when `lower` is None)."""
+    return Path(path) if lower is None else lower / path.lstrip("/")
+
+
+def _masked_generators(lower: Path | None) -> list[str]:
+    # The systemd that boots is the lower layer's, so are the generators it would run.
     names: set[str] = set()
-    for directory in _GENERATOR_DIRS:
+    for directory in GENERATOR_DIRS:
         with contextlib.suppress(OSError):
-            names.update(os.listdir(directory))
+            names.update(os.listdir(_in_lower(lower, directory)))
     return sorted(names - KEPT_GENERATORS)
 
 
@@ -372,15 +406,23 @@ class SystemdSandbox:
     console_log: Path
     cgroup: Path
     """Host path of the sandbox's private cgroup2 subtree (its cgroup namespace root)."""
+    lower: Path | None
+    """The overlay's lower layer: a distribution root on the host, or None for the host `/`."""
     boot_seconds: float
     """Wall time from launch until `is-system-running --wait` returned."""
     failed_units: list[str]
     """Units that had failed when boot finished (boot still succeeds when degraded)."""
 
     def __init__(
-        self, workdir: Path, cgroup: Path, hostname: str, loopback_only: bool = False
+        self,
+        workdir: Path,
+        cgroup: Path,
+        hostname: str,
+        loopback_only: bool = False,
+        lower: Path | None = None,
     ) -> None:
         self.loopback_only = loopback_only
+        self.lower = lower
         self.workdir = workdir
         self.console_log = workdir / "console.log"
         self.hostname = hostname
@@ -395,14 +437,25 @@ class SystemdSandbox:
 
     @classmethod
     def boot(
-        cls, timeout: float = 60.0, *, hostname: str = DEFAULT_HOSTNAME, loopback_only: bool = False
+        cls,
+        timeout: float = 60.0,
+        *,
+        hostname: str = DEFAULT_HOSTNAME,
+        loopback_only: bool = False,
+        lower: Path | None = None,
     ) -> SystemdSandbox:
         """Boot a sandbox and return once `systemctl is-system-running` says it is up.
 
         With loopback_only, it gets a network namespace of its own holding only `lo`: no
         route leads anywhere else, and the host's servers cannot be reached from it.
+        With lower, the overlay's read-only layer is that directory (a complete root with
+        systemd) instead of the host `/`; it must not be changed while the sandbox runs.
         """
-        ok, reason = can_boot()
+        if lower is not None:
+            lower = lower.resolve()
+            if lower == Path("/"):
+                lower = None
+        ok, reason = can_boot(lower)
         if not ok:
             raise SandboxError(reason)
         started = time.monotonic()
@@ -410,7 +463,7 @@ class SystemdSandbox:
         workdir = Path(tempfile.mkdtemp(prefix="stellarbase-sandbox-"))
         cgroup_parent = _own_cgroup2_dir()
         assert cgroup_parent is not None  # can_boot() checked it
-        sandbox = cls(workdir, cgroup_parent / workdir.name, hostname, loopback_only)
+        sandbox = cls(workdir, cgroup_parent / workdir.name, hostname, loopback_only, lower)
         try:
             sandbox._launch()
             sandbox._wait_for_exec(deadline)
@@ -433,13 +486,14 @@ class SystemdSandbox:
         env = {
             "PATH": _PATH,
             "SB_BASE": str(mount_base),
+            "SB_LOWER": str(self.lower or "/"),
             "SB_CONSOLE": str(self.console_log),
             "SB_HOSTNAME": self.hostname,
             "SB_CONTAINER": CONTAINER_NAME,
             "SB_SYSTEMD": SYSTEMD,
             "SB_BOUNDING_SET": _BOUNDING_SET,
             "SB_MASK_UNITS": " ".join(MASKED_UNITS),
-            "SB_MASK_GENERATORS": " ".join(_masked_generators()),
+            "SB_MASK_GENERATORS": " ".join(_masked_generators(self.lower)),
             "SB_LOOPBACK_ONLY": "1" if self.loopback_only else "",
         }
         argv = [

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.systemd_sandbox import SandboxCommandError, SandboxError, SystemdSandbox
+from tests.fixtures_systemd import SandboxRoot, on_both_roots
+from tests.systemd_sandbox import (
+    GENERATOR_DIRS,
+    KEPT_GENERATORS,
+    SandboxCommandError,
+    SandboxError,
+    SystemdSandbox,
+)
 
 pytestmark = pytest.mark.systemd
 
@@ -34,11 +41,16 @@ def _is_running_systemd(pid: int) -> bool:
         return False
 
 
-def test_boots_a_real_systemd_as_pid1(systemd_sandbox: SystemdSandbox) -> None:
+@on_both_roots
+def test_boots_a_real_systemd_as_pid1(
+    systemd_sandbox: SystemdSandbox, sandbox_root: SandboxRoot
+) -> None:
     sb = systemd_sandbox
     state = sb.systemctl("is-system-running", check=False).stdout.strip()
     assert state in ("running", "degraded"), sb.failed_units
     assert _is_running_systemd(sb.pid)
+    version = sb.systemctl("--version").stdout.split()[1]
+    assert version == str(sandbox_root.systemd)
     assert sb.run(["cat", "/proc/1/comm"]).stdout.strip() == "systemd"
     assert sb.run(["hostname"]).stdout.strip() == sb.hostname
     # Container mode is what makes systemd leave host hardware, clock and loop devices alone.
@@ -113,19 +125,51 @@ def test_unit_with_resource_limits_starts(systemd_sandbox: SystemdSandbox) -> No
     assert int(memory_max.stdout) == 64 * 1024 * 1024
 
 
+@on_both_roots
 def test_writes_inside_do_not_reach_the_host(systemd_sandbox: SystemdSandbox) -> None:
     sb = systemd_sandbox
+    lower = sb.lower or Path("/")
     token = secrets.token_hex(8)
     for directory in ("/etc", "/tmp", "/var/lib", "/root"):
         probe = f"{directory}/stellarbase-sandbox-probe-{token}"
         sb.run(["sh", "-c", f"echo {token} > {probe}"])
         assert sb.path(probe).read_text().strip() == token
         assert not os.path.lexists(probe)
+        assert not os.path.lexists(lower / probe.lstrip("/"))
 
-    # Deleting a host file inside only hides it there (an overlay whiteout).
+    # Deleting a file of the lower layer inside only hides it there (an overlay whiteout).
     sb.run(["rm", "/etc/os-release"])
     assert not os.path.lexists(sb.path("/etc/os-release"))
+    assert os.path.lexists(lower / "etc/os-release")
     assert os.path.lexists("/etc/os-release")
+
+
+def test_debian13_root_boots_clean_with_its_own_units_and_generators(
+    request: pytest.FixtureRequest, debian13_root: Path
+) -> None:
+    # The masks must fit the lower layer's systemd (257 here, 252 on the host): a unit that
+    # reaches for host state (TPM, EFI, network) would fail and leave the boot degraded.
+    with SystemdSandbox.boot(lower=debian13_root) as sb:
+        assert sb.systemctl("is-system-running").stdout.strip() == "running", sb.failed_units
+        release = sb.run(["sh", "-c", ". /etc/os-release && echo $VERSION_ID"]).stdout.strip()
+        assert release == "13"
+        masked = sb.path("/etc/systemd/system-generators")
+        lower_only = "systemd-ssh-generator"  # shipped by systemd 257, not by the host's 252
+        assert (debian13_root / "usr/lib/systemd/system-generators" / lower_only).exists()
+        assert os.readlink(masked / lower_only) == "/dev/null"
+        shipped = {
+            name
+            for directory in GENERATOR_DIRS
+            if (debian13_root / directory.lstrip("/")).is_dir()
+            for name in os.listdir(debian13_root / directory.lstrip("/"))
+        }
+        assert {p.name for p in masked.iterdir()} >= shipped - KEPT_GENERATORS
+        for kept in KEPT_GENERATORS & shipped:
+            assert not (masked / kept).exists(), kept
+        # Nothing enabled in the root's image runs: its Redis and Valkey stay off.
+        for unit in ("redis-server.service", "valkey-server.service"):
+            assert sb.systemctl("is-active", unit, check=False).stdout.strip() == "inactive"
+    assert not (debian13_root / "etc/systemd/system-generators").exists()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from stellarbase.health import probe
+from tests.fixtures_systemd import on_both_roots
 from tests.integration.conftest import copy_binary, free_port_block, wait_for
 from tests.systemd_sandbox import SystemdSandbox
 
@@ -78,6 +79,7 @@ class Pilot:
         return self.sandbox.run(["journalctl", "--no-pager", "-o", "cat", "-u", unit]).stdout
 
 
+@on_both_roots
 def test_agent_readiness_supervision_and_watchdog(
     systemd_sandbox: SystemdSandbox, binary: Path
 ) -> None:

@@ -1,5 +1,6 @@
-"""A bad day for the WAL archive: the store unreachable for a minute under write load, and
-the archiver killed with SIGKILL while it uploads. Nothing may be missing afterwards."""
+"""A bad day for the WAL archive: the store unreachable under write load until PostgreSQL has
+failed to archive and a backlog of segments waits, and the archiver killed with SIGKILL while
+it uploads that backlog. Nothing may be missing afterwards."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -30,7 +33,8 @@ from tests.proxy import Proxy
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-OUTAGE_S = 60.0
+OUTAGE_MAX_S = 90.0  # the outage lasts until its effects show, at most this long
+BACKLOG = 2  # segments waiting when the store comes back
 
 
 class ArchiverProcess:
@@ -62,6 +66,37 @@ class ArchiverProcess:
 
 def ready_files(pg_wal: Path) -> int:
     return sum(1 for n in os.listdir(pg_wal / "archive_status") if n.endswith(".ready"))
+
+
+class Load:
+    """pgbench in short rounds until stopped, so the write load lasts exactly as long as the
+    test needs it; every round must succeed."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.argv, self.env = argv, env
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pgbench-load", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            out = subprocess.run([*self.argv, "-T", "2"], env=self.env, capture_output=True,
+                                 text=True, check=False, timeout=60)  # fmt: skip
+            if out.returncode != 0:
+                self.failures.append(out.stderr[-2000:])
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+def wait_until(what: str, predicate: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s: {what}"
+        time.sleep(0.1)
 
 
 def test_outage_and_sigkill_lose_no_wal(s3_server: servers.S3Server, scratch: Path) -> None:  # noqa: F811
@@ -108,6 +143,7 @@ def test_outage_and_sigkill_lose_no_wal(s3_server: servers.S3Server, scratch: Pa
     url = f"postgresql://postgres:{server.admin_password}@{server.host}:{server.port}/"
     bench_env = {**os.environ, "PGPASSWORD": server.admin_password}
     bench = ["pgbench", "-h", server.host, "-p", str(server.port), "-U", "postgres"]
+    load: Load | None = None
     try:
         assert subprocess.run([*bench, "-i", "-s", "2", "-q", "stellarbase"], env=bench_env,
                               capture_output=True, timeout=120).returncode == 0  # fmt: skip
@@ -115,45 +151,64 @@ def test_outage_and_sigkill_lose_no_wal(s3_server: servers.S3Server, scratch: Pa
 
         take_backup(repo, url + "postgres", BINDIR, config, "before the outage")
 
-        load = subprocess.Popen(
-            [*bench, "-n", "-c", "2", "-T", str(int(OUTAGE_S + 25)), "-R", "300", "stellarbase"],
-            env=bench_env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        time.sleep(5)
-        with proxy.outage():
-            time.sleep(OUTAGE_S / 2)
+        load = Load([*bench, "-n", "-c", "2", "-R", "300", "stellarbase"], bench_env)
+
+        def stat(query: str) -> int:
             with psycopg.connect(url + "stellarbase", autocommit=True) as conn:
-                conn.execute("SELECT pg_switch_wal()")  # at least one segment must wait
-            time.sleep(OUTAGE_S / 2)
+                row = conn.execute(query).fetchone()
+            assert row is not None
+            return int(row[0])
+
+        wait_until("the load to write", lambda: stat("SELECT count(*) FROM pgbench_history") > 0,
+                   timeout=30)  # fmt: skip
+        with proxy.outage():
+            stat("SELECT 1 FROM pg_switch_wal()")  # at least one segment must wait
+            # PostgreSQL gives up on a segment once archive_command has waited its 10 s for
+            # the marker; the load and archive_timeout then finish more segments behind it.
+            wait_until(
+                "PostgreSQL to fail archiving while a backlog builds up",
+                lambda: (
+                    stat("SELECT failed_count FROM pg_stat_archiver") >= 1
+                    and ready_files(pg_wal) >= BACKLOG
+                ),
+                timeout=OUTAGE_MAX_S,
+            )
             waiting = ready_files(pg_wal)
-            with psycopg.connect(url + "stellarbase") as conn:
-                row = conn.execute("SELECT failed_count FROM pg_stat_archiver").fetchone()
-        assert waiting >= 1, "the outage held nothing back: it did not cut the store off"
-        assert row is not None and row[0] >= 1  # PostgreSQL saw archiving fail and kept WAL
+        assert waiting >= BACKLOG, "the outage held nothing back: it did not cut the store off"
 
         # Kill the archiver mid-way through the backlog: once uploads have resumed and
         # files are still waiting.
         before = sum(1 for _ in repo.list("wal/"))
-        deadline = time.monotonic() + 60
-        while sum(1 for _ in repo.list("wal/")) == before:
-            assert time.monotonic() < deadline, "archiving did not resume after the outage"
-            time.sleep(0.05)
+        wait_until(
+            "archiving to resume after the outage",
+            lambda: sum(1 for _ in repo.list("wal/")) > before,
+            timeout=60,
+        )
         assert ready_files(pg_wal) >= 1
         archiver.kill()
         archiver.restart()
-        assert load.wait(timeout=120) == 0, load.stderr.read() if load.stderr else ""
+        # The restarted archiver takes over under the same load: let it archive one more.
+        resumed = sum(1 for _ in repo.list("wal/"))
+        wait_until(
+            "the restarted archiver to upload",
+            lambda: sum(1 for _ in repo.list("wal/")) > resumed,
+            timeout=60,
+        )
+        load.stop()
+        assert load.failures == [], load.failures[0]
 
         with psycopg.connect(url + "stellarbase", autocommit=True) as conn:
             final = counts(conn)
             last = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()
         assert last is not None
-        deadline = time.monotonic() + 180
-        while repo.head(f"wal/{last[0]}") is None:
-            assert time.monotonic() < deadline, f"{last[0]} was not archived after the outage"
-            time.sleep(0.5)
+        wait_until(
+            f"{last[0]} archived after the outage",
+            lambda: repo.head(f"wal/{last[0]}") is not None,
+            timeout=180,
+        )
     finally:
+        if load is not None:
+            load.stop()
         archiver.stop()
         proxy.close()
         server.stop()

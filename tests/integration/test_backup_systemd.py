@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from stellarbase.installed import read_env_file
+from tests.fixtures_systemd import on_both_roots
 from tests.integration.conftest import copy_binary, free_port_block, wait_for
 from tests.systemd_sandbox import SystemdSandbox
 
@@ -56,6 +57,12 @@ class Pilot:
     def archived(self, name: str) -> bool:
         return self.sandbox.path(f"{REPO_DIR}/postgres/wal/{name}").is_file()
 
+    def switch_and_wait_archived(self) -> None:
+        """End the current WAL segment and wait until it is in the repository."""
+        self.sql("SELECT pg_switch_wal()")
+        last = self.sql("SELECT pg_walfile_name(pg_current_wal_lsn() - 1)")
+        wait_for(f"{last} in the repository", lambda: self.archived(last), timeout=60)
+
 
 def _metric(text: str, name: str) -> float:
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
@@ -63,6 +70,7 @@ def _metric(text: str, name: str) -> float:
     return float(match.group(1))
 
 
+@on_both_roots
 def test_pilot_with_a_file_repository_is_archived_backed_up_and_restorable(
     systemd_sandbox: SystemdSandbox, binary: Path
 ) -> None:
@@ -121,17 +129,30 @@ def test_pilot_with_a_file_repository_is_archived_backed_up_and_restorable(
     assert drill.returncode == 0, drill.stdout + drill.stderr
     assert json.loads(drill.stdout)["rows"] >= 5000
 
-    # Rows written after the backup survive an in-place restore to the latest point.
+    # Point in time: an in-place restore to T brings back exactly the rows committed
+    # before T; those committed after it are gone.
     pilot.sql("INSERT INTO drill_rows SELECT g FROM generate_series(5001, 6000) g")
-    pilot.sql("SELECT pg_switch_wal()")
-    last = pilot.sql("SELECT pg_walfile_name(pg_current_wal_lsn() - 1)")
-    wait_for(f"{last} in the repository", lambda: pilot.archived(last), timeout=60)
-    refused = pilot.sb("backup", "restore", "--latest")
+    target = pilot.sql(  # after that commit and before the next one
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+    )
+    pilot.sql("INSERT INTO drill_rows SELECT g FROM generate_series(6001, 6500) g")
+    pilot.switch_and_wait_archived()
+    refused = pilot.sb("backup", "restore", "--to-time", target)
     assert refused.returncode != 0
     assert "--force" in refused.stderr
+    restored = pilot.sb("backup", "restore", "--to-time", target, "--force", "-o", "json")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert pilot.sql("SELECT count(*), max(n) FROM drill_rows") == "6000|6000"
+    assert pilot.sql("SELECT pg_is_in_recovery()") == "f"
+
+    # The restored cluster, now on a new timeline, goes on archiving and backing up: rows
+    # written after a new base backup survive an in-place restore to the latest point.
+    systemd_sandbox.systemctl("start", "stellarbase-backup.service")
+    pilot.sql("INSERT INTO drill_rows SELECT g FROM generate_series(7001, 7300) g")
+    pilot.switch_and_wait_archived()
     restored = pilot.sb("backup", "restore", "--latest", "--force", "-o", "json")
     assert restored.returncode == 0, restored.stdout + restored.stderr
-    assert pilot.sql("SELECT count(*) FROM drill_rows") == "6000"
+    assert pilot.sql("SELECT count(*), max(n) FROM drill_rows") == "6300|7300"
     assert pilot.sql("SELECT pg_is_in_recovery()") == "f"
     audit = pilot.sb("audit", "-o", "json")
     actions = [r["action"] for r in json.loads(audit.stdout)["rows"]]

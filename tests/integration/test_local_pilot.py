@@ -11,6 +11,7 @@ from stellarbase import migrate
 from stellarbase.errors import ExitCode
 from stellarbase.installed import read_env_file
 from tests.filetree import Entry, file_states
+from tests.fixtures_systemd import SandboxRoot, on_both_roots
 from tests.integration.conftest import copy_binary, free_port_block, ready, wait_for
 from tests.systemd_sandbox import SystemdSandbox
 
@@ -42,8 +43,9 @@ def _installed_files(sandbox: SystemdSandbox) -> dict[str, Entry]:
     return file_states(*map(sandbox.path, [*tops, "/var/lib/stellarbase/state.json"]))
 
 
+@on_both_roots
 def test_pilot_with_no_config_runs_its_own_postgres_and_redis(
-    systemd_sandbox: SystemdSandbox, binary: Path
+    systemd_sandbox: SystemdSandbox, binary: Path, sandbox_root: SandboxRoot
 ) -> None:
     sandbox = systemd_sandbox
     sb = copy_binary(sandbox, binary)
@@ -64,7 +66,8 @@ def test_pilot_with_no_config_runs_its_own_postgres_and_redis(
         assert set(checks.values()) == {"pass"}
 
     # data under /var/lib/stellarbase, passwords only in the secrets files
-    assert sandbox.path("/var/lib/stellarbase/postgres/PG_VERSION").read_text().strip() == "15"
+    pg_version = sandbox.path("/var/lib/stellarbase/postgres/PG_VERSION").read_text().strip()
+    assert pg_version == sandbox_root.postgres
     assert sandbox.path("/var/lib/stellarbase/redis/appendonlydir").is_dir()
     secrets = read_env_file(sandbox.path("/etc/stellarbase/secrets.env"))
     passwords = [secrets["STELLARBASE_POSTGRES__PASSWORD"], secrets["STELLARBASE_REDIS__PASSWORD"]]
@@ -89,9 +92,24 @@ def test_pilot_with_no_config_runs_its_own_postgres_and_redis(
     assert sandbox.run([*cli, "CONFIG", "GET", "appendonly"]).stdout.split()[-1] == "yes"
     assert "NOAUTH" in sandbox.run(["redis-cli", "-p", redis_port, "PING"]).stdout
 
-    # semantic search needs pgvector, which this host lacks: status says so
+    # semantic search needs pgvector (Debian 13's root has it, Debian 12 lacks it): status
+    # says which, and with it the extension really is in the database and answers
     code, out, _ = _sb(sandbox, sb, "status", "-o", "json")
-    assert json.loads(out)["features"]["vector"] is False
+    assert json.loads(out)["features"]["vector"] is sandbox_root.pgvector
+    code, out, _ = _sb(sandbox, sb, "status")
+    assert ("semantic search: off" in out) is not sandbox_root.pgvector, out
+
+    def app_sql(query: str) -> str:
+        argv = ["psql", "-h", "127.0.0.1", "-p", ports[3].split("=")[-1], "-U", "stellarbase"]
+        out = sandbox.run([*argv, "-tAc", query], env={"PGPASSWORD": passwords[0]})
+        return out.stdout.strip()
+
+    vector = app_sql("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+    if sandbox_root.pgvector:
+        assert vector.startswith("0.8"), vector
+        assert app_sql("SELECT '[1,2,3]'::vector <-> '[1,2,5]'::vector") == "2"
+    else:
+        assert vector == ""
 
     # a re-run changes nothing
     pids = {u: sandbox.main_pid(u) for u in [*LOCAL_UNITS, *APP_UNITS]}

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures_systemd import _in_ci
+from tests.fixtures_systemd import TEARDOWN_POWEROFF_S, SandboxRoot, boot_sandbox
 from tests.integration.conftest import free_port_block
 from tests.release_builds import SigningKey, make_bundle
-from tests.systemd_sandbox import SystemdSandbox, can_boot
+from tests.systemd_sandbox import SystemdSandbox
 
 pytestmark = [pytest.mark.systemd, pytest.mark.integration]
 
@@ -27,17 +27,12 @@ UNITS = [
 
 
 @pytest.fixture
-def isolated() -> Iterator[SystemdSandbox]:
-    ok, reason = can_boot()
-    if not ok:
-        if _in_ci():
-            pytest.fail(f"CI must run systemd sandbox tests, but: {reason}", pytrace=False)
-        pytest.skip(reason)
-    sandbox = SystemdSandbox.boot(loopback_only=True)
+def isolated(request: pytest.FixtureRequest, sandbox_root: SandboxRoot) -> Iterator[SystemdSandbox]:
+    sandbox = boot_sandbox(request, sandbox_root, loopback_only=True)
     try:
         yield sandbox
     finally:
-        sandbox.poweroff()
+        sandbox.poweroff(timeout=TEARDOWN_POWEROFF_S)
 
 
 def test_bundle_installs_with_loopback_only(

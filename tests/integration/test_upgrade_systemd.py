@@ -24,6 +24,7 @@ import yaml
 
 from stellarbase.errors import ExitCode
 from stellarbase.installed import read_env_file
+from tests.fixtures_systemd import on_both_roots
 from tests.integration.conftest import free_port_block, ready, wait_for
 from tests.release_builds import (
     SigningKey,
@@ -178,6 +179,7 @@ class Site:
         return out
 
 
+@on_both_roots
 def test_install_upgrade_fail_rollback(systemd_sandbox: SystemdSandbox, releases: Releases) -> None:
     site = Site(systemd_sandbox, releases)
     config = site.config

@@ -142,6 +142,24 @@ def recovery_overrides(data_dir: Path) -> dict[str, str]:
     return settings
 
 
+def mark_history_for_archiving(data_dir: Path, owner: pwd.struct_passwd) -> None:
+    """Have the live server archive the history file of the timeline the restore began.
+
+    The recovery server promoted without archiving (`recovery_overrides`), so
+    PostgreSQL never marked the new `<timeline>.history` `.ready`, and a server archives
+    only what is marked: without the file in the repository, no later restore can follow
+    that timeline. A history file with no status yet gets the `.ready` PostgreSQL writes
+    itself; the live archive_command still decides when it is archived.
+    """
+    status = data_dir / "pg_wal" / "archive_status"
+    for history in sorted((data_dir / "pg_wal").glob("*.history")):
+        if any((status / f"{history.name}{end}").exists() for end in (".ready", ".done")):
+            continue
+        ready = status / f"{history.name}.ready"
+        ready.touch()
+        os.chown(ready, owner.pw_uid, owner.pw_gid)
+
+
 def start_postmaster(
     data_dir: Path,
     bindir: Path,

@@ -24,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from stellarbase.backup import walnames
+from stellarbase.backup import postmaster, walnames
 from stellarbase.backup.catalog import Catalog, Manifest, continuity, load_catalog
 from stellarbase.backup.extract import extract_backup
 from stellarbase.backup.pgcommand import command_path
@@ -501,6 +501,7 @@ def restore_live(
             aside.rename(data_dir)
         systemd.start(unit, wait=True)
         raise
+    postmaster.mark_history_for_archiving(data_dir, _account(run_as))
     systemd.start(unit, wait=True)
     notes = [f"started {unit} again"]
     if aside is not None:
