@@ -155,9 +155,16 @@ def mark_history_for_archiving(data_dir: Path, owner: pwd.struct_passwd) -> None
     for history in sorted((data_dir / "pg_wal").glob("*.history")):
         if any((status / f"{history.name}{end}").exists() for end in (".ready", ".done")):
             continue
-        ready = status / f"{history.name}.ready"
-        ready.touch()
-        os.chown(ready, owner.pw_uid, owner.pw_gid)
+        # Root in the cluster owner's directory: never through a link planted there.
+        fd = os.open(
+            status / f"{history.name}.ready",
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+            0o600,
+        )
+        try:
+            os.fchown(fd, owner.pw_uid, owner.pw_gid)
+        finally:
+            os.close(fd)
 
 
 def start_postmaster(
