@@ -179,6 +179,22 @@ class Transitions:
             out[fields.pop("Id")] = fields
         return out
 
+    def journal_cursor(self) -> str:
+        out = self.sandbox.run(
+            ["journalctl", "-n", "0", "--show-cursor", "--no-pager"], check=False
+        )
+        return out.stdout.strip().rpartition("cursor: ")[2]
+
+    def journal_since(self, cursor: str) -> str:
+        """What the units and systemd said about them during a slow install: where its time
+        went (a stop that ran into its timeout, a readiness wait)."""
+        out = self.sandbox.run(
+            ["journalctl", "--no-pager", "-o", "short-monotonic", f"--after-cursor={cursor}",
+             "-u", "stellarbase*"],
+            check=False,
+        )  # fmt: skip
+        return f"journal during the install:\n{out.stdout[-12000:]}"
+
     # --- the canary ------------------------------------------------------------------------
 
     def local_pg_port(self) -> int:
@@ -260,12 +276,13 @@ class Transitions:
         step = Step(index, case, expected)
         self.steps.append(step)
         files, units = self.files(), self.units()
+        since = self.journal_cursor()
         out, step.seconds = self.install(case)
         step.code = out.returncode
         if out.returncode == 0:
             self.installed = case  # whatever was expected: the host moved
             if step.seconds > SLOW_S:
-                step.said = out.stdout
+                step.said = out.stdout + self.journal_since(since)
         said = f"stdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-3000:]}"
         assert out.returncode == expected, f"exit {out.returncode}, expected {expected}\n{said}"
         if expected == ExitCode.OK:
