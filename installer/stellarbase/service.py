@@ -11,6 +11,7 @@ Test hook: while the file /run/stellarbase/fault/<unit>.healthz exists, that ser
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import os
@@ -131,8 +132,7 @@ class Service:
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
         remote = self._remote_server()
-        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
-        signal.signal(signal.SIGINT, lambda *_: self._stop.set())
+        self._stop_on_signals()
         log.info("service started", service=self.name, port=self.port, version=__version__)
         self.main_loop()
         notify.notify("STOPPING=1")
@@ -141,6 +141,30 @@ class Service:
             if each is not None:
                 each.shutdown()
                 each.server_close()
+
+    def _stop_on_signals(self) -> None:
+        """SIGTERM and SIGINT stop the service, however many arrive and whenever.
+
+        A Python signal handler runs in the main thread between two bytecodes, possibly in
+        the middle of the `Event.wait` or `Event.set` it would call, whose lock is not
+        reentrant: two SIGTERMs a moment apart (systemd's, and the one the one-file
+        bootloader forwards) deadlocked the process that way. So the handler only writes a
+        byte to a pipe, and a thread that reads it sets the event.
+        """
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+
+        def on_signal(_signum: int, _frame: object) -> None:
+            with contextlib.suppress(OSError):  # a full pipe: a stop is already on its way
+                os.write(write_fd, b"\0")
+
+        def stop_when_signalled() -> None:
+            os.read(read_fd, 1)
+            self._stop.set()
+
+        threading.Thread(target=stop_when_signalled, name="stop-signal", daemon=True).start()
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
 
     def _remote_server(self) -> ThreadingHTTPServer | None:
         """The agent's listener for remote scrapers: bearer token, and TLS when configured.

@@ -166,3 +166,34 @@ def test_unreadable_settings_is_a_config_error(tmp_path: Path) -> None:
         check=False,
     )
     assert out.returncode == 3 and "no such settings file" in out.stderr
+
+
+_REENTERED_STOP = """
+import os, signal, sys, threading, time
+from types import SimpleNamespace
+from stellarbase.service import Service
+
+class SignalledInsideSet(threading.Event):
+    # The second SIGTERM lands while set() holds the event's lock, as it did when systemd
+    # and the bootloader both signalled the service.
+    def set(self):
+        with self._cond:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the main thread runs any pending handler meanwhile
+            self._flag = True
+            self._cond.notify_all()
+
+service = SimpleNamespace(_stop=SignalledInsideSet())
+Service._stop_on_signals(service)
+os.kill(os.getpid(), signal.SIGTERM)
+sys.exit(0 if service._stop.wait(5) else 1)
+"""
+
+
+def test_a_stop_signal_inside_the_stop_itself_does_not_hang() -> None:
+    """However many SIGTERMs arrive, and whenever, the service stops: a handler that set the
+    Event itself was re-entered inside that Event's lock and hung until SIGKILL."""
+    result = subprocess.run(
+        [sys.executable, "-c", _REENTERED_STOP], timeout=30, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
