@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-STELLARBASE_DEBIAN13_ROOT=$(bash scripts/test-root.sh)
-export STELLARBASE_DEBIAN13_ROOT
+# Not STELLARBASE_*: the binary and its subprocesses read every such variable as site config.
+SB_TEST_DEBIAN13_ROOT=$(bash scripts/test-root.sh)
+export SB_TEST_DEBIAN13_ROOT
 exec .venv/bin/pytest "$@"

@@ -19,7 +19,7 @@ from tests.systemd_sandbox import SystemdSandbox, can_boot
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_ROOT_SCRIPT = REPO / "scripts" / "test-root.sh"
-ROOT_ENV = "STELLARBASE_DEBIAN13_ROOT"  # set by scripts/test.sh to what test-root.sh printed
+ROOT_ENV = "SB_TEST_DEBIAN13_ROOT"  # set by scripts/test.sh to what test-root.sh printed
 
 
 @dataclass(frozen=True)
