@@ -4,10 +4,12 @@ it uploads that backlog. Nothing may be missing afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -49,7 +51,17 @@ class ArchiverProcess:
         self.proc = self._start()
 
     def _start(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self.argv, env=self.env, stdout=subprocess.DEVNULL)
+        with tempfile.TemporaryFile() as errf:
+            proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.DEVNULL, stderr=errf)
+            # An archiver that refuses its config exits at once, and a base backup would
+            # then wait for WAL archiving forever: fail here, with its reason, instead.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1.0)
+                errf.seek(0)
+                raise AssertionError(
+                    f"the archiver exited with {proc.returncode}: {errf.read().decode()[-2000:]}"
+                )
+        return proc
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
