@@ -201,22 +201,27 @@ def test_purge_still_removes_the_data(tmp_path: Path, binary: Path) -> None:
     assert not paths.state_dir.exists() and not paths.etc.exists()
 
 
-def test_planner_refuses_a_data_dir_that_is_no_cluster(binary: Path) -> None:
-    config = load_config(env={}).config
+def _local_facts(binary: Path, *, postgres_leftovers: bool = False) -> Facts:
+    """A host with local PostgreSQL 15 and Redis 7 binaries and generated passwords."""
     pg = ServerBinary(Path("/usr/lib/postgresql/15/bin"), (15, 4))
     redis = ServerBinary(Path("/usr/bin/redis-server"), (7, 0))
-    facts = Facts(
+    return Facts(
         "0.1.0",
         binary,
         "digest",
         local=LocalServers(pg, redis),
-        postgres_leftovers=True,
+        postgres_leftovers=postgres_leftovers,
         generated=(
             ("STELLARBASE_LOCAL_POSTGRES_ADMIN_PASSWORD", "a"),
             ("STELLARBASE_POSTGRES__PASSWORD", "b"),
             ("STELLARBASE_REDIS__PASSWORD", "c"),
         ),
     )
+
+
+def test_planner_refuses_a_data_dir_that_is_no_cluster(binary: Path) -> None:
+    config = load_config(env={}).config
+    facts = _local_facts(binary, postgres_leftovers=True)
     with pytest.raises(StellarError) as info:
         make_plan(config, HostPaths(), facts)
     assert (
@@ -256,19 +261,7 @@ def test_initdb_writes_aside_and_renames_into_the_empty_data_dir(
 def test_a_change_of_the_local_redis_restarts_redis_only(binary: Path) -> None:
     """Each local server's restart digest covers its own inputs: a new Redis port or
     password must not restart PostgreSQL (and with it every open connection)."""
-    pg = ServerBinary(Path("/usr/lib/postgresql/15/bin"), (15, 4))
-    redis = ServerBinary(Path("/usr/bin/redis-server"), (7, 0))
-    facts = Facts(
-        "0.1.0",
-        binary,
-        "digest",
-        local=LocalServers(pg, redis),
-        generated=(
-            ("STELLARBASE_LOCAL_POSTGRES_ADMIN_PASSWORD", "a"),
-            ("STELLARBASE_POSTGRES__PASSWORD", "b"),
-            ("STELLARBASE_REDIS__PASSWORD", "c"),
-        ),
-    )
+    facts = _local_facts(binary)
 
     def digests(*sets: str) -> dict[str, str]:
         plan = make_plan(load_config(sets=list(sets), env={}).config, HostPaths(), facts)
