@@ -15,12 +15,18 @@ Targets (issue 6): agent p99 at most 2x node exporter's, agent RSS at most 60 MB
 idle CPU below 1% of one core at a 15 s scrape interval.
 
     .venv/bin/python bench/agent.py [--scrapes 200] [--idle-seconds 60] [--python]
-        [--binary PATH] [--no-deps]
+        [--binary PATH] [--no-deps] [--backups]
+
+With --backups (root), the agent measured is the stellarbase-agent.service of a pilot
+installed in a throwaway systemd (tests/systemd_sandbox.py) with encrypted WAL archiving
+and base backups to S3 (moto on loopback), while a writer switches a WAL segment every
+second: the agent's archiver uploads all the time it is scraped.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import gzip
 import http.client
 import json
@@ -31,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,10 +129,15 @@ def memory_bytes(root: int, key: str = "VmRSS") -> int:
 @dataclass
 class Exporter:
     name: str
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | None  # None: a unit in the sandbox, measured by pid
     url: str
+    pid: int = 0  # the host-side pid of the process tree's root
     latencies: list[float] = field(default_factory=list)
     last_body: bytes = b""
+
+    def __post_init__(self) -> None:
+        if self.proc is not None:
+            self.pid = self.proc.pid
 
     def scrape(self) -> float:
         parts = urlsplit(self.url)
@@ -145,9 +157,11 @@ class Exporter:
         return took
 
     def processes(self) -> int:
-        return len(process_tree(self.proc.pid))
+        return len(process_tree(self.pid))
 
     def stop(self) -> None:
+        if self.proc is None:
+            return  # the sandbox's poweroff stops it
         self.proc.terminate()  # the one-file bootloader passes SIGTERM on to its child
         try:
             self.proc.wait(timeout=15)
@@ -162,7 +176,7 @@ def wait_answering(exporter: Exporter, path: str, timeout: float = 60) -> None:
     parts = urlsplit(exporter.url)
     deadline = time.monotonic() + timeout
     while True:
-        if exporter.proc.poll() is not None:
+        if exporter.proc is not None and exporter.proc.poll() is not None:
             raise RuntimeError(f"{exporter.name} exited with {exporter.proc.returncode}")
         try:
             conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=2)
@@ -237,6 +251,113 @@ def start_agent(
     return exporter, how
 
 
+# --- with backups on: an installed pilot in a throwaway systemd ---------------------------------
+
+
+class BackupsPilot:
+    """A pilot installed in a systemd sandbox with WAL archiving and base backups to S3
+    (moto on loopback, encrypted), and a writer that fills and switches WAL segments all
+    the time the agent is measured: the agent runs as installed, archiver included."""
+
+    def __init__(self, base: Path, binary: Path) -> None:
+        from tests.integration.conftest import copy_binary, free_port_block
+        from tests.systemd_sandbox import SystemdSandbox
+
+        self.s3 = servers.start_s3(base)
+        self.sandbox = SystemdSandbox.boot()
+        self.binary = copy_binary(self.sandbox, binary)
+        ports = free_port_block(8)
+        self.agent_port, self.pg_port = ports + 1, ports + 4
+        sets = [
+            f"api.port={ports}",
+            f"agent.port={ports + 1}",
+            f"worker.port={ports + 2}",
+            f"local.postgres.port={ports + 4}",
+            f"local.redis.port={ports + 5}",
+            "backup.repository=s3",
+            "backup.archive_timeout_seconds=10",
+            f"s3.endpoint={self.s3.endpoint}",
+            f"s3.bucket={self.s3.bucket}",
+            f"s3.region={self.s3.region}",
+        ]
+        env = {
+            "STELLARBASE_S3__ACCESS_KEY": self.s3.access_key,
+            "STELLARBASE_S3__SECRET_KEY": self.s3.secret_key,
+            "STELLARBASE_BACKUP__ENCRYPTION_KEY": base64.b64encode(os.urandom(32)).decode(),
+        }
+        argv = [str(self.binary), "install", "--tier", "pilot", *(f"--set={s}" for s in sets)]
+        out = self.sandbox.run(argv, env=env, check=False, timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"install exited {out.returncode}: {out.stdout}{out.stderr}")
+        out = self.sandbox.run([str(self.binary), "backup", "now"], check=False, timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"backup now exited {out.returncode}: {out.stdout}{out.stderr}")
+        self.sql("CREATE TABLE IF NOT EXISTS bench_wal (id int, pad text)")
+        self.segments = 0
+        self._stop = threading.Event()
+        self._writer = threading.Thread(target=self._write_wal, daemon=True)
+        self._writer.start()
+
+    def sql(self, query: str) -> str:
+        admin = self.sandbox.path("/etc/stellarbase/postgres-admin.env").read_text()
+        password = admin.split("=", 1)[1].strip().strip("'\"")
+        out = self.sandbox.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(self.pg_port), "-U", "postgres", "-d",
+             "stellarbase", "-AtqX", "-v", "ON_ERROR_STOP=1", "-c", query],
+            env={"PGPASSWORD": password},
+        )  # fmt: skip
+        return out.stdout.strip()
+
+    def _write_wal(self) -> None:
+        """About 5 MB of rows and a segment switch every second."""
+        while not self._stop.wait(1.0):
+            self.sql(
+                "INSERT INTO bench_wal SELECT g, repeat(md5(g::text), 8) "
+                "FROM generate_series(1, 20000) g; TRUNCATE bench_wal; SELECT pg_switch_wal()"
+            )
+            self.segments += 1
+
+    def uploads(self) -> int:
+        """Objects the agent has uploaded, from its last scrape."""
+        text = self.exporter().last_body.decode()
+        return sum(
+            int(float(line.rsplit(" ", 1)[1]))
+            for line in text.splitlines()
+            if line.startswith("stellarbase_backup_uploads_total")
+        )
+
+    def exporter(self) -> Exporter:
+        if not hasattr(self, "_exporter"):
+            pid = host_pid(self.sandbox.pid, self.sandbox.main_pid("stellarbase-agent.service"))
+            url = f"http://127.0.0.1:{self.agent_port}/metrics"
+            self._exporter = Exporter("agent", None, url, pid=pid)
+            wait_answering(self._exporter, "/healthz")
+        return self._exporter
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._writer.join(timeout=30)
+        self.sandbox.poweroff()
+
+
+def host_pid(sandbox_init: int, ns_pid: int) -> int:
+    """The host's pid of the process that is ns_pid inside the sandbox's pid namespace."""
+    namespace = os.readlink(f"/proc/{sandbox_init}/ns/pid")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.readlink(entry / "ns" / "pid") != namespace:
+                continue
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("NSpid:") and int(line.split()[-1]) == ns_pid:
+                return int(entry.name)
+    raise RuntimeError(f"no process is pid {ns_pid} in the sandbox")
+
+
 # --- measuring --------------------------------------------------------------------------------
 
 
@@ -251,18 +372,18 @@ def scrape_side_by_side(exporters: list[Exporter], scrapes: int) -> dict[str, fl
     for exporter in exporters:  # first scrapes pay for imports and caches
         for _ in range(10):
             exporter.scrape()
-    before = {e.name: cpu_seconds(e.proc.pid) for e in exporters}
+    before = {e.name: cpu_seconds(e.pid) for e in exporters}
     for i in range(scrapes):
         order = exporters if i % 2 == 0 else exporters[::-1]
         for exporter in order:
             exporter.latencies.append(exporter.scrape())
-    return {e.name: (cpu_seconds(e.proc.pid) - before[e.name]) / scrapes for e in exporters}
+    return {e.name: (cpu_seconds(e.pid) - before[e.name]) / scrapes for e in exporters}
 
 
 def idle_cpu(exporters: list[Exporter], seconds: float) -> dict[str, float]:
     """Share of one core each exporter uses while scraped every 15 s."""
     start = time.monotonic()
-    before = {e.name: cpu_seconds(e.proc.pid) for e in exporters}
+    before = {e.name: cpu_seconds(e.pid) for e in exporters}
     next_scrape = start
     while True:
         now = time.monotonic()
@@ -274,7 +395,7 @@ def idle_cpu(exporters: list[Exporter], seconds: float) -> dict[str, float]:
             next_scrape += SCRAPE_INTERVAL_S
         time.sleep(min(next_scrape, start + seconds) - time.monotonic())
     wall = time.monotonic() - start
-    return {e.name: (cpu_seconds(e.proc.pid) - before[e.name]) / wall for e in exporters}
+    return {e.name: (cpu_seconds(e.pid) - before[e.name]) / wall for e in exporters}
 
 
 def samples(body: bytes) -> int:
@@ -327,7 +448,7 @@ def report(
     print(row("RSS (MB)", rss[agent.name] / 1e6, rss[node.name] / 1e6, "12.1f", rss_target))
     print(row("peak RSS, VmHWM (MB)", hwm[agent.name] / 1e6, hwm[node.name] / 1e6, "12.1f"))
     parts = ", ".join(
-        f"pid {pid} {rss / 1e6:.1f} MB" for pid, rss in memory_by_process(agent.proc.pid).items()
+        f"pid {pid} {rss / 1e6:.1f} MB" for pid, rss in memory_by_process(agent.pid).items()
     )
     print(f"  agent RSS by process (parent first): {parts}")
     idle_label = f"idle CPU, {idle_seconds:g} s (% core)"
@@ -353,7 +474,15 @@ def main() -> None:
     parser.add_argument(
         "--no-deps", action="store_true", help="no PostgreSQL, Redis and S3 for the agent"
     )
+    parser.add_argument(
+        "--backups",
+        action="store_true",
+        help="the agent of a pilot installed in a systemd sandbox (root) with encrypted WAL "
+        "archiving and base backups to S3, under a constant WAL load",
+    )
     args = parser.parse_args()
+    if args.backups and args.python:
+        sys.exit("--backups measures the installed binary; leave out --python")
     if not shutil.which(NODE_EXPORTER):
         sys.exit(f"{NODE_EXPORTER} is missing: apt-get install prometheus-node-exporter")
     if not args.python and not args.binary.exists():
@@ -362,28 +491,43 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         started: list[Exporter] = []
+        pilot: BackupsPilot | None = None
         try:
-            deps = None
-            if not args.no_deps:
-                pg, rd = servers.start_postgres(base), servers.start_redis(base)
-                deps = servers.site_deps(pg, rd, servers.start_s3(base))
-            agent, how = start_agent(base, None if args.python else args.binary, deps)
+            if args.backups:
+                pilot = BackupsPilot(base, args.binary)
+                agent = pilot.exporter()
+                how = f"{args.binary} as stellarbase-agent.service of an installed pilot"
+                deps_text = "local pg and redis, encrypted S3 backups, WAL switched every second"
+            else:
+                deps = None
+                if not args.no_deps:
+                    pg, rd = servers.start_postgres(base), servers.start_redis(base)
+                    deps = servers.site_deps(pg, rd, servers.start_s3(base))
+                agent, how = start_agent(base, None if args.python else args.binary, deps)
+                deps_text = "none" if args.no_deps else "pg, redis, s3"
             started.append(agent)
             node = start_node_exporter(base)
             started.append(node)
-            print(f"agent: {how}, dependencies: {'none' if args.no_deps else 'pg, redis, s3'}")
+            print(f"agent: {how}, dependencies: {deps_text}")
             print(f"node exporter: {node_exporter_version()}, default collectors")
             print(f"{args.scrapes} scrapes each, alternating; idle: one scrape each every 15 s")
             exporters = [agent, node]
             cpu = scrape_side_by_side(exporters, args.scrapes)
-            rss = {e.name: memory_bytes(e.proc.pid) for e in exporters}
+            rss = {e.name: memory_bytes(e.pid) for e in exporters}
             idle = idle_cpu(exporters, args.idle_seconds)
-            rss = {e.name: max(rss[e.name], memory_bytes(e.proc.pid)) for e in exporters}
-            hwm = {e.name: memory_bytes(e.proc.pid, "VmHWM") for e in exporters}
+            rss = {e.name: max(rss[e.name], memory_bytes(e.pid)) for e in exporters}
+            hwm = {e.name: memory_bytes(e.pid, "VmHWM") for e in exporters}
             report(agent, node, cpu, rss, hwm, idle, args.idle_seconds)
+            if pilot is not None:
+                print(
+                    f"WAL load: {pilot.segments} segment switches; "
+                    f"{pilot.uploads()} objects uploaded by the agent"
+                )
         finally:
             for exporter in started:
                 exporter.stop()
+            if pilot is not None:
+                pilot.stop()
             servers.stop_all()
 
 
