@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import socket
+import ssl
 import struct
 import time
 import tracemalloc
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import pytest
 
 from stellarbase import pgwire, resp, s3probe
-from tests.hostile import PG_READY, Hostile, drip, flood, pg_msg, pg_startup
+from tests.hostile import PG_READY, Hostile, drip, flood, pg_msg, pg_startup, self_signed
 
 DEADLINE = 1.0
 SLACK = 0.2  # what the acceptance allows past the deadline
@@ -204,3 +205,41 @@ def test_s3_answers_are_bounded(case: str) -> None:
     with s3_server(S3_HOSTILE[case]) as server:
         outcome = measure(s3_call(server))
     assert_bounded(outcome)
+
+
+# --- the same through TLS ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server_tls(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*self_signed(tmp_path_factory.mktemp("tls")))
+    return context
+
+
+def test_a_drip_through_tls_is_bounded_too(server_tls: ssl.SSLContext) -> None:
+    def redis_script(conn: socket.socket) -> None:
+        tls = server_tls.wrap_socket(conn, server_side=True)
+        tls.recv(65536)
+        drip(tls, b"+" + b"a" * 100)
+
+    def pg_script(conn: socket.socket) -> None:
+        conn.recv(8)  # SSLRequest
+        conn.sendall(b"S")
+        tls = server_tls.wrap_socket(conn, server_side=True)
+        pg_startup(tls)
+        tls.sendall(pg_msg(b"R", struct.pack("!i", 0)))
+        drip(tls, pg_msg(b"N", b"M" + b"slow" * 100 + b"\0\0"))
+
+    with Hostile(redis_script) as redis_server, Hostile(pg_script) as pg:
+
+        def redis_call(deadline: float) -> object:
+            url = f"rediss://127.0.0.1:{redis_server.port}/0?ssl_cert_reqs=none"
+            conn = resp.connect(resp.parse_url(url), deadline)
+            try:
+                return conn.command("PING")
+            finally:
+                conn.close()
+
+        assert_bounded(measure(redis_call), TimeoutError)
+        assert_bounded(measure(pg_call(pg, sslmode="require")), TimeoutError)

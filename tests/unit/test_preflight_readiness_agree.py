@@ -8,7 +8,7 @@ import pytest
 from pydantic import SecretStr
 
 from stellarbase import checks
-from stellarbase.config import PostgresConfig, load_config
+from stellarbase.config import PostgresConfig, RedisConfig, load_config
 from stellarbase.preflight import Level, deps
 from tests.fakes import FakePostgres
 
@@ -42,3 +42,18 @@ def test_preflight_and_readiness_agree(password: str | None, query: str, accepte
     assert auth is not None, findings
     assert (auth.level == Level.PASS) is accepted, auth
     assert ready.ok is accepted, ready
+
+
+@pytest.mark.parametrize(
+    ("url", "verified"),
+    [
+        ("rediss://cache:6380/0", True),
+        ("rediss://cache:6380/0?ssl_cert_reqs=none", False),
+        ("redis://cache:6379/0", False),
+    ],
+)
+def test_required_redis_tls_means_a_verified_certificate(url: str, verified: bool) -> None:
+    finding = deps._redis_tls(RedisConfig(url=url))
+    assert (finding.level == Level.PASS) is verified
+    if not verified:
+        assert "rediss://" in finding.hint or "ssl_ca_certs" in finding.hint
