@@ -402,6 +402,8 @@ def _protocol_errors() -> Iterator[None]:
         yield
     except ScramError as exc:
         raise AuthenticationError(str(exc)) from None
+    except OSError:
+        raise  # ssl.CertificateError is a ValueError too, and says more as it is
     except (ValueError, struct.error, IndexError) as exc:  # UnicodeDecodeError included
         raise ProtocolError(f"a malformed message from the server: {exc}"[:300]) from None
 

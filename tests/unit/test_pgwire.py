@@ -9,6 +9,7 @@ password in the clear.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
@@ -518,3 +519,16 @@ def test_the_readiness_probe_names_the_server_version(
     config = config.model_copy(update={"password": SecretStr(postgres_server.password)})
     message = checks.check_postgres(config, 5)
     assert message.startswith("PostgreSQL 15.")
+
+
+def test_an_unverifiable_certificate_is_named(certificate: tuple[Path, Path]) -> None:
+    def script(conn: socket.socket) -> None:
+        conn.recv(8)
+        conn.sendall(b"S")
+        with contextlib.suppress(OSError):
+            _server_tls(certificate).wrap_socket(conn, server_side=True)
+
+    with Hostile(script) as server:
+        t = pgwire.Target("127.0.0.1", server.port, "app", "app", "pw", "verify-full")
+        with pytest.raises(ssl.SSLCertVerificationError, match="certificate verify failed"):
+            connect(t, 2)
