@@ -118,24 +118,60 @@ class Scram:
         self.verified = True
 
 
+# The signature algorithms of X.509 certificates by the DER of their OID, and the hash
+# tls-server-end-point uses for each: the signature's own, SHA-256 for MD5 and SHA-1.
+_SIGNATURE_HASHES = {
+    bytes.fromhex(oid): name
+    for oid, name in (
+        ("2a864886f70d010104", "sha256"),  # md5WithRSAEncryption
+        ("2a864886f70d010105", "sha256"),  # sha1WithRSAEncryption
+        ("2a864886f70d01010e", "sha224"),  # sha224WithRSAEncryption
+        ("2a864886f70d01010b", "sha256"),  # sha256WithRSAEncryption
+        ("2a864886f70d01010c", "sha384"),  # sha384WithRSAEncryption
+        ("2a864886f70d01010d", "sha512"),  # sha512WithRSAEncryption
+        ("2a8648ce3d0401", "sha256"),  # ecdsa-with-SHA1
+        ("2a8648ce3d040301", "sha224"),  # ecdsa-with-SHA224
+        ("2a8648ce3d040302", "sha256"),  # ecdsa-with-SHA256
+        ("2a8648ce3d040303", "sha384"),  # ecdsa-with-SHA384
+        ("2a8648ce3d040304", "sha512"),  # ecdsa-with-SHA512
+    )
+}
+
+
 def certificate_hash(der: bytes) -> bytes:
     """tls-server-end-point (RFC 5929): the server certificate hashed with its signature's
-    hash, SHA-256 where that is MD5 or SHA-1."""
-    from cryptography import x509
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import hashes
+    hash, SHA-256 where that is MD5 or SHA-1.
 
+    Read from the DER by hand: the OID is three elements in, and the agent would otherwise
+    load an X.509 library (some 7 MB) for it. Algorithms PostgreSQL cannot bind either
+    (RSA-PSS, Ed25519) are refused, as libpq does.
+    """
     try:
-        algorithm = x509.load_der_x509_certificate(der).signature_hash_algorithm
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise ScramError(f"cannot read the server certificate for channel binding: {exc}") from None
-    if algorithm is None:  # Ed25519 and the like: RFC 5929 defines no binding for them
-        raise ScramError("the server certificate's algorithm has no tls-server-end-point hash")
-    if algorithm.name in ("md5", "sha1"):
-        algorithm = hashes.SHA256()
-    digest = hashes.Hash(algorithm)
-    digest.update(der)
-    return digest.finalize()
+        _, body = _der(der, 0, 0x30)  # Certificate
+        tbs_end, _ = _der(der, body, 0x30)  # tbsCertificate: skipped
+        _, algorithm = _der(der, tbs_end, 0x30)  # signatureAlgorithm
+        oid_end, oid = _der(der, algorithm, 0x06)
+    except IndexError:
+        raise ScramError("cannot read the server certificate for channel binding") from None
+    name = _SIGNATURE_HASHES.get(der[oid:oid_end])
+    if name is None:
+        raise ScramError("the server certificate's signature algorithm has no channel binding")
+    return hashlib.new(name, der).digest()
+
+
+def _der(data: bytes, at: int, tag: int) -> tuple[int, int]:
+    """The element of `tag` at `at`: (where it ends, where its content starts)."""
+    if data[at] != tag:
+        raise IndexError("unexpected DER tag")
+    length, at = data[at + 1], at + 2
+    if length & 0x80:  # long form: that many length bytes follow
+        count = length & 0x7F
+        if not 1 <= count <= 4:
+            raise IndexError("unsupported DER length")
+        length, at = int.from_bytes(data[at : at + count], "big"), at + count
+    if at + length > len(data):
+        raise IndexError("DER element past the end")
+    return at + length, at
 
 
 def _attributes(text: str) -> dict[str, str]:

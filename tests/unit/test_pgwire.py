@@ -532,3 +532,49 @@ def test_an_unverifiable_certificate_is_named(certificate: tuple[Path, Path]) ->
         t = pgwire.Target("127.0.0.1", server.port, "app", "app", "pw", "verify-full")
         with pytest.raises(ssl.SSLCertVerificationError, match="certificate verify failed"):
             connect(t, 2)
+
+
+@pytest.mark.parametrize("kind", ["rsa-sha256", "ec-sha384", "ec-sha512", "ed25519"])
+def test_the_channel_binding_hash_follows_the_certificate(kind: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+    from cryptography.x509.oid import NameOID
+
+    algorithm = {
+        "rsa-sha256": hashes.SHA256(),
+        "ec-sha384": hashes.SHA384(),
+        "ec-sha512": hashes.SHA512(),
+        "ed25519": None,
+    }[kind]
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+    if kind.startswith("rsa"):
+        key = rsa.generate_private_key(65537, 2048)
+    elif kind.startswith("ec"):
+        key = ec.generate_private_key(ec.SECP256R1())
+    else:
+        key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "db")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, algorithm)
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
+    if algorithm is None:
+        with pytest.raises(scram.ScramError, match="no channel binding"):
+            scram.certificate_hash(der)
+        return
+    digest = hashes.Hash(algorithm)
+    digest.update(der)
+    assert scram.certificate_hash(der) == digest.finalize()
+    with pytest.raises(scram.ScramError, match="cannot read"):
+        scram.certificate_hash(der[:40])
