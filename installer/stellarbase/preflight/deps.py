@@ -20,7 +20,7 @@ from collections.abc import Callable
 from functools import partial
 from urllib.parse import urlsplit
 
-from stellarbase import pgwire, resp, s3probe
+from stellarbase import netio, pgwire, resp, s3probe
 from stellarbase.config import Config, PostgresConfig, RedisConfig, S3Config, secret_env_name
 from stellarbase.preflight import Check, Context, Finding, Level, failed, noted, passed
 
@@ -70,7 +70,7 @@ def postgres_findings(dep: PostgresConfig, config: Config, timeout: float) -> li
     user = urlsplit(dep.url).username or "(default user)"
     reach = f"PostgreSQL answers at {host}:{port}"
     try:
-        _pg_handshake(host, port, _left(deadline))
+        _pg_handshake(host, port, deadline)
     except (OSError, ValueError) as exc:
         hint = f"start PostgreSQL or fix postgres.url; `pg_isready -h {host} -p {port}`"
         return [failed("postgres.reachable", f"{host}:{port}: {_why(exc, budget)}", reach, hint)]
@@ -105,10 +105,9 @@ def postgres_findings(dep: PostgresConfig, config: Config, timeout: float) -> li
     return found
 
 
-def _pg_handshake(host: str, port: int, timeout: float) -> None:
-    """Prove a PostgreSQL server (not just an open port) answers, within a float timeout
-    (libpq's connect_timeout is whole seconds, at least 2)."""
-    with socket.create_connection((host, port), timeout=max(timeout, 0.001)) as sock:
+def _pg_handshake(host: str, port: int, deadline: float) -> None:
+    """Prove a PostgreSQL server (not just an open port) answers, before the deadline."""
+    with netio.connect(host, port, deadline) as sock:
         sock.sendall(_GSSENC_REQUEST)
         answer = sock.recv(1)
     if not answer:
