@@ -1,24 +1,30 @@
 """Just enough Redis (the RESP2 protocol) for preflight: AUTH, SELECT, INFO and CONFIG GET.
 
 redis-py takes longer to import than preflight's Redis check takes to run. This client
-sends a command, reads its reply, and bounds every socket operation by the time left to
-the caller's deadline. Preflight (`preflight.deps`) and readiness (`checks`, for the
-services' /readyz and the agent) use it; the services' own work keeps using redis-py.
-Valkey answers as Redis does; `server_version` tells the two apart.
+sends a command and reads its reply, connection, TLS and all, before one deadline
+(`netio`), and bounds every reply: a bulk string, an array, its nesting and the whole
+connection have a size limit, so no header makes it allocate what the server announces.
+Preflight (`preflight.deps`) and readiness (`checks`, for the services' /readyz and the
+agent) use it; the services' own work keeps using redis-py. Valkey answers as Redis does;
+`server_version` tells the two apart.
 """
 
 from __future__ import annotations
 
-import socket
 import ssl
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, TypeAlias
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from stellarbase import netio
+
 Reply: TypeAlias = "str | int | list[Reply] | ReplyError | None"
-_MAX_LINE = 64 * 1024  # a status line or a length; bulk strings are read by their length
+# INFO, the largest answer asked for, is a few kB; CONFIG GET of three names is 6 elements.
+MAX_LINE = 64 * 1024  # a status line, an error or a length
+MAX_BULK = 1024 * 1024  # one bulk string
+MAX_ELEMENTS = 1024  # all the array elements of one reply, nested ones included
+MAX_DEPTH = 8  # arrays within arrays
 
 
 class ReplyError(Exception):
@@ -31,7 +37,8 @@ class ReplyError(Exception):
 
 
 class ProtocolError(ConnectionError):
-    """What came back is not RESP: not a Redis server, or not one we understand."""
+    """What came back is not RESP, or is larger than this client reads: not a Redis server,
+    or not one we understand. An OSError, like every failure to talk to the server."""
 
 
 @dataclass(frozen=True)
@@ -67,16 +74,14 @@ def parse_url(url: str) -> Target:
 class Connection:
     """One connection, one command at a time, all before one deadline."""
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.deadline = deadline  # time.monotonic() by which every command has returned
+    def __init__(self, sock: netio.DeadlineSocket | netio.DeadlineSSLSocket) -> None:
+        self.deadline = sock.deadline  # time.monotonic() by which every command has returned
         self._sock = sock
         self._stream = sock.makefile("rb")
 
     def command(self, *args: str) -> Reply:
         """Send one command; its reply, or ReplyError raised when it is an error."""
-        self._sock.settimeout(_left(self.deadline))
         self._sock.sendall(encode(args))
-        self._sock.settimeout(_left(self.deadline))
         reply = read_reply(self._stream)
         if isinstance(reply, ReplyError):
             raise reply
@@ -89,16 +94,15 @@ class Connection:
 
 def connect(target: Target, deadline: float) -> Connection:
     """A TCP (or TLS) connection to the target; nothing sent yet."""
-    sock = socket.create_connection((target.host, target.port), timeout=_left(deadline))
+    sock = netio.connect(target.host, target.port, deadline)
     if not target.tls:
-        return Connection(sock, deadline)
+        return Connection(sock)
     context = ssl.create_default_context(cafile=target.ca_file)
     if not target.verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     try:
-        sock.settimeout(_left(deadline))
-        return Connection(context.wrap_socket(sock, server_hostname=target.host), deadline)
+        return Connection(netio.start_tls(sock, context, target.host))
     except BaseException:
         sock.close()
         raise
@@ -137,35 +141,65 @@ def encode(args: Sequence[str | bytes]) -> bytes:
 
 
 def read_reply(stream: BinaryIO) -> Reply:
-    """One reply; an error reply comes back as a ReplyError value, nested ones included."""
-    line = stream.readline(_MAX_LINE)
-    if not line:
-        raise ConnectionError("the server closed the connection")
-    if not line.endswith(b"\r\n"):
-        raise ProtocolError(f"not a RESP reply: {line[:40]!r}")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode("utf-8", "replace")
-    if kind == b"-":
-        return ReplyError(rest.decode("utf-8", "replace"))
-    if kind not in (b":", b"$", b"*"):
-        raise ProtocolError(f"not a RESP reply: {line[:40]!r}")
-    try:
+    """One reply; an error reply comes back as a ReplyError value, nested ones included.
+
+    Lengths, element counts and nesting are checked against the limits above before
+    anything is read or allocated for them; a reply past one is a ProtocolError.
+    """
+    return _Reader(stream).reply(0)
+
+
+class _Reader:
+    """One reply's reading, with the count of array elements it has announced so far."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.elements = 0
+
+    def reply(self, depth: int) -> Reply:
+        line = self.stream.readline(MAX_LINE)
+        if not line:
+            raise ConnectionError("the server closed the connection")
+        if not line.endswith(b"\r\n"):
+            raise ProtocolError(f"not a RESP reply: {line[:40]!r}")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode("utf-8", "replace")
+        if kind == b"-":
+            return ReplyError(rest.decode("utf-8", "replace"))
+        if kind not in (b":", b"$", b"*") or not _is_integer(rest):
+            raise ProtocolError(f"not a RESP reply: {line[:40]!r}")
         number = int(rest)
-    except ValueError:
-        raise ProtocolError(f"not a RESP reply: {line[:40]!r}") from None
-    if kind == b":":
-        return number
-    if number < 0:  # the null bulk string or array
-        return None
-    if kind == b"*":
-        return [read_reply(stream) for _ in range(number)]
-    data = stream.read(number + 2)
-    if len(data) < number + 2:
-        raise ConnectionError("the server closed the connection mid-reply")
-    if not data.endswith(b"\r\n"):
-        raise ProtocolError("a bulk string longer than its announced length")
-    return data[:-2].decode("utf-8", "replace")
+        if kind == b":":
+            return number
+        if number < 0:  # the null bulk string or array
+            return None
+        if kind == b"*":
+            return self.array(number, depth + 1)
+        return self.bulk(number)
+
+    def array(self, count: int, depth: int) -> list[Reply]:
+        if depth > MAX_DEPTH:
+            raise ProtocolError(f"a reply nested deeper than {MAX_DEPTH} arrays")
+        self.elements += count
+        if self.elements > MAX_ELEMENTS:
+            raise ProtocolError(f"a reply of more than {MAX_ELEMENTS} elements")
+        return [self.reply(depth) for _ in range(count)]
+
+    def bulk(self, length: int) -> str:
+        if length > MAX_BULK:
+            raise ProtocolError(f"a bulk string of {length} bytes (at most {MAX_BULK} read)")
+        data = self.stream.read(length + 2)
+        if len(data) < length + 2:
+            raise ConnectionError("the server closed the connection mid-reply")
+        if not data.endswith(b"\r\n"):
+            raise ProtocolError("a bulk string longer than its announced length")
+        return data[:-2].decode("utf-8", "replace")
+
+
+def _is_integer(text: bytes) -> bool:
+    digits = text[1:] if text.startswith(b"-") else text
+    return 0 < len(digits) <= 19 and digits.isdigit()
 
 
 def parse_info(reply: Reply) -> dict[str, str]:
@@ -185,10 +219,3 @@ def as_pairs(reply: Reply) -> dict[str, str]:
     if not isinstance(reply, list) or len(reply) % 2:
         raise ProtocolError("expected an array of names and values")
     return {str(name): str(value) for name, value in zip(reply[0::2], reply[1::2], strict=True)}
-
-
-def _left(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("the deadline passed")
-    return left

@@ -2,8 +2,11 @@
 
 Importing boto3 and building a client costs more than half a second, most of the time a
 whole preflight may take, for six plain HTTP requests. This client makes just those
-requests, over one kept-alive connection, each socket operation bounded by the time left
-to the caller's deadline. Everything else (the services, install) keeps using boto3.
+requests, over one kept-alive connection; http.client parses the HTTP. Every call obeys
+one deadline, however slowly the answer trickles in (`netio`), and reads at most
+MAX_BODY bytes of a body. Preflight (`preflight.deps`) and readiness (`checks`, for the
+services' /readyz and the agent) use it; everything else (the services' own work,
+install, backups) keeps using boto3.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import hmac
 import http.client
 import re
 import ssl
-import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,12 +24,20 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote, urlsplit
 
+from stellarbase import netio
+
 if TYPE_CHECKING:
     from stellarbase.config import S3Config
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+MAX_BODY = 1024 * 1024  # the probes' answers: a listing of one key, a 64-byte object, errors
+
+
+class ProtocolError(ConnectionError):
+    """Not an HTTP answer this client reads: malformed, or larger than MAX_BODY. An
+    OSError, like every failure to talk to the endpoint."""
 
 
 @dataclass(frozen=True)
@@ -219,9 +229,9 @@ class Client:
             self.close()
             if not (reused and retry):
                 raise
-        except http.client.HTTPException as exc:
+        except (http.client.HTTPException, ValueError) as exc:
             self.close()
-            raise ConnectionError(f"not an HTTP answer: {exc!r}") from exc
+            raise ProtocolError(f"not an HTTP answer: {exc!r}"[:300]) from exc
         except OSError:
             self.close()  # a timeout leaves the connection in an unknown state
             raise
@@ -231,39 +241,48 @@ class Client:
     def _exchange(self, method: str, target: str, body: bytes, headers: dict[str, str]) -> Response:
         conn = self._connection()
         conn.request(method, target, body or None, headers)
-        self._bound(conn)
         answer = conn.getresponse()
-        self._bound(conn)
-        data = answer.read()
+        # Content-Length may promise anything: read one byte past the limit, no more.
+        data = answer.read(MAX_BODY + 1)
+        if len(data) > MAX_BODY:
+            raise ProtocolError(f"an answer of more than {MAX_BODY} bytes")
+        if not answer.isclosed():
+            answer.read()  # nothing left (Content-Length reached), or the connection goes
         return Response(answer.status, {k.lower(): v for k, v in answer.getheaders()}, data)
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
-            left = self._left()
-            if self.where.scheme == "https":
-                context = ssl.create_default_context()
-                self._conn = http.client.HTTPSConnection(
-                    self.where.host, self.where.port, timeout=left, context=context
-                )
-            else:
-                self._conn = http.client.HTTPConnection(
-                    self.where.host, self.where.port, timeout=left
-                )
-        self._bound(self._conn)
+            self._conn = _connection(self.where, self.deadline)
         return self._conn
 
-    def _bound(self, conn: http.client.HTTPConnection) -> None:
-        """The next socket operation may take what is left to the deadline, no more."""
-        left = self._left()
-        conn.timeout = left
-        if conn.sock is not None:
-            conn.sock.settimeout(left)
 
-    def _left(self) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the deadline passed")
-        return left
+class _HTTP(http.client.HTTPConnection):
+    """http.client over a deadline socket: the headers and body of every answer arrive
+    before the client's deadline, or the call fails."""
+
+    def __init__(self, host: str, port: int, deadline: float) -> None:
+        super().__init__(host, port, timeout=netio.left(deadline))
+        self.deadline = deadline
+
+    def connect(self) -> None:
+        self.sock = netio.connect(self.host, self.port, self.deadline)
+
+
+class _HTTPS(_HTTP):
+    default_port = 443
+
+    def connect(self) -> None:
+        plain = netio.connect(self.host, self.port, self.deadline)
+        try:
+            self.sock = netio.start_tls(plain, ssl.create_default_context(), self.host)
+        except BaseException:
+            plain.close()
+            raise
+
+
+def _connection(where: Address, deadline: float) -> http.client.HTTPConnection:
+    kind = _HTTPS if where.scheme == "https" else _HTTP
+    return kind(where.host, where.port, deadline)
 
 
 # --- Signature Version 4 ----------------------------------------------------------------

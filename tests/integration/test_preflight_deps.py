@@ -212,7 +212,7 @@ def test_enterprise_needs_versioning_and_tls(site_deps: dict[str, Any]) -> None:
     )
     # The test servers speak plain TCP; enterprise demands TLS of each.
     assert (found["postgres.tls"].level, found["postgres.tls"].value) == (Level.FAIL, "not in use")
-    assert "sslmode=require" in found["postgres.tls"].hint
+    assert "sslmode=verify-full" in found["postgres.tls"].hint
     assert (found["redis.tls"].level, found["redis.tls"].value) == (Level.FAIL, "redis://")
     assert "rediss://" in found["redis.tls"].hint
     assert (found["s3.tls"].level, found["s3.tls"].value) == (Level.FAIL, "http")
@@ -381,7 +381,7 @@ def test_redis_without_persistence_fails_where_required(
 
 def test_old_server_versions_fail_before_any_query(site_deps: dict[str, Any]) -> None:
     with (
-        FakePostgres(version="13.9", password="old-pg") as old_pg,
+        FakePostgres(version="13.9") as old_pg,
         FakeRedis(version="6.2.0", password="old-redis") as old_redis,
     ):
         ctx = context(
@@ -417,7 +417,7 @@ def test_old_server_versions_fail_before_any_query(site_deps: dict[str, Any]) ->
 
 def test_postgres_hanging_mid_query_is_cut_off_at_the_timeout(site_deps: dict[str, Any]) -> None:
     timeout = 1.0
-    with FakePostgres(version="16.2", password="pw", answer_queries=False) as stuck:
+    with FakePostgres(version="16.2", answer_queries=False) as stuck:
         ctx = context(
             site_deps,
             sets=(f"health.check_timeout_seconds={timeout}",),

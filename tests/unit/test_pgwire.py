@@ -1,12 +1,19 @@
-"""The small PostgreSQL client the agent uses: URLs, SCRAM, logins, queries and deadlines.
+"""The small PostgreSQL client of preflight, readiness and the agent: URLs, SCRAM,
+logins, queries and deadlines.
 
 Most tests talk to the real PostgreSQL test server (SCRAM-SHA-256); a second throwaway
-cluster with its own pg_hba.conf covers trust, cleartext and MD5 logins.
+cluster with TLS and its own pg_hba.conf covers trust, cleartext and MD5 logins, channel
+binding and SASLprep. Hostile fakes on loopback play the impostor that asks for a
+password in the clear.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -16,9 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from stellarbase import pgwire
+from stellarbase import pgwire, scram
 from tests import servers
 from tests.fakes import FakePostgres, HungServer
+from tests.hostile import PG_READY, Hostile, pg_msg, pg_startup, self_signed
 
 
 def target(server: servers.PostgresServer, **changes: str | None) -> pgwire.Target:
@@ -66,26 +74,61 @@ def test_tls_settings_follow_sslmode() -> None:
     assert context("verify-full") == (True, True)
 
 
+def test_libpq_parameters_are_honoured_or_refused() -> None:
+    system = pgwire.parse_url("postgresql://app@db/x?sslrootcert=system")
+    assert (system.sslmode, system.verified) == ("verify-full", True)  # as libpq 16
+    with pytest.raises(ValueError, match="sslrootcert=system"):
+        pgwire.parse_url("postgresql://app@db/x?sslrootcert=system&sslmode=require")
+    auth = pgwire.parse_url(
+        "postgresql://app@db/x?require_auth=scram-sha-256&channel_binding=require"
+    )
+    assert (auth.require_auth, auth.channel_binding) == ("scram-sha-256", "require")
+    with pytest.raises(ValueError, match="cannot be mixed"):
+        pgwire.parse_url("postgresql://app@db/x?require_auth=!md5,password")
+    with pytest.raises(ValueError, match="channel_binding=maybe"):
+        pgwire.parse_url("postgresql://app@db/x?channel_binding=maybe")
+
+
+@pytest.mark.parametrize(
+    ("given", "prepared"),
+    [
+        ("I\u00adX", "IX"),  # RFC 4013's examples: SOFT HYPHEN maps to nothing
+        ("\u00aa", "a"),  # NFKC
+        ("\u2168", "IX"),  # ROMAN NUMERAL NINE
+        ("a\u00a0b", "a b"),  # a non-ASCII space becomes a space
+        ("pass word\x07", "pass word\x07"),  # ASCII stays as it is, as in PostgreSQL
+        ("a\u0007\u00e9", "a\u0007\u00e9"),  # prohibited: used raw, as in PostgreSQL
+        ("\u0627\u0031", "\u0627\u0031"),  # RandAL first but not last: used raw
+    ],
+)
+def test_saslprep(given: str, prepared: str) -> None:
+    assert scram.saslprep(given) == prepared
+
+
 def test_scram_matches_the_rfc_7677_example() -> None:
-    scram = pgwire.Scram("pencil", user="user", nonce="rOprNGfwEbeRWgbNEkqO")
-    assert scram.client_first() == b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO"
-    final = scram.client_final(
+    exchange = scram.Scram("pencil", user="user", nonce="rOprNGfwEbeRWgbNEkqO")
+    assert exchange.client_first() == b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO"
+    final = exchange.client_final(
         b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
     )
     assert final == (
         b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
         b"p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ="
     )
-    with pytest.raises(pgwire.AuthenticationError, match="signature is wrong"):
-        scram.verify(b"v=" + b"A" * 44)
-    scram.verify(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
-    assert scram.verified
+    with pytest.raises(scram.ScramError, match="signature is wrong"):
+        exchange.verify(b"v=" + b"A" * 44)
+    exchange.verify(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
+    assert exchange.verified
 
 
 def test_scram_refuses_a_nonce_the_server_made_up() -> None:
-    scram = pgwire.Scram("pencil", nonce="abc")
-    with pytest.raises(pgwire.AuthenticationError, match="nonce"):
-        scram.client_final(b"r=xyz123,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096")
+    exchange = scram.Scram("pencil", nonce="abc")
+    with pytest.raises(scram.ScramError, match="nonce"):
+        exchange.client_final(b"r=xyz123,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096")
+    with pytest.raises(scram.ScramError, match="iterations"):
+        exchange.client_final(b"r=abc123,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=100000000")
+    with pytest.raises(scram.ScramError, match="base64"):
+        exchange.client_final(b"r=abc123,s=not base64!,i=4096")
 
 
 # --- the real server (SCRAM-SHA-256) --------------------------------------------------------
@@ -167,7 +210,7 @@ def test_a_silent_server_costs_one_deadline(sslmode: str) -> None:
 
 
 def test_a_query_without_an_answer_costs_the_rest_of_the_deadline() -> None:
-    with FakePostgres(version="16.2", password="pw", answer_queries=False) as stuck:
+    with FakePostgres(version="16.2", answer_queries=False) as stuck:
         t = pgwire.Target("127.0.0.1", stuck.port, "app", "app", "pw")
         start = time.monotonic()
         with connect(t, 0.5) as conn, pytest.raises(TimeoutError):
@@ -175,38 +218,150 @@ def test_a_query_without_an_answer_costs_the_rest_of_the_deadline() -> None:
         assert time.monotonic() - start < 1.0
 
 
-def test_cleartext_password(dead_port: int) -> None:
-    with FakePostgres(version="16.2", password="pw") as fake:
-        with connect(pgwire.Target("127.0.0.1", fake.port, "app", "app", "pw")) as conn:
+def test_a_refused_password_and_a_dead_port(dead_port: int) -> None:
+    with FakePostgres(version="16.2") as fake:  # trusts everyone
+        conn = connect(pgwire.Target("127.0.0.1", fake.port, "app", "app", "pw"))
+        with conn:
             assert conn.server_version == "16.2"
-        with pytest.raises(pgwire.ServerError) as failed:
-            connect(pgwire.Target("127.0.0.1", fake.port, "app", "app", "nope"))
-        assert failed.value.sqlstate == "28P01"
     with pytest.raises(ConnectionRefusedError):
         connect(pgwire.Target("127.0.0.1", dead_port, "app", "app", "pw"))
 
 
-# --- trust, cleartext and MD5 on a real server ----------------------------------------------
+# --- an impostor asking for the password ------------------------------------------------------
 
-HBA = """\
-local all all trust
+
+def _asks_for_password(code: int, tls: ssl.SSLContext | None = None) -> Hostile:
+    """A server that asks for the password in cleartext (3) or MD5 (5), over TLS with `tls`,
+    and keeps whatever comes back in `received`."""
+
+    def script(conn: socket.socket) -> None:
+        if tls is not None:
+            assert struct.unpack("!ii", conn.recv(8))[1] == 80877103  # SSLRequest
+            conn.sendall(b"S")
+            conn = tls.wrap_socket(conn, server_side=True)
+        pg_startup(conn)
+        salt = b"salt" if code == 5 else b""
+        conn.sendall(pg_msg(b"R", struct.pack("!i", code) + salt))
+        while server.recv_some(conn):
+            pass
+
+    server = Hostile(script)
+    return server
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return self_signed(tmp_path_factory.mktemp("tls"))
+
+
+def _server_tls(certificate: tuple[Path, Path]) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*certificate)
+    return context
+
+
+@pytest.mark.parametrize("code", [3, 5], ids=["cleartext", "md5"])
+@pytest.mark.parametrize("sslmode", ["disable", "prefer", "require", "verify-ca"])
+def test_no_password_goes_out_without_verified_tls(
+    code: int, sslmode: str, certificate: tuple[Path, Path]
+) -> None:
+    tls = None if sslmode in ("disable", "prefer") else _server_tls(certificate)
+    with _asks_for_password(code, tls) as server:
+        t = pgwire.Target(
+            "127.0.0.1", server.port, "app", "app", "hunter2", sslmode, str(certificate[0])
+        )
+        with pytest.raises(pgwire.AuthenticationError, match="TLS is not verified") as refused:
+            connect(t, 2)
+        time.sleep(0.1)  # anything sent would have arrived by now
+    assert b"hunter2" not in server.received
+    assert b"p" not in server.received[:1]  # no PasswordMessage at all, MD5 included
+    assert "sslmode=verify-full" in refused.value.hint
+
+
+@pytest.mark.parametrize("code", [3, 5], ids=["cleartext", "md5"])
+def test_the_password_goes_to_a_verified_server(code: int, certificate: tuple[Path, Path]) -> None:
+    with _asks_for_password(code, _server_tls(certificate)) as server:
+        t = pgwire.Target(
+            "127.0.0.1", server.port, "app", "app", "hunter2", "verify-full", str(certificate[0])
+        )
+        with pytest.raises(TimeoutError):  # the impostor never lets us in
+            connect(t, 0.5)
+    assert server.received[:1] == b"p"
+
+
+def _trusting() -> Hostile:
+    def script(conn: socket.socket) -> None:
+        pg_startup(conn)
+        conn.sendall(PG_READY)
+        conn.recv(100)
+
+    return Hostile(script)
+
+
+@pytest.mark.parametrize(
+    ("params", "refusal"),
+    [
+        ({"require_auth": "scram-sha-256"}, "without authentication"),
+        ({"require_auth": "!none"}, "without authentication"),
+        ({"channel_binding": "require", "sslmode": "prefer"}, "without SCRAM"),
+        ({"channel_binding": "require", "sslmode": "disable"}, "means no TLS"),
+    ],
+)
+def test_a_server_that_skips_required_authentication_is_refused(
+    params: dict[str, str], refusal: str
+) -> None:
+    with _trusting() as server:
+        t = pgwire.Target("127.0.0.1", server.port, "app", "app", "pw", **params)
+        with pytest.raises(pgwire.AuthenticationError, match=refusal):
+            connect(t, 2)
+
+
+def test_require_auth_refuses_a_method_it_does_not_list() -> None:
+    with _asks_for_password(3) as server:
+        t = pgwire.Target(
+            "127.0.0.1", server.port, "app", "app", "pw", "prefer", require_auth="!password"
+        )
+        with pytest.raises(pgwire.AuthenticationError, match="require_auth=!password"):
+            connect(t, 2)
+
+
+# --- trust, cleartext, MD5 and SCRAM on a real server with TLS ------------------------------
+
+HBA = """local all all trust
 host all trusting 127.0.0.1/32 trust
 host all cleartext 127.0.0.1/32 password
-host all all 127.0.0.1/32 md5
+host all hashed 127.0.0.1/32 md5
+host all all 127.0.0.1/32 scram-sha-256
 """
 
 
 @pytest.fixture(scope="module")
-def hba_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.PostgresServer]:
-    # The server account must read the file: a directory of its own outside pytest's tree.
+def hba_server(
+    tmp_path_factory: pytest.TempPathFactory, certificate: tuple[Path, Path]
+) -> Iterator[servers.PostgresServer]:
+    # The server account must read the files: a directory of its own outside pytest's tree.
     hba_dir = Path(tempfile.mkdtemp(prefix="stellarbase-hba-"))
     hba_dir.chmod(0o755)
     hba = hba_dir / "pg_hba.conf"
     hba.write_text(HBA)
     hba.chmod(0o644)
+    cert, key = hba_dir / "server.crt", hba_dir / "server.key"
+    cert.write_bytes(certificate[0].read_bytes())
+    key.write_bytes(certificate[1].read_bytes())
+    cert.chmod(0o644)
+    key.chmod(0o600)
+    run_as = servers._pg_run_as()
+    if run_as is not None:
+        os.chown(key, run_as.pw_uid, run_as.pw_gid)
     server = servers.start_postgres(
         tmp_path_factory.mktemp("pg-hba"),
-        extra={"hba_file": str(hba), "password_encryption": "md5"},
+        extra={
+            "hba_file": str(hba),
+            "password_encryption": "md5",
+            "ssl": "on",
+            "ssl_cert_file": str(cert),
+            "ssl_key_file": str(key),
+        },
     )
     try:
         admin = pgwire.Target(
@@ -215,17 +370,24 @@ def hba_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.Pos
         with connect(admin) as conn:
             for role in ("trusting", "cleartext", "hashed"):
                 conn.simple_query(f"CREATE ROLE {role} LOGIN PASSWORD 'secret-{role}'")
+            # SASLprep maps "I<SOFT HYPHEN>X" to "IX" on both sides.
+            conn.simple_query("SET password_encryption = 'scram-sha-256'")
+            conn.simple_query("CREATE ROLE salted LOGIN PASSWORD 'IX'")
         yield server
     finally:
         server.stop()
-        hba.unlink()
+        for each in (hba, cert, key):
+            each.unlink()
         hba_dir.rmdir()
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("role", ["trusting", "cleartext", "hashed"])
-def test_other_login_methods(
-    hba_server: servers.PostgresServer, role: str, monkeypatch: pytest.MonkeyPatch
+def test_other_login_methods_over_verified_tls(
+    hba_server: servers.PostgresServer,
+    certificate: tuple[Path, Path],
+    role: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     md5_answers: list[bytes] = []
     real_md5 = pgwire.md5_password
@@ -235,15 +397,69 @@ def test_other_login_methods(
         return real_md5(user, password, salt)
 
     monkeypatch.setattr(pgwire, "md5_password", md5_password)
-    t = pgwire.Target(hba_server.host, hba_server.port, role, "postgres", f"secret-{role}")
+    verified = {"sslmode": "verify-full", "sslrootcert": str(certificate[0])}
+    t = pgwire.Target(
+        hba_server.host, hba_server.port, role, "postgres", f"secret-{role}", **verified
+    )
     with connect(t) as conn:
+        assert conn.tls
         assert conn.simple_query("SELECT current_user") == [(role,)]
     assert len(md5_answers) == (1 if role == "hashed" else 0)
     if role == "trusting":
         return
     with pytest.raises(pgwire.ServerError) as failed:
-        connect(pgwire.Target(hba_server.host, hba_server.port, role, "postgres", "wrong"))
+        connect(
+            pgwire.Target(hba_server.host, hba_server.port, role, "postgres", "wrong", **verified)
+        )
     assert failed.value.sqlstate == "28P01"
+    unverified = pgwire.Target(
+        hba_server.host, hba_server.port, role, "postgres", f"secret-{role}", "require"
+    )
+    with pytest.raises(pgwire.AuthenticationError, match="TLS is not verified"):
+        connect(unverified)
+
+
+@pytest.mark.integration
+def test_scram_binds_to_the_tls_channel_and_prepares_the_password(
+    hba_server: servers.PostgresServer,
+    certificate: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hashed: list[bytes] = []
+    real_hash = pgwire.certificate_hash
+    monkeypatch.setattr(
+        pgwire, "certificate_hash", lambda der: hashed.append(der) or real_hash(der)
+    )
+    verified = {"sslmode": "verify-full", "sslrootcert": str(certificate[0])}
+    bound = pgwire.Target(
+        hba_server.host,
+        hba_server.port,
+        "salted",
+        "postgres",
+        "I\u00adX",
+        channel_binding="require",
+        **verified,
+    )
+    with connect(bound) as conn:
+        assert conn.simple_query("SELECT current_user") == [("salted",)]
+    assert len(hashed) == 1  # SCRAM-SHA-256-PLUS, bound to the server's certificate
+    plain = pgwire.Target(
+        hba_server.host, hba_server.port, "salted", "postgres", "I\u00adX", "disable"
+    )
+    with connect(plain) as conn:  # no TLS: plain SCRAM, same prepared password
+        assert conn.simple_query("SELECT current_user") == [("salted",)]
+    with pytest.raises(pgwire.AuthenticationError, match="channel_binding=require"):
+        connect(
+            pgwire.Target(
+                hba_server.host,
+                hba_server.port,
+                "salted",
+                "postgres",
+                "IX",
+                "disable",
+                channel_binding="require",
+            )
+        )
 
 
 # --- what the agent imports -----------------------------------------------------------------
@@ -303,3 +519,62 @@ def test_the_readiness_probe_names_the_server_version(
     config = config.model_copy(update={"password": SecretStr(postgres_server.password)})
     message = checks.check_postgres(config, 5)
     assert message.startswith("PostgreSQL 15.")
+
+
+def test_an_unverifiable_certificate_is_named(certificate: tuple[Path, Path]) -> None:
+    def script(conn: socket.socket) -> None:
+        conn.recv(8)
+        conn.sendall(b"S")
+        with contextlib.suppress(OSError):
+            _server_tls(certificate).wrap_socket(conn, server_side=True)
+
+    with Hostile(script) as server:
+        t = pgwire.Target("127.0.0.1", server.port, "app", "app", "pw", "verify-full")
+        with pytest.raises(ssl.SSLCertVerificationError, match="certificate verify failed"):
+            connect(t, 2)
+
+
+@pytest.mark.parametrize("kind", ["rsa-sha256", "ec-sha384", "ec-sha512", "ed25519"])
+def test_the_channel_binding_hash_follows_the_certificate(kind: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+    from cryptography.x509.oid import NameOID
+
+    algorithm = {
+        "rsa-sha256": hashes.SHA256(),
+        "ec-sha384": hashes.SHA384(),
+        "ec-sha512": hashes.SHA512(),
+        "ed25519": None,
+    }[kind]
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+    if kind.startswith("rsa"):
+        key = rsa.generate_private_key(65537, 2048)
+    elif kind.startswith("ec"):
+        key = ec.generate_private_key(ec.SECP256R1())
+    else:
+        key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "db")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, algorithm)
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
+    if algorithm is None:
+        with pytest.raises(scram.ScramError, match="no channel binding"):
+            scram.certificate_hash(der)
+        return
+    digest = hashes.Hash(algorithm)
+    digest.update(der)
+    assert scram.certificate_hash(der) == digest.finalize()
+    with pytest.raises(scram.ScramError, match="cannot read"):
+        scram.certificate_hash(der[:40])

@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
-import math
 import secrets
 import socket
+import ssl
 import struct
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from stellarbase import resp, s3probe
+from stellarbase import netio, pgwire, resp, s3probe
 from stellarbase.config import Config, PostgresConfig, RedisConfig, S3Config, secret_env_name
 from stellarbase.preflight import Check, Context, Finding, Level, failed, noted, passed
-
-if TYPE_CHECKING:
-    import psycopg
 
 PG_MIN_MAJOR = 14
 REDIS_MIN_MAJOR = 7
@@ -69,48 +64,40 @@ def checks(ctx: Context) -> list[Check]:
 
 
 def postgres_findings(dep: PostgresConfig, config: Config, timeout: float) -> list[Finding]:
-    import psycopg
-
     budget = _budget(timeout)
     deadline = time.monotonic() + budget
     host, port = _host_and_port(dep.url, 5432)
     user = urlsplit(dep.url).username or "(default user)"
     reach = f"PostgreSQL answers at {host}:{port}"
     try:
-        _pg_handshake(host, port, _left(deadline))
+        _pg_handshake(host, port, deadline)
     except (OSError, ValueError) as exc:
         hint = f"start PostgreSQL or fix postgres.url; `pg_isready -h {host} -p {port}`"
         return [failed("postgres.reachable", f"{host}:{port}: {_why(exc, budget)}", reach, hint)]
     found = [passed("postgres.reachable", f"{host}:{port}", reach)]
+    # The same client, and the same login rules, as the services' and the agent's /readyz.
+    target = pgwire.parse_url(dep.url, dep.password.get_secret_value() if dep.password else None)
     try:
-        conn = psycopg.connect(
-            dep.url,
-            password=dep.password.get_secret_value() if dep.password else None,
-            # libpq takes whole seconds, at least 2; _cut_off bounds everything after.
-            connect_timeout=max(2, math.ceil(_left(deadline))),
-            application_name="stellarbase-preflight",
-            autocommit=True,
-        )
-    except psycopg.OperationalError as exc:
-        return [*found, _pg_connect_failure(exc, user, urlsplit(dep.url).path.lstrip("/"))]
+        conn = pgwire.connect(target, deadline)
+    except (OSError, pgwire.ServerError) as exc:
+        return [*found, _pg_connect_failure(exc, target, budget)]
     found.append(passed("postgres.auth", f"as {user}", "the configured password is accepted"))
-    with conn, _cut_off(conn.fileno(), deadline):
+    with conn:
         # The version comes from the startup ParameterStatus: no query before it is known.
-        num = conn.info.server_version
-        shown = f"{conn.info.parameter_status('server_version') or '?'} (server_version_num {num})"
+        num = conn.server_version_num
+        shown = f"{conn.server_version} (server_version_num {num})"
         upgrade = f"upgrade to PostgreSQL {PG_MIN_MAJOR}+ (pg_upgrade, or the provider's upgrade)"
         ok = num >= PG_MIN_MAJOR * 10000
         found.append(_verdict("postgres.version", ok, shown, f"≥ {PG_MIN_MAJOR}", upgrade))
         if not ok:
             return found
         try:
-            _pg_settings(conn, config, user, num // 10000, found)
-        except psycopg.Error as exc:
-            late = _left(deadline) == 0.0  # _cut_off closed the socket under the query
+            _pg_settings(conn, target, config, user, num // 10000, found)
+        except (OSError, pgwire.ServerError) as exc:
             found.append(
                 failed(
                     "postgres.query",
-                    f"no answer within {budget:.3g}s" if late else _pg_message(exc),
+                    _why(exc, budget),
                     "answers the preflight queries within the check timeout",
                     "see the server log around this time; the server may be overloaded",
                 )
@@ -118,10 +105,9 @@ def postgres_findings(dep: PostgresConfig, config: Config, timeout: float) -> li
     return found
 
 
-def _pg_handshake(host: str, port: int, timeout: float) -> None:
-    """Prove a PostgreSQL server (not just an open port) answers, within a float timeout
-    (libpq's connect_timeout is whole seconds, at least 2)."""
-    with socket.create_connection((host, port), timeout=max(timeout, 0.001)) as sock:
+def _pg_handshake(host: str, port: int, deadline: float) -> None:
+    """Prove a PostgreSQL server (not just an open port) answers, before the deadline."""
+    with netio.connect(host, port, deadline) as sock:
         sock.sendall(_GSSENC_REQUEST)
         answer = sock.recv(1)
     if not answer:
@@ -131,23 +117,31 @@ def _pg_handshake(host: str, port: int, timeout: float) -> None:
         raise ValueError(f"the server answered {answer!r}, not as PostgreSQL does")
 
 
-def _pg_connect_failure(exc: Exception, user: str, db: str) -> Finding:
-    text = _pg_message(exc)
-    low = text.lower()
-    if "database" in low and "does not exist" in low:
-        hint = f'CREATE DATABASE "{db}" OWNER "{user}"; or fix the database in postgres.url'
-        return failed("postgres.database", text, f"database {db} exists", hint)
-    if any(word in low for word in ("password", "authentication", "pg_hba.conf", "role")):
-        hint = (
-            f"set the password of {user} in {secret_env_name('postgres', 'password')} "
-            "(or postgres.password in the site file), and check the server's pg_hba.conf"
-        )
-        return failed("postgres.auth", text, "the configured password is accepted", hint)
-    if "ssl" in low:
-        hint = "enable ssl = on on the server, or change sslmode in postgres.url"
-        return failed("postgres.tls", text, "sslmode of postgres.url works", hint)
+def _pg_connect_failure(
+    exc: OSError | pgwire.ServerError, target: pgwire.Target, budget: float
+) -> Finding:
+    user, db = target.user, target.database
+    auth_need = "the configured password is accepted"
+    if isinstance(exc, pgwire.AuthenticationError):
+        return failed("postgres.auth", _why(exc, budget), auth_need, exc.hint)
+    if isinstance(exc, pgwire.ServerError):
+        text, code = _why(exc, budget), exc.sqlstate
+        if code == "3D000":  # invalid_catalog_name
+            hint = f'CREATE DATABASE "{db}" OWNER "{user}"; or fix the database in postgres.url'
+            return failed("postgres.database", text, f"database {db} exists", hint)
+        if code.startswith("28"):  # invalid_authorization_specification, invalid_password
+            hint = (
+                f"set the password of {user} in {secret_env_name('postgres', 'password')} "
+                "(or postgres.password in the site file), and check the server's pg_hba.conf"
+            )
+            return failed("postgres.auth", text, auth_need, hint)
+        hint = "check the server log; the server may be overloaded or out of connections"
+        return failed("postgres.reachable", text, "completes the PostgreSQL startup", hint)
+    if isinstance(exc, ssl.SSLError) or "sslmode" in str(exc):
+        hint = "enable ssl = on on the server, or fix sslmode and sslrootcert in postgres.url"
+        return failed("postgres.tls", _why(exc, budget), "sslmode of postgres.url works", hint)
     hint = "check the server log; the server may be overloaded or out of connections"
-    return failed("postgres.reachable", text, "completes the PostgreSQL startup", hint)
+    return failed("postgres.reachable", _why(exc, budget), "completes the PostgreSQL startup", hint)
 
 
 _PG_SETTINGS = """
@@ -161,12 +155,16 @@ _PG_SETTINGS = """
 
 
 def _pg_settings(
-    conn: psycopg.Connection[Any], config: Config, user: str, major: int, found: list[Finding]
+    conn: pgwire.Connection,
+    target: pgwire.Target,
+    config: Config,
+    user: str,
+    major: int,
+    found: list[Finding],
 ) -> None:
-    row = conn.execute(_PG_SETTINGS).fetchone()
-    assert row is not None  # a SELECT without FROM returns one row
-    db, max_connections, wal_level, vector, ssl, tls_version = row
-    found.append(_pg_create(conn, db, user, config.health.check_timeout_seconds))
+    (row,) = conn.simple_query(_PG_SETTINGS)  # a SELECT without FROM returns one row
+    db, max_connections, wal_level, vector, ssl_used, tls_version = row
+    found.append(_pg_create(conn, db or "?", user, config.health.check_timeout_seconds))
     found.append(
         _verdict(
             "postgres.vector",
@@ -182,25 +180,24 @@ def _pg_settings(
         _verdict(
             "postgres.wal_level",
             wal_level in ("replica", "logical"),
-            wal_level,
+            wal_level or "?",
             "replica or logical (WAL archiving for backups)",
             "ALTER SYSTEM SET wal_level = replica; then restart PostgreSQL",
             miss=Level.WARN,
         )
     )
     if config.requirements.tls:
-        value = f"in use ({tls_version})" if ssl else "not in use"
-        hint = "add ?sslmode=require to postgres.url (and ssl = on on the server)"
-        found.append(_verdict("postgres.tls", bool(ssl), value, "TLS", hint))
+        found.append(_pg_tls(target, ssl_used == "t", tls_version))
     req, workers = config.requirements, config.worker.instances
     need = (1 + workers) * req.pool_size + req.connection_headroom
+    have = int(max_connections or 0)
     found.append(
         _verdict(
             "postgres.connections",
-            need <= max_connections,
+            need <= have,
             f"needs {need} = (1 api + {workers} worker{'s' if workers != 1 else ''})"
             f" × {req.pool_size} + {req.connection_headroom} headroom;"  # noqa: RUF001 -- a product
-            f" max_connections is {max_connections}",
+            f" max_connections is {have}",
             "needed ≤ max_connections",
             f"raise max_connections to at least {need} (ALTER SYSTEM SET max_connections ="
             f" {need}; then restart) or lower requirements.pool_size or worker.instances",
@@ -208,60 +205,35 @@ def _pg_settings(
     )
 
 
-def _pg_create(conn: psycopg.Connection[Any], db: str, user: str, timeout: float) -> Finding:
-    import psycopg
-    from psycopg import sql
+def _pg_tls(target: pgwire.Target, used: bool, version: str | None) -> Finding:
+    """requirements.tls: TLS that proves the server, i.e. sslmode=verify-full."""
+    value = f"in use ({version}), sslmode={target.sslmode}" if used else "not in use"
+    hint = (
+        "add ?sslmode=verify-full&sslrootcert=/path/to/ca.pem (sslrootcert=system for a public"
+        " CA) to postgres.url, and ssl = on on the server"
+    )
+    need = "TLS, certificate and host name verified (sslmode=verify-full)"
+    return _verdict("postgres.tls", used and target.verified, value, need, hint)
 
-    table = sql.Identifier(f"stellarbase_preflight_{secrets.token_hex(4)}")
+
+def _pg_create(conn: pgwire.Connection, db: str, user: str, timeout: float) -> Finding:
+    table = f'"stellarbase_preflight_{secrets.token_hex(4)}"'
     need = f"{user} may create tables in {db}"
+    ms = max(1, int(timeout * 1000))
+    conn.simple_query("BEGIN")
     try:
-        with conn.transaction(force_rollback=True):
-            ms = sql.Literal(max(1, int(timeout * 1000)))
-            conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(ms))
-            conn.execute(sql.SQL("CREATE TABLE {} (id int)").format(table))
-    except psycopg.errors.ReadOnlySqlTransaction as exc:
-        hint = "point postgres.url at the primary server, not a read-only replica"
-        return failed("postgres.create", _pg_message(exc), need, hint)
-    except psycopg.errors.InsufficientPrivilege as exc:
-        hint = f'GRANT CREATE ON SCHEMA public TO "{user}"; or ALTER DATABASE "{db}" OWNER TO '
-        return failed("postgres.create", _pg_message(exc), need, hint + f'"{user}"')
-    return passed("postgres.create", f"CREATE TABLE in {db} as {user}", need)
-
-
-def _pg_message(exc: Exception) -> str:
-    """The server's own words, without libpq's "connection to server at … failed:" preamble."""
-    text = " ".join(str(exc).split())
-    for marker in ("FATAL: ", "ERROR: "):
-        if marker in text:
-            text = text.rsplit(marker, 1)[1]
-    return text[:300] or exc.__class__.__name__
-
-
-@contextlib.contextmanager
-def _cut_off(fileno: int, deadline: float) -> Iterator[None]:
-    """Shut the connection's socket down at the deadline.
-
-    psycopg has no read timeout: a server that stops answering mid-query would hold the
-    thread. Shutting down a duplicate of the socket fails that read instead; the duplicate
-    keeps the descriptor ours, so a closed and reused number is never touched.
-    """
-    sock = socket.socket(fileno=socket.dup(fileno))
-    lock = threading.Lock()
-
-    def cut() -> None:
-        with lock, contextlib.suppress(OSError):
-            if sock.fileno() != -1:
-                sock.shutdown(socket.SHUT_RDWR)
-
-    timer = threading.Timer(_left(deadline), cut)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
+        conn.simple_query(f"SET LOCAL statement_timeout = {ms}; CREATE TABLE {table} (id int)")
+    except pgwire.ServerError as exc:
+        if exc.sqlstate == "25006":  # read_only_sql_transaction
+            hint = "point postgres.url at the primary server, not a read-only replica"
+            return failed("postgres.create", exc.message, need, hint)
+        if exc.sqlstate == "42501":  # insufficient_privilege
+            hint = f'GRANT CREATE ON SCHEMA public TO "{user}"; or ALTER DATABASE "{db}" OWNER TO '
+            return failed("postgres.create", exc.message, need, hint + f'"{user}"')
+        raise
     finally:
-        timer.cancel()
-        with lock:
-            sock.close()
+        conn.simple_query("ROLLBACK")
+    return passed("postgres.create", f"CREATE TABLE in {db} as {user}", need)
 
 
 # --- Redis --------------------------------------------------------------------------------
@@ -339,9 +311,18 @@ def _redis_steps(
     )
     found.append(_redis_persistence(config, aof, save))
     if config.requirements.tls:
-        scheme = urlsplit(dep.url).scheme
-        hint = "use a rediss:// URL in redis.url, pointing at the server's tls-port"
-        found.append(_verdict("redis.tls", scheme == "rediss", f"{scheme}://", "rediss://", hint))
+        found.append(_redis_tls(dep))
+
+
+def _redis_tls(dep: RedisConfig) -> Finding:
+    """requirements.tls: rediss:// with the server's certificate verified."""
+    scheme, target = urlsplit(dep.url).scheme, resp.parse_url(dep.url)
+    ok = target.tls and target.verify
+    value = f"{scheme}://" + ("" if target.verify or not target.tls else ", ssl_cert_reqs=none")
+    hint = "use a rediss:// URL in redis.url, pointing at the server's tls-port"
+    if target.tls and not target.verify:
+        hint = "drop ssl_cert_reqs=none from redis.url; give ssl_ca_certs=/path/to/ca.pem instead"
+    return _verdict("redis.tls", ok, value, "rediss://, certificate verified", hint)
 
 
 def _redis_settings(client: resp.Connection) -> tuple[str, bool, str | None]:
