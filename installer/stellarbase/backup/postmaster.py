@@ -209,12 +209,15 @@ def find_code(data_dir: Path) -> str | None:
 
 
 def refuse_code(data_dir: Path, backup_id: str) -> None:
-    """Refuse (exit 9) a restored data directory that carries code, before any server runs."""
+    """Refuse (exit 9) a restored data directory that carries code, before any server
+    runs; what was extracted is removed, so that nobody starts a server on it by hand."""
     found = find_code(data_dir)
     if found is not None:
+        with fdops.opened(fdops.open_dir(data_dir)) as dir_fd:
+            fdops.empty_dir(dir_fd)
         raise StellarError(
             f"backup {backup_id} carries a shared object or executable in its data "
-            f"directory: {found}; refusing to start a server on it",
+            f"directory: {found}; refused before recovery, the extracted copy is removed",
             hint="a PostgreSQL data directory holds no code: the backup may have been "
             "tampered with; restore another backup, or inspect this one with `backup verify`",
             code=ExitCode.BACKUP,
