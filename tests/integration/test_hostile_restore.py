@@ -16,6 +16,7 @@ import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -213,3 +214,59 @@ def restore_and_drill(repo: Repository, bindir: Path, scratch: Path) -> None:
         result.cluster.stop()
     drill = restore.drill(repo, None, bindir, RUN_AS, scratch / "drills")
     assert drill.rows == 1500
+
+
+# --------------------------------------------------------------------------- under systemd
+
+
+@pytest.mark.systemd
+def test_under_systemd_the_recovery_server_runs_sandboxed_and_loads_nothing(
+    systemd_sandbox: Any, binary: Path
+) -> None:
+    """With systemd as PID 1 the recovery server is a transient unit with the PostgreSQL
+    unit's hardening. The backed-up cluster asks for a preloaded library and a 3 s
+    post_auth_delay; the delay keeps the recovery server up long enough to look at."""
+    from tests.integration.conftest import copy_binary, wait_for
+    from tests.integration.test_backup_systemd import Pilot
+
+    pilot = Pilot(systemd_sandbox, copy_binary(systemd_sandbox, binary))
+    out = pilot.sb("install", "--tier", "pilot", *pilot.sets, "-o", "json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    pilot.sql("ALTER SYSTEM SET shared_preload_libraries = 'stellarbase_evil'")
+    pilot.sql("ALTER SYSTEM SET post_auth_delay = 3")
+    pilot.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 100) g")
+    systemd_sandbox.systemctl("start", "stellarbase-backup.service")
+    pilot.switch_and_wait_archived()
+
+    restoring = systemd_sandbox.popen(
+        [str(pilot.binary), "backup", "restore", "--latest", "--data-dir",
+         "/var/lib/stellarbase/restore-check", "-o", "json"],
+    )  # fmt: skip
+
+    def recovery_unit() -> str:
+        listed = systemd_sandbox.systemctl(
+            "list-units", "--plain", "--no-legend", "stellarbase-recovery-*", check=False
+        ).stdout.split()
+        return listed[0] if listed else ""
+
+    wait_for("the recovery server's unit", lambda: recovery_unit() != "", timeout=120)
+    unit = recovery_unit()
+    shown = systemd_sandbox.systemctl(
+        "show", unit, "-p", "NoNewPrivileges,ProtectSystem,PrivateDevices,PrivateTmp,"
+        "MemoryDenyWriteExecute,RestrictSUIDSGID,CapabilityBoundingSet,User,KillSignal",
+    ).stdout  # fmt: skip
+    props = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+    pid = systemd_sandbox.main_pid(unit)
+    status = systemd_sandbox.path(f"/proc/{pid}/status").read_text()
+    stdout, stderr = restoring.communicate(timeout=240)
+    assert restoring.returncode == 0, stdout + stderr
+    assert props["NoNewPrivileges"] == "yes" and props["ProtectSystem"] == "strict"
+    assert props["PrivateDevices"] == "yes" and props["MemoryDenyWriteExecute"] == "yes"
+    assert props["CapabilityBoundingSet"] == "" and props["KillSignal"] == "2"
+    assert props["User"] in ("stellarbase", str(pwd_uid(systemd_sandbox, "stellarbase")))
+    assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status
+    assert recovery_unit() == "", "the recovery server's unit outlived the restore"
+
+
+def pwd_uid(sandbox: Any, user: str) -> int:
+    return int(sandbox.run(["id", "-u", user]).stdout.strip())

@@ -299,7 +299,7 @@ def _in_unit(
         "--collect",
         "--service-type=exec",
         f"--unit={unit}",
-        f"--uid={owner.pw_uid}",
+        f"--uid={owner.pw_name}",
         f"--gid={owner.pw_gid}",
         f"--working-directory={data_dir}",
         "--setenv=LANG=C.UTF-8",
