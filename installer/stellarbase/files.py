@@ -9,7 +9,6 @@ link planted at the destination instead of writing through it.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import os
 import shutil
@@ -75,8 +74,8 @@ def remove_leftovers(path: Path) -> None:
 
 
 def _remove_leftovers_at(dir_fd: int, name: str) -> None:
-    pattern = f".{name}.*"
+    prefix = f".{name}."
     for entry in os.listdir(dir_fd):
-        if fnmatch.fnmatchcase(entry, pattern):
+        if entry.startswith(prefix):
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.unlink(entry, dir_fd=dir_fd)  # a directory is not a leftover: kept

@@ -329,13 +329,13 @@ def start_postmaster(
     port = port or free_port()
     log_file = log_file or data_dir / "log" / "stellarbase-restore.log"
     all_settings = {
+        **recovery_overrides(data_dir),
         "port": str(port),
         "listen_addresses": "127.0.0.1",
         "unix_socket_directories": str(socket_dir),
         "hba_file": str(socket_dir / "pg_hba.conf"),
         "logging_collector": "off",
-        **(settings or {}),
-        **recovery_overrides(data_dir),  # last: no caller turns a library back on
+        **(settings or {}),  # the caller's (a test archives a restored branch), not the backup's
     }
     argv = [str(bindir / "postgres"), "-D", str(data_dir)]
     for name, value in all_settings.items():
