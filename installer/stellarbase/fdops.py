@@ -132,8 +132,10 @@ def open_file(dir_fd: int, name: str, flags: int, where: str, mode: int = 0o600)
         extra = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         fd = os.open(name, flags | extra, mode, dir_fd=dir_fd)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENXIO):
+        if exc.errno == errno.ELOOP:
             _refuse_link(dir_fd, name, where, exc)
+        if exc.errno == errno.ENXIO:  # a FIFO or socket with nobody on the other end
+            raise UnsafePath(where, "is not a regular file") from None
         raise
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:

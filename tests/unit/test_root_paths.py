@@ -212,6 +212,10 @@ def test_recovery_server_log_is_never_opened_through_a_planted_link(
     plant(data / "log" / "stellarbase-restore.log", canary.file)
     with pytest.raises(StellarError):
         postmaster.start_postmaster(data, tmp_path / "no-bindir", NOBODY)
+    (data / "log" / "stellarbase-restore.log").unlink()
+    os.mkfifo(data / "log" / "stellarbase-restore.log")  # would block an open for writing
+    with pytest.raises(StellarError, match="not a regular file"):
+        postmaster.start_postmaster(data, tmp_path / "no-bindir", NOBODY)
     canary.assert_untouched()
 
 

@@ -109,7 +109,9 @@ class Cluster:
     def _stop_unit(self, unit: str) -> None:
         """The unit's KillSignal=SIGINT is the fast shutdown; systemd sends SIGKILL to the
         whole cgroup after TimeoutStopSec=, and `systemctl stop` waits for it."""
-        main_pid = systemd.show([unit])[unit].main_pid
+        main_pid = 0
+        with contextlib.suppress(StellarError):  # stopping matters more than the pidfile
+            main_pid = systemd.show([unit])[unit].main_pid
         run(["systemctl", "stop", unit], check=False, timeout=STOP_DEADLINE_S + KILL_WAIT_S + 5)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=KILL_WAIT_S)
@@ -253,12 +255,13 @@ def systemd_running() -> bool:
 
 
 def sandbox_properties() -> list[str]:
-    """The hardening of the local PostgreSQL unit (units/_hardening.j2), as properties."""
+    """The hardening of the local PostgreSQL unit (units/_hardening.j2), as properties;
+    a line that needs template values (`{{ }}`, `{% %}`) is not one of them."""
     text = (resources.units_dir() / "_hardening.j2").read_text()
     return [
         line.strip()
         for line in text.splitlines()
-        if "=" in line and not line.lstrip().startswith(("#", "{"))
+        if "=" in line and not line.lstrip().startswith("#") and "{" not in line
     ]
 
 
