@@ -1,15 +1,22 @@
-"""Atomic, change-only file writes (temp in the same dir → fsync → chmod/chown → rename)."""
+"""Atomic, change-only file writes (temp in the same dir → fsync → fchmod/fchown → rename).
+
+Root writes here into directories other accounts may own (a restored data directory, say),
+so every step goes through the directory's file descriptor (see `fdops`): the temp file is
+new (O_EXCL|O_NOFOLLOW), its mode and owner are set on its fd, and the rename replaces a
+link planted at the destination instead of writing through it.
+"""
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+from stellarbase import fdops
 
 
 def digest(data: bytes) -> str:
@@ -38,29 +45,18 @@ def copy_atomic(path: Path, source: Path, *, mode: int, uid: int = -1, gid: int 
 def _replace(
     path: Path, fill: Callable[[BinaryIO], object], *, mode: int, uid: int, gid: int
 ) -> None:
-    remove_leftovers(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            fill(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, mode)
-        if uid != -1 or gid != -1:
-            os.chown(tmp, uid, gid)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with fdops.opened(fdops.open_dir(path.parent)) as dir_fd:
+        _remove_leftovers_at(dir_fd, path.name)
+        fdops.replace_at(dir_fd, path.name, fill, mode=mode, uid=uid, gid=gid)
 
 
 def symlink_atomic(path: Path, target: str) -> None:
-    remove_leftovers(path)
-    tmp = path.parent / f".{path.name}.tmp-link"
-    os.symlink(target, tmp)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with fdops.opened(fdops.open_dir(path.parent)) as dir_fd:
+        _remove_leftovers_at(dir_fd, path.name)
+        tmp = f".{path.name}.tmp-link"
+        os.symlink(target, tmp, dir_fd=dir_fd)
+        os.rename(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)
 
 
 def fsync_dir(path: Path) -> None:
@@ -73,5 +69,13 @@ def fsync_dir(path: Path) -> None:
 
 def remove_leftovers(path: Path) -> None:
     """Remove temp files an interrupted write of `path` left behind (`.<name>.*`)."""
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
-        leftover.unlink(missing_ok=True)
+    with fdops.opened(fdops.open_dir(path.parent)) as dir_fd:
+        _remove_leftovers_at(dir_fd, path.name)
+
+
+def _remove_leftovers_at(dir_fd: int, name: str) -> None:
+    prefix = f".{name}."
+    for entry in os.listdir(dir_fd):
+        if entry.startswith(prefix):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(entry, dir_fd=dir_fd)  # a directory is not a leftover: kept

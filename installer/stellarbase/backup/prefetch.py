@@ -6,10 +6,15 @@ next segments of the chain in parallel within a bounded window, checks each file
 after decoding, and touches `.alive` about once a second. A damaged file that recovery
 asks for is never answered: the heartbeat stops, restore_command exits 126 and
 PostgreSQL aborts recovery instead of treating the damage as the end of WAL.
+
+The spool belongs to the cluster's account, which can plant links in it; this thread
+(root) holds the spool by a directory fd and writes only new files through it
+(O_EXCL|O_NOFOLLOW, fchown on the fd, renameat), so nothing outside the spool is touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pwd
@@ -23,6 +28,7 @@ from types import TracebackType
 
 import structlog
 
+from stellarbase import fdops
 from stellarbase.backup import codec
 from stellarbase.backup.catalog import WAL_PREFIX, Catalog
 from stellarbase.errors import StellarError
@@ -70,6 +76,7 @@ class Prefetcher:
         self._owner = owner
         self._concurrency = concurrency
         self._window = window
+        self._dir_fd = -1
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wal-prefetch", daemon=True)
         self._lock = threading.Lock()
@@ -92,6 +99,7 @@ class Prefetcher:
         self.stop()
 
     def start(self) -> None:
+        self._dir_fd = fdops.open_dir(self._spool)
         self._beat()
         self._thread.start()
 
@@ -99,6 +107,9 @@ class Prefetcher:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
     def stats(self) -> PrefetchStats:
         with self._lock:
@@ -128,9 +139,9 @@ class Prefetcher:
                             failed[name] = str(problem)
                 for name in self._wanted():
                     cursor = max(cursor, self._index.get(name, -1))
-                    if name in inflight or (self._spool / name).exists():
+                    if name in inflight or fdops.exists_at(self._dir_fd, name):
                         continue
-                    if not (self._spool / f"{name}.want").exists():
+                    if not fdops.exists_at(self._dir_fd, f"{name}.want"):
                         continue  # consumed since the listing: restore_command drops .want first
                     if name in failed:
                         self._fail(failed[name])
@@ -150,10 +161,7 @@ class Prefetcher:
                 future.cancel()
 
     def _wanted(self) -> list[str]:
-        try:
-            entries = os.listdir(self._spool)
-        except FileNotFoundError:
-            return []
+        entries = os.listdir(self._dir_fd)
         return sorted(e[: -len(".want")] for e in entries if e.endswith(".want"))
 
     def _beat(self) -> None:
@@ -163,21 +171,25 @@ class Prefetcher:
     def _fail(self, message: str) -> None:
         self.error = message
         log.error("wal prefetch", error=message)
-        (self._spool / HEARTBEAT).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(HEARTBEAT, dir_fd=self._dir_fd)
 
     def _answer_missing(self, name: str) -> None:
-        if not (self._spool / f"{name}.missing").exists():
+        if not fdops.exists_at(self._dir_fd, f"{name}.missing"):
             self._write(f"{name}.missing", b"")
 
     def _write(self, name: str, data: bytes) -> None:
         """Temp file and rename, so restore_command never sees half a file; no fsync: the
         spool is scratch space that a new restore starts over."""
-        temp = self._spool / f".{name}.part"
-        with open(temp, "wb") as out:
-            out.write(data)
-            os.fchown(out.fileno(), self._owner.pw_uid, self._owner.pw_gid)
-            os.fchmod(out.fileno(), 0o600)
-        os.replace(temp, self._spool / name)
+        fdops.replace_at(
+            self._dir_fd,
+            name,
+            lambda out: out.write(data),
+            mode=0o600,
+            uid=self._owner.pw_uid,
+            gid=self._owner.pw_gid,
+            sync=False,
+        )
 
     def _fetch(self, name: str) -> None:
         started = time.monotonic()

@@ -2,8 +2,8 @@
 
 Both answer the same small API. A put is durable and verified when it returns: S3 gets
 Content-MD5 on every request that carries bytes, so the store rejects anything that
-arrived damaged; the file repository writes a temp file, fsyncs it, renames it into
-place and fsyncs the directory. Every failure is a RepositoryError naming the store.
+arrived damaged; the file repository (`filerepo`) writes a temp file, fsyncs it, renames
+it into place and fsyncs the directory. Every failure is a RepositoryError naming the store.
 """
 
 from __future__ import annotations
@@ -14,22 +14,18 @@ import datetime as dt
 import hashlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from stellarbase.errors import ExitCode, StellarError
-from stellarbase.files import fsync_dir
 
 if TYPE_CHECKING:
     from stellarbase.config import BackupConfig, Config, S3Config
 
 PART_SIZE = 16 * 1024 * 1024
 _META_SUFFIX = ".meta.json"
-_TEMP_MARK = ".tmp-"
 _DELETE_BATCH = 1000
 REPO_FORMAT = 1
 REPO_JSON = "repo.json"
@@ -312,182 +308,13 @@ class _S3Writer:
 # --------------------------------------------------------------------------- file://
 
 
-class FileRepository:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.description = f"file://{root}"
+def __getattr__(name: str) -> Any:
+    """`FileRepository` lives in `filerepo`, which imports this module's names."""
+    if name == "FileRepository":
+        from stellarbase.backup.filerepo import FileRepository
 
-    def _path(self, key: str) -> Path:
-        return self.root / _check_key(key)
-
-    @contextlib.contextmanager
-    def _calling(self, action: str, key: str) -> Iterator[None]:
-        try:
-            yield
-        except FileNotFoundError:
-            raise ObjectNotFound(f"{self.description}: no object {key}") from None
-        except OSError as exc:
-            raise RepositoryError(f"{self.description}: {action} {key} failed: {exc}") from exc
-
-    def _temp(self, path: Path) -> tuple[int, Path]:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TEMP_MARK}")
-        return fd, Path(name)
-
-    def _install(self, temp: Path, path: Path, meta: Mapping[str, str] | None) -> None:
-        """Rename a synced temp file into place; the sidecar goes first so head() sees it."""
-        if meta is not None:
-            sidecar = path.with_name(path.name + _META_SUFFIX)
-            self._write_synced(sidecar, json.dumps(dict(meta), sort_keys=True).encode())
-        os.replace(temp, path)
-        fsync_dir(path.parent)
-
-    def _synced_temp(self, path: Path, data: bytes) -> Path:
-        """`data` in a temp file beside `path`, on disk (fsync), not yet in place."""
-        fd, temp = self._temp(path)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(temp, 0o640)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        return temp
-
-    def _write_synced(self, path: Path, data: bytes) -> None:
-        temp = self._synced_temp(path, data)
-        try:
-            os.replace(temp, path)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-
-    def put(self, key: str, data: bytes, meta: Mapping[str, str]) -> None:
-        path = self._path(key)
-        with self._calling("put", key):
-            temp = self._synced_temp(path, data)
-            try:
-                self._install(temp, path, meta if meta else None)
-            except BaseException:
-                temp.unlink(missing_ok=True)
-                raise
-
-    def head(self, key: str) -> ObjectInfo | None:
-        path = self._path(key)
-        try:
-            with self._calling("head", key):
-                size = path.stat().st_size
-        except ObjectNotFound:
-            return None
-        sidecar = path.with_name(path.name + _META_SUFFIX)
-        with self._calling("head", key):
-            try:
-                meta = json.loads(sidecar.read_text())
-            except FileNotFoundError:
-                meta = {}
-            except ValueError as exc:
-                raise RepositoryError(f"{self.description}: {key}: bad metadata: {exc}") from None
-        return ObjectInfo(key, size, {str(k): str(v) for k, v in meta.items()})
-
-    def get(self, key: str) -> bytes:
-        with self._calling("get", key):
-            return self._path(key).read_bytes()
-
-    def open_read(self, key: str) -> BinaryIO:
-        with self._calling("get", key):
-            return open(self._path(key), "rb")  # the caller closes it
-
-    def open_write(self, key: str, meta: Mapping[str, str]) -> ObjectWriter:
-        path = self._path(key)
-        with self._calling("open", key):
-            fd, temp = self._temp(path)
-        return _FileWriter(self, key, path, os.fdopen(fd, "wb"), temp, meta)
-
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        base, _, _ = prefix.rpartition("/")
-        top = self.root / base if base else self.root
-        found: list[ObjectInfo] = []
-        with self._calling("list", prefix or "/"):
-            for dirpath, dirnames, filenames in os.walk(top):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                rel = Path(dirpath).relative_to(self.root)
-                for name in filenames:
-                    if name.startswith(".") or name.endswith(_META_SUFFIX):
-                        continue
-                    key = name if rel == Path(".") else f"{rel.as_posix()}/{name}"
-                    if key.startswith(prefix):
-                        with contextlib.suppress(FileNotFoundError):
-                            found.append(ObjectInfo(key, (Path(dirpath) / name).stat().st_size))
-        yield from sorted(found, key=lambda info: info.key)
-
-    def delete(self, keys: Sequence[str]) -> None:
-        dirs: set[Path] = set()
-        for key in keys:
-            path = self._path(key)
-            with self._calling("delete", key):
-                path.unlink(missing_ok=True)
-                path.with_name(path.name + _META_SUFFIX).unlink(missing_ok=True)
-            dirs.add(path.parent)
-        for d in dirs:
-            with contextlib.suppress(FileNotFoundError):
-                fsync_dir(d)
-
-
-class _FileWriter:
-    def __init__(
-        self,
-        repo: FileRepository,
-        key: str,
-        path: Path,
-        f: BinaryIO,
-        temp: Path,
-        meta: Mapping[str, str],
-    ) -> None:
-        self._repo = repo
-        self._key = key
-        self._path = path
-        self._f = f
-        self._temp = temp
-        self._meta = dict(meta)
-        self._size = 0
-        self._closed = False
-
-    def write(self, data: bytes) -> None:
-        if self._closed:
-            raise ValueError("write to a committed or aborted object")
-        try:
-            with self._repo._calling("write", self._key):
-                self._f.write(data)
-        except BaseException:
-            self.abort()
-            raise
-        self._size += len(data)
-
-    def commit(self) -> int:
-        if self._closed:
-            raise ValueError("commit of a committed or aborted object")
-        try:
-            with self._repo._calling("commit", self._key):
-                self._f.flush()
-                os.fsync(self._f.fileno())
-                self._f.close()
-                os.chmod(self._temp, 0o640)
-                self._repo._install(self._temp, self._path, self._meta or None)
-        except BaseException:
-            self.abort()
-            raise
-        self._closed = True
-        return self._size
-
-    def abort(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._f.close()
-        self._temp.unlink(missing_ok=True)
+        return FileRepository
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- opening
@@ -528,6 +355,8 @@ def repository_from(backup: BackupConfig, s3: S3Config | None, timeout: float = 
             )
         return S3Repository(_s3_client(s3, timeout), s3.bucket, backup.prefix)
     if where.startswith("file:///"):
+        from stellarbase.backup.filerepo import FileRepository
+
         return FileRepository(Path(where[len("file://") :]) / backup.prefix)
     raise RepositoryError(
         f"backups are not configured (backup.repository is {where!r})",

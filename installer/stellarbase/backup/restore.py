@@ -24,6 +24,7 @@ from typing import Any
 
 import structlog
 
+from stellarbase import fdops
 from stellarbase.backup import postmaster, walnames
 from stellarbase.backup.catalog import Catalog, Manifest, continuity, load_catalog
 from stellarbase.backup.extract import extract_backup
@@ -249,23 +250,16 @@ def check_data_dir(data_dir: Path, force: bool) -> None:
         )
 
 
-def _empty_dir(path: Path) -> None:
-    """Remove what is inside `path`, keeping the directory (it may be a mount point)."""
-    for child in path.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-
-
-def _prepare_data_dir(data_dir: Path, owner: pwd.struct_passwd) -> None:
+def _prepare_data_dir(
+    data_dir: Path, recovery: Mapping[str, str], owner: pwd.struct_passwd
+) -> None:
     for leftover in ("recovery.signal", "standby.signal", "postmaster.pid", "backup_label.old"):
         (data_dir / leftover).unlink(missing_ok=True)
     (data_dir / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
     # Distribution packages keep postgresql.conf outside the data dir; the tar lacks it.
     (data_dir / "postgresql.conf").touch(exist_ok=True)
-    chown_tree(data_dir, owner)
-    data_dir.chmod(0o700)
+    write_recovery_settings(data_dir, recovery, owner)
+    chown_tree(data_dir, owner)  # last: from here on, root works in it by fd only
 
 
 # --------------------------------------------------------------------------- settings
@@ -329,11 +323,15 @@ def _write_auto_conf(data_dir: Path, text: str, owner: pwd.struct_passwd) -> Non
     )
 
 
+def _read_auto_conf(data_dir: Path) -> str | None:  # never through a planted link
+    data = fdops.read_file(data_dir / "postgresql.auto.conf")
+    return None if data is None else data.decode()
+
+
 def write_recovery_settings(
     data_dir: Path, settings: Mapping[str, str], owner: pwd.struct_passwd
 ) -> None:
-    auto = data_dir / "postgresql.auto.conf"
-    text = _strip_block(auto.read_text() if auto.exists() else "")
+    text = _strip_block(_read_auto_conf(data_dir) or "")
     if text and not text.endswith("\n"):
         text += "\n"
     lines = [
@@ -344,9 +342,9 @@ def write_recovery_settings(
 
 
 def clear_recovery_settings(data_dir: Path, owner: pwd.struct_passwd) -> None:
-    auto = data_dir / "postgresql.auto.conf"
-    if auto.exists():
-        _write_auto_conf(data_dir, _strip_block(auto.read_text()), owner)
+    text = _read_auto_conf(data_dir)
+    if text is not None:
+        _write_auto_conf(data_dir, _strip_block(text), owner)
 
 
 # --------------------------------------------------------------------------- restore
@@ -411,15 +409,13 @@ def restore_into(
     recovery = recovery_settings(plan, spool)  # refuses a data dir no command can name
     check_data_dir(data_dir, force)
     log.info("restore", backup=plan.backup.id, target=str(target), wal=len(plan.needed))
-    data_dir.mkdir(parents=True, exist_ok=True)
-    _empty_dir(data_dir)
+    fdops.claim_dir(data_dir)  # root's alone until _prepare_data_dir hands it over
     spool.mkdir(mode=0o700)
-    os.chown(spool, owner.pw_uid, owner.pw_gid)
     # The base backup first, then WAL: fetching both at once made them compete for the
     # CPU (decoding, hashing) and the disk, and recovery needs the files before any WAL.
     raw_bytes = extract_backup(catalog.repo, catalog.key, plan.backup, data_dir)
-    _prepare_data_dir(data_dir, owner)
-    write_recovery_settings(data_dir, recovery, owner)
+    postmaster.refuse_code(data_dir, plan.backup.id)
+    _prepare_data_dir(data_dir, recovery, owner)
     extracted = time.monotonic()
     with Prefetcher(catalog, spool, plan.chain, owner) as prefetcher:
         cluster = start_postmaster(data_dir, bindir, owner, port=port, settings=settings)
@@ -467,8 +463,6 @@ def restore_live(
     The old data directory is moved aside, not deleted; when the restore fails it is put
     back and the unit started on it, so a failed restore loses nothing.
     """
-    from datetime import UTC, datetime
-
     from stellarbase import systemd
 
     plan = plan_restore(load_catalog(repo, key), target, backup_id)  # refuse before stopping
@@ -574,10 +568,9 @@ def drill(
     see `postmaster.recovery_overrides`) and listens only on its private socket and a free
     loopback port.
     """
-    owner = _account(run_as)
     scratch = Path(tempfile.mkdtemp(prefix="drill-", dir=workdir))
     try:
-        os.chown(scratch, owner.pw_uid, owner.pw_gid)
+        scratch.chmod(0o711)  # root's, so the scratch cluster cannot swap its data dir
         started = time.monotonic()
         result = restore_into(
             repo,
