@@ -58,6 +58,7 @@ def trusted_keys(env: Mapping[str, str] | None = None) -> list[Ed25519PublicKey]
 
 def _override_keys(path: Path) -> list[Ed25519PublicKey]:
     try:
+        _refuse_foreign_file(path)
         text = path.read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as exc:
         raise StellarError(
@@ -92,6 +93,21 @@ def fingerprint(key: Ed25519PublicKey) -> str:
     """SHA256 of the raw public key, as `openssl pkey -pubin -outform DER | tail -c32` hashes."""
     raw = key.public_bytes(Encoding.Raw, PublicFormat.Raw)
     return "SHA256:" + hashlib.sha256(raw).hexdigest()[:32]
+
+
+def _refuse_foreign_file(path: Path) -> None:
+    """For root, the key file must be root's and writable by root only: anyone else who
+    could write it would choose what root installs."""
+    if os.geteuid() != 0:
+        return
+    found = path.stat()
+    if found.st_uid != 0 or found.st_mode & 0o022:
+        raise StellarError(
+            f"{OVERRIDE_ENV}={path}: the key file is owned by uid {found.st_uid} with mode "
+            f"{found.st_mode & 0o777:o}: another user could change which bundles root trusts",
+            hint=f"chown root:root {path} && chmod 644 {path}",
+            code=ExitCode.BUNDLE,
+        )
 
 
 def parse_key(pem: str, origin: str) -> Ed25519PublicKey:

@@ -7,6 +7,7 @@ import gzip
 import importlib.util
 import io
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -395,3 +396,15 @@ def test_install_from_bundle_installs_its_binary(
     assert any(line.startswith("release key: OVERRIDDEN by ") for line in shown.lines)
     assert "revoked releases: 0.0.5" in shown.lines
     assert shown.info["release_trust"]["key_override"]["action"] == "install"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the ownership rule applies to root only")
+@pytest.mark.parametrize("mode", [0o666, 0o664])
+def test_a_key_override_others_can_write_is_refused_for_root(
+    build: BuildFn, tmp_path: Path, mode: int
+) -> None:
+    path = build()
+    (tmp_path / "release-pub.pem").chmod(mode)
+    err = _refusal(path)
+    assert "another user could change which bundles root trusts" in err.message
+    assert "chmod 644" in err.hint
