@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from stellarbase import resources, values
+from stellarbase import redact, resources, values
 from stellarbase.errors import ExitCode, StellarError
 
 ENV_PREFIX = "STELLARBASE_"
@@ -618,59 +618,11 @@ def load_config(
         config = Config.model_validate(merged)
         require_secrets(config, sources)
     except ValidationError as exc:
-        raise redact_error(_explain(exc, sources), merged) from None
+        secrets = redact.values_at(merged, secret_paths())
+        raise redact.redact_error(_explain(exc, sources), secrets) from None
     except StellarError as exc:
-        raise redact_error(exc, merged) from None
+        raise redact.redact_error(exc, redact.values_at(merged, secret_paths())) from None
     return LoadedConfig(config, sources, site_file)
-
-
-REDACTED = "[redacted]"
-# The password part of a URL's user info: scheme://user:PASSWORD@host
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@\s:]*):[^@\s/]*@")
-# Shorter secret values are not searched for: they would blank out ordinary words.
-MIN_REDACTED_LENGTH = 3
-
-
-def redact_error(exc: StellarError, merged: Mapping[str, Any]) -> StellarError:
-    """The error without any secret value of the merged config, nor a URL's password.
-
-    The messages are written not to show secret inputs; this is the second line, for
-    checks that quote what they were given (a URL, a value next to a secret)."""
-    values = sorted(_secret_values(merged), key=len, reverse=True)
-
-    def clean(text: str) -> str:
-        text = _URL_PASSWORD.sub(rf"\1:{REDACTED}@", text)
-        for value in values:
-            text = text.replace(value, REDACTED)
-        return text
-
-    cleaned = StellarError(clean(exc.message), hint=clean(exc.hint), code=exc.code)
-    return cleaned.with_details([clean(line) for line in exc.details])
-
-
-def _secret_values(merged: Mapping[str, Any]) -> set[str]:
-    found: set[str] = set()
-
-    def collect(value: Any) -> None:
-        if isinstance(value, Mapping):
-            for item in value.values():
-                collect(item)
-        elif isinstance(value, list | tuple | set):
-            for item in value:
-                collect(item)
-        elif value is not None and not isinstance(value, SecretStr):
-            found.update({str(value), repr(value)})
-        elif isinstance(value, SecretStr):
-            collect(value.get_secret_value())
-
-    for path in secret_paths():
-        node: Any = merged
-        for part in path:
-            node = node.get(part) if isinstance(node, Mapping) else None
-        collect(node)
-        if isinstance(node, list | tuple | Mapping):
-            found.update({str(node), repr(node)})
-    return {v for v in found if len(v) >= MIN_REDACTED_LENGTH}
 
 
 def _merge(
