@@ -507,12 +507,13 @@ def parse_sets(items: list[str]) -> Layer:
                 code=ExitCode.CONFIG,
             )
         _refuse_control(raw, f"--set {key}")
+        value = _scalar(raw)
         one: dict[str, Any] = {}
-        _put(one, key.split("."), _scalar(raw))
+        _put(one, key.split("."), value)
         for path in secret_paths():
-            if _holds(one, path):
+            if _holds(one, path):  # also --set 'postgres={password: ...}'
                 raise secret_on_command_line(".".join(path))
-        _put(data, key.split("."), _scalar(raw))
+        _put(data, key.split("."), value)
     return Layer("--set", data)
 
 
