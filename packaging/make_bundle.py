@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", default=__version__)
     parser.add_argument("--arch", default=platform.machine())
     parser.add_argument("--upgrade-from", help="oldest version this one upgrades (default: same)")
+    parser.add_argument(
+        "--revoke", action="append", default=[], metavar="VERSION",
+        help="an older release this one withdraws: hosts that install it refuse that one",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     key_path = os.environ.get(SIGNING_KEY_ENV)
     if not key_path:
@@ -59,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         upgrade_from=args.upgrade_from or args.version,
         signing_key=load_signing_key(Path(key_path)),
         source_date_epoch=source_date_epoch(),
+        revoked=tuple(args.revoke),
     )
     print(f"built {out} ({out.stat().st_size} bytes)")
     return 0
@@ -82,26 +87,35 @@ def schema_range() -> dict[str, int]:
     return migrate.schema_range(migrate.load_migrations()).as_dict()
 
 
-def release_json(version: str, upgrade_from: str, built: int) -> bytes:
+def release_json(
+    version: str, upgrade_from: str, built: int, revoked: tuple[str, ...] = ()
+) -> bytes:
     built_at = datetime.datetime.fromtimestamp(built, datetime.UTC)
-    data = {
+    data: dict[str, object] = {
         "bundle_format": bundle.FORMAT,
         "version": version,
         "schema": schema_range(),
         "upgrade_from": upgrade_from,
         "built_at": built_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+    if revoked:  # older releases this one withdraws; signed with the rest
+        data["revoked"] = sorted(set(revoked))
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
 def bundle_files(
-    binary: Path, version: str, upgrade_from: str, signing_key: Ed25519PrivateKey, built: int
+    binary: Path,
+    version: str,
+    upgrade_from: str,
+    signing_key: Ed25519PrivateKey,
+    built: int,
+    revoked: tuple[str, ...] = (),
 ) -> dict[str, bytes]:
     """Name → content of every file in the bundle directory."""
     license_file = REPO / "LICENSE"
     files = {
         bundle.BINARY: binary.read_bytes(),
-        bundle.RELEASE: release_json(version, upgrade_from, built),
+        bundle.RELEASE: release_json(version, upgrade_from, built, revoked),
         "README.md": (REPO / "README.md").read_bytes(),
         "LICENSE": license_file.read_bytes() if license_file.exists() else LICENSE_PLACEHOLDER,
     }
@@ -122,9 +136,10 @@ def build_bundle(
     upgrade_from: str,
     signing_key: Ed25519PrivateKey,
     source_date_epoch: int | None,
+    revoked: tuple[str, ...] = (),
 ) -> Path:
     built = source_date_epoch if source_date_epoch is not None else int(_now())
-    files = bundle_files(binary, version, upgrade_from, signing_key, built)
+    files = bundle_files(binary, version, upgrade_from, signing_key, built, revoked)
     top = f"stellarbase-{version}"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{top}-linux-{arch}.tar.gz"

@@ -233,6 +233,11 @@ main() {
     distro=$(detect_distro) || die "unsupported distribution in $OS_RELEASE"
     say "$distro, glibc $(glibc_version)"
     mkdir -p "$WORK"
+    if [[ -n ${STELLARBASE_RELEASE_PUBKEY:-} ]]; then
+        # As root, stellarbase trusts a key file of root's own only; the synced folder is not.
+        install -o root -g root -m 644 "$STELLARBASE_RELEASE_PUBKEY" "$WORK/trusted-release.pem"
+        export STELLARBASE_RELEASE_PUBKEY=$WORK/trusted-release.pem
+    fi
     install_packages "$distro"
     if [[ $distro == el9 ]]; then relax_selinux; fi
 

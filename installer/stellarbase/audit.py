@@ -169,6 +169,16 @@ def read(
     return [AuditRow(*row) for row in rows]
 
 
+# The audit detail of an install or upgrade whose bundle was verified with the keys of
+# STELLARBASE_RELEASE_PUBKEY (file, key fingerprints): named so that scrub keeps it.
+RELEASE_KEY_OVERRIDE = "release_pubkey_override"
+
+
+def release_key_details(key_override: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Audit details of a bundle's keys: none with the built-in keys."""
+    return {RELEASE_KEY_OVERRIDE: dict(key_override)} if key_override is not None else {}
+
+
 def scrub(details: Mapping[str, Any]) -> dict[str, Any]:
     """A copy without the keys that name a secret, at any depth."""
     return {str(k): _scrub_value(v) for k, v in details.items() if not is_secret_name(str(k))}

@@ -5,6 +5,11 @@ A bundle `stellarbase-<version>-linux-<arch>.tar.gz` holds one directory
 `README.md`, `LICENSE`, `SHA256SUMS` (`sha256sum` lines for every other file) and
 `SHA256SUMS.sig` (base64 of the raw 64-byte ed25519 signature of `SHA256SUMS`).
 `packaging/make_bundle.py` builds it.
+
+The tarball is plain ustar: its headers are read 512 bytes at a time and checked (entry
+types, sizes, count) before tarfile parses them, so no header can make it read more than
+one block at once; pax and GNU extension headers are refused. The files are unpacked under
+/var/tmp (disk, not a tmpfs /tmp) unless TMPDIR says otherwise, within MAX_TOTAL_BYTES.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import binascii
 import gzip
 import hashlib
 import json
+import os
 import re
 import shutil
 import tarfile
@@ -37,8 +43,13 @@ SIGNATURE = "SHA256SUMS.sig"
 FORMAT = 1  # release.json "bundle_format"; a reader refuses formats it does not know
 
 MAX_MEMBERS = 32
-MAX_FILE_BYTES = 1 << 30
-MAX_TOTAL_BYTES = 2 << 30
+MAX_FILE_BYTES = 512 << 20
+MAX_TOTAL_BYTES = 640 << 20
+_BLOCK = 512
+# Entry types of a bundle: regular files and the one directory. The extension headers
+# (pax "x"/"g", GNU "L"/"K") carry payloads that tarfile reads whole: they are refused.
+_PLAIN_TYPES = (b"0", b"\0", b"5")
+_EXTENSION_TYPES = (b"x", b"g", b"L", b"K")
 _CHUNK = 1 << 20
 _SUM_LINE = re.compile(r"([0-9a-f]{64})  ([A-Za-z0-9._-]+)")
 _VERSION = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+[A-Za-z0-9.+-]*")
@@ -55,6 +66,8 @@ class Release:
     schema_max: int  # the newest migration it carries
     upgrade_from: str  # oldest installed version it can upgrade
     built_at: str
+    # Older releases this one withdraws (release.json "revoked"): never installed again here.
+    revoked: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,8 @@ class VerifiedBundle:
     source: Path
     workdir: Path
     release: Release
+    # The STELLARBASE_RELEASE_PUBKEY file and key fingerprints it was verified with, if any
+    key_override: dict[str, Any] | None = None
 
     @property
     def binary(self) -> Path:
@@ -84,6 +99,9 @@ class VerifiedBundle:
         self.remove()
 
 
+_DAMAGED = "copy the bundle again; compare its size with the published one"
+
+
 def refuse(path: Path, message: str, hint: str) -> StellarError:
     return StellarError(f"bundle {path}: {message}", hint=hint, code=ExitCode.BUNDLE)
 
@@ -94,8 +112,10 @@ def verify_bundle(path: Path, keys: list[Ed25519PublicKey] | None = None) -> Ver
     Nothing outside that directory is written; it is removed again when a check fails.
     """
     trusted = release_key.trusted_keys() if keys is None else keys
-    workdir = Path(tempfile.mkdtemp(prefix="stellarbase-bundle-"))
+    override = release_key.override_in_use() if keys is None else None
+    workdir = Path(tempfile.mkdtemp(prefix="stellarbase-bundle-", dir=unpack_root()))
     try:
+        scan_headers(path)
         top, files = unpack(path, workdir)
         check_signature(path, files, trusted)
         check_sums(path, files)
@@ -109,22 +129,91 @@ def verify_bundle(path: Path, keys: list[Ed25519PublicKey] | None = None) -> Ver
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    return VerifiedBundle(path, workdir, release)
+    return VerifiedBundle(path, workdir, release, override)
+
+
+def unpack_root() -> str | None:
+    """/var/tmp: on disk, unlike a tmpfs /tmp that a 640 MiB bundle would eat memory from.
+    An explicit TMPDIR (or tempfile.tempdir) wins."""
+    if tempfile.tempdir is not None or os.environ.get("TMPDIR"):
+        return None
+    return "/var/tmp" if os.path.isdir("/var/tmp") else None
+
+
+def scan_headers(path: Path) -> None:
+    """Walk the tar headers with bounded reads before tarfile sees them (see the module doc)."""
+    unsafe = "use the bundle as published; this one was not made by make_bundle.py"
+    try:
+        with gzip.open(path, "rb") as stream:
+            _scan_stream(path, stream, unsafe)
+    except StellarError:
+        raise
+    except FileNotFoundError as exc:
+        raise refuse(path, "no such file", "give the path of the .tar.gz bundle") from exc
+    except (EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        raise refuse(path, f"truncated or not a tar.gz: {exc}", _DAMAGED) from exc
+    except OSError as exc:
+        raise refuse(path, f"cannot read: {exc}", _DAMAGED) from exc
+
+
+def _scan_stream(path: Path, stream: gzip.GzipFile, unsafe: str) -> None:
+    total = 0
+    for count in range(1, MAX_MEMBERS + 2):
+        header = _read_exactly(path, stream, _BLOCK)
+        if header == bytes(_BLOCK):
+            return  # the end-of-archive marker
+        if count > MAX_MEMBERS:
+            raise refuse(path, f"more than {MAX_MEMBERS} entries", unsafe)
+        kind = header[156:157]
+        if kind in _EXTENSION_TYPES:
+            raise refuse(
+                path,
+                f"entry {count} is a pax or GNU extension header: bundles are plain ustar",
+                unsafe,
+            )
+        size = _octal(path, header[124:136])
+        if kind not in _PLAIN_TYPES:
+            continue  # no data to skip for links and devices; unpack names and refuses them
+        if size > MAX_FILE_BYTES or total + size > MAX_TOTAL_BYTES:
+            raise refuse(path, f"entry {count} is too large ({size} bytes)", unsafe)
+        total += size
+        left = -(-size // _BLOCK) * _BLOCK
+        while left:
+            left -= len(_read_exactly(path, stream, min(left, _CHUNK)))
+    raise refuse(path, f"more than {MAX_MEMBERS} entries", unsafe)
+
+
+def _read_exactly(path: Path, stream: gzip.GzipFile, size: int) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise refuse(path, "truncated or not a tar.gz: the tarball ends inside an entry", _DAMAGED)
+    return data
+
+
+def _octal(path: Path, field: bytes) -> int:
+    text = field.rstrip(b"\0 ").lstrip(b" ")
+    if not re.fullmatch(rb"[0-7]{1,11}", text):
+        raise refuse(path, "truncated or not a tar.gz: a header's size is not octal", _DAMAGED)
+    return int(text, 8)
 
 
 def unpack(path: Path, workdir: Path) -> tuple[str, dict[str, Path]]:
     """Copy the bundle's plain files into workdir; anything else in the tarball refuses it."""
-    damaged = "copy the bundle again; compare its size with the published one"
     try:
         with gzip.open(path, "rb") as stream:
             top, files = _unpack_stream(path, stream, workdir)
             _drain(path, stream)  # the gzip trailer (CRC, length) proves nothing is cut off
+    except StellarError:
+        raise
     except FileNotFoundError as exc:
         raise refuse(path, "no such file", "give the path of the .tar.gz bundle") from exc
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise refuse(path, f"truncated or not a tar.gz: {exc}", damaged) from exc
+    except (
+        tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, ValueError, OverflowError,
+    ) as exc:  # fmt: skip
+        # ValueError covers UnicodeDecodeError of a name and tarfile's own number parsing
+        raise refuse(path, f"truncated or not a tar.gz: {exc}", _DAMAGED) from exc
     except OSError as exc:
-        raise refuse(path, f"cannot read: {exc}", damaged) from exc
+        raise refuse(path, f"cannot read: {exc}", _DAMAGED) from exc
     return top, files
 
 
@@ -257,13 +346,21 @@ def parse_release(path: Path, files: dict[str, Path]) -> Release:
             schema_max=_int(data["schema"]["max"]),
             upgrade_from=str(data["upgrade_from"]),
             built_at=str(data["built_at"]),
+            revoked=tuple(_revoked(data.get("revoked", []))),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise refuse(path, f"{RELEASE} is malformed: {exc!r}", hint) from exc
-    valid_versions = all(_VERSION.fullmatch(v) for v in (release.version, release.upgrade_from))
+    named = (release.version, release.upgrade_from, *release.revoked)
+    valid_versions = all(_VERSION.fullmatch(v) for v in named)
     if not valid_versions or release.schema_min > release.schema_max:
         raise refuse(path, f"{RELEASE} holds an invalid version or schema range", hint)
     return release
+
+
+def _revoked(value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"revoked: expected a list of versions, got {type(value).__name__}")
+    return value
 
 
 def _int(value: object) -> int:

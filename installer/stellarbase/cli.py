@@ -48,7 +48,12 @@ Debug = Annotated[bool, typer.Option("--debug", help="Debug logs and tracebacks.
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="Site config file (YAML).")]
 Sets = Annotated[
-    list[str] | None, typer.Option("--set", help="Override one key: --set worker.instances=3.")
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Override one key: --set worker.instances=3 (not secrets: use the site file "
+        "or STELLARBASE_SECTION__KEY).",
+    ),
 ]
 TierOpt = Annotated[str | None, typer.Option("--tier", help="pilot, department or enterprise.")]
 Binary = Annotated[
@@ -73,6 +78,13 @@ RetireLocal = Annotated[
 Skip = Annotated[
     list[str] | None,
     typer.Option("--skip", help="Skip a preflight check or family by name (repeatable)."),
+]
+AllowDowngrade = Annotated[
+    bool,
+    typer.Option(
+        "--allow-downgrade",
+        help="Install a release older than the installed one (never a revoked one).",
+    ),
 ]
 
 
@@ -108,6 +120,7 @@ def install(
     bundle: Bundle = None,
     skip: Skip = None,
     retire_local: RetireLocal = False,
+    allow_downgrade: AllowDowngrade = False,
     output: Output = Format.TEXT,
     yes: Yes = False,
     debug: Debug = False,
@@ -127,10 +140,14 @@ def install(
 
     if bundle is not None:
         result = operations.install_bundle(
-            loaded, paths, bundle, skip or [], retire_local=retire_local
-        )
+            loaded, paths, bundle, skip or [], retire_local=retire_local,
+            allow_downgrade=allow_downgrade,
+        )  # fmt: skip
     else:
-        result = operations.install(loaded, paths, binary, skip or [], retire_local=retire_local)
+        result = operations.install(
+            loaded, paths, binary, skip or [], retire_local=retire_local,
+            allow_downgrade=allow_downgrade,
+        )  # fmt: skip
     emit(result, output)
 
 
@@ -264,6 +281,7 @@ def upgrade(
     set_: Sets = None,
     root: Root = Path("/"),
     skip: Skip = None,
+    allow_downgrade: AllowDowngrade = False,
     output: Output = Format.TEXT,
     debug: Debug = False,
 ) -> None:
@@ -273,7 +291,8 @@ def upgrade(
     _begin(output, debug)
     paths = HostPaths(root)
     loaded = installed.load_site(paths, config, set_, tier)
-    emit(upgrade.upgrade(loaded, paths, bundle, skip or []), output)
+    result = upgrade.upgrade(loaded, paths, bundle, skip or [], allow_downgrade=allow_downgrade)
+    emit(result, output)
 
 
 @app.command()

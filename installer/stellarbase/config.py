@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import functools
 import ipaddress
 import os
 import re
@@ -26,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from stellarbase import resources, values
+from stellarbase import redact, resources, values
 from stellarbase.errors import ExitCode, StellarError
 
 ENV_PREFIX = "STELLARBASE_"
@@ -492,29 +493,80 @@ def read_site_file(path: Path) -> Layer:
 
 
 def parse_sets(items: list[str]) -> Layer:
+    """--set KEY=VALUE layers. Secrets are refused: argv is readable by every local user
+    (ps, /proc/PID/cmdline) and an upgrade would hand it on to the release's binary."""
     data: dict[str, Any] = {}
-    for item in items:
+    for number, item in enumerate(items, start=1):
         key, sep, raw = item.partition("=")
         if not sep or not re.fullmatch(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*", key):
+            # Never echo the argument: its value part may be a secret.
             raise StellarError(
-                f"--set {item!r}: expected KEY=VALUE with a dotted key",
+                f"--set (argument {number} of --set): expected KEY=VALUE with a dotted "
+                "lower-case key",
                 hint="for example --set worker.instances=3",
                 code=ExitCode.CONFIG,
             )
         _refuse_control(raw, f"--set {key}")
-        _put(data, key.split("."), _scalar(raw))
+        value = _scalar(raw)
+        one: dict[str, Any] = {}
+        _put(one, key.split("."), value)
+        for path in secret_paths():
+            if _holds(one, path):  # also --set 'postgres={password: ...}'
+                raise secret_on_command_line(".".join(path))
+        _put(data, key.split("."), value)
     return Layer("--set", data)
+
+
+def secret_on_command_line(dotted: str) -> StellarError:
+    section, _, key = dotted.partition(".")
+    return StellarError(
+        f"--set {dotted}: secrets are not taken on the command line (every local user can "
+        "read a command line)",
+        hint=f"put {dotted} in the site file (chmod 600) or export "
+        f"{secret_env_name(section, key)}; install keeps it in secrets.env",
+        code=ExitCode.CONFIG,
+    )
+
+
+@functools.cache
+def secret_paths() -> tuple[tuple[str, ...], ...]:
+    """The key path of every SecretStr field of the config model."""
+    found: list[tuple[str, ...]] = []
+
+    def walk(model: type[BaseModel], prefix: tuple[str, ...]) -> None:
+        for name, field in model.model_fields.items():
+            args = [field.annotation, *getattr(field.annotation, "__args__", ())]
+            if SecretStr in args:
+                found.append((*prefix, name))
+            for arg in args:
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    walk(arg, (*prefix, name))
+
+    walk(Config, ())
+    return tuple(found)
+
+
+def _holds(data: Mapping[str, Any], path: tuple[str, ...]) -> bool:
+    node: Any = data
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def parse_env(env: Mapping[str, str]) -> list[Layer]:
     layers = []
+    secret_names = {"__".join(path).upper() for path in secret_paths()}
     for name in sorted(env):
         if not name.startswith(ENV_PREFIX) or name in NON_CONFIG_ENV:
             continue
         key = name[len(ENV_PREFIX) :].lower().split("__")
         _refuse_control(env[name], f"environment variable {name}")
         data: dict[str, Any] = {}
-        _put(data, key, _scalar(env[name]))
+        # A secret is taken as written: YAML would turn 0123 into 83, "a: b" into a mapping.
+        raw = name[len(ENV_PREFIX) :] in secret_names
+        _put(data, key, env[name] if raw else _scalar(env[name]))
         layers.append(Layer(f"environment variable {name}", data))
     return layers
 
@@ -565,9 +617,12 @@ def load_config(
         _merge(merged, layer.data, layer.name, sources, ())
     try:
         config = Config.model_validate(merged)
+        require_secrets(config, sources)
     except ValidationError as exc:
-        raise _explain(exc, sources) from None
-    require_secrets(config, sources)
+        secrets = redact.values_at(merged, secret_paths())
+        raise redact.redact_error(_explain(exc, sources), secrets) from None
+    except StellarError as exc:
+        raise redact.redact_error(exc, redact.values_at(merged, secret_paths())) from None
     return LoadedConfig(config, sources, site_file)
 
 
@@ -607,6 +662,13 @@ def _explain(exc: ValidationError, sources: Mapping[str, str]) -> StellarError:
         )
     got = err.get("input")
     shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    hint = _hint_for(loc)
+    if any(tuple(loc[: len(path)]) == path for path in secret_paths()):
+        shown = ""  # a secret's value is never shown, whatever its type
+        hint = (
+            f"a secret is one line of text: quote it in YAML ({loc[-1]}: '...'); "
+            "an environment variable is taken as written"
+        )
     msg = err["msg"].removeprefix("Value error, ")
     if not loc:  # a rule across keys: name the layer of the first key the message mentions
         keys = re.findall(
@@ -624,7 +686,7 @@ def _explain(exc: ValidationError, sources: Mapping[str, str]) -> StellarError:
     key = dotted
     return StellarError(
         f"{layer}: {key}: {msg}{shown}",
-        hint=_hint_for(loc),
+        hint=hint,
         code=ExitCode.CONFIG,
     )
 

@@ -206,9 +206,14 @@ def ensure_database(
             admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(APP_ROLE)))
             changed.append(f"role {APP_ROLE}")
         if not _can_login(port, app_password):
+            # The server gets a SCRAM-SHA-256 verifier (RFC 5803) made here by libpq, as
+            # psql's \password does: a logged statement never holds the password itself.
+            verifier = admin.pgconn.encrypt_password(
+                app_password.encode(), APP_ROLE.encode(), b"scram-sha-256"
+            )
             admin.execute(
                 sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                    sql.Identifier(APP_ROLE), sql.Literal(app_password)
+                    sql.Identifier(APP_ROLE), sql.Literal(verifier.decode("ascii"))
                 )
             )
             changed.append(f"password of {APP_ROLE}")

@@ -18,9 +18,11 @@ from stellarbase import (
     gpu,
     health,
     plan,
+    release_key,
     render,
     state,
     systemd,
+    trust,
     validate,
 )
 from stellarbase.agent.targets import AGENT_UNIT
@@ -132,14 +134,18 @@ def install(
     action: str = "install",
     audit_details: dict[str, Any] | None = None,
     retire_local: bool = False,
+    allow_downgrade: bool = False,
 ) -> Result:
     """Converge the host. `preflight=False` and `rolling=True` serve upgrade and rollback,
     which checked what they need before, and restart one unit at a time. `retire_local`:
-    a dependency that goes external stops its local server and keeps its data."""
+    a dependency that goes external stops its local server and keeps its data. A plain
+    install of an older release than the installed one needs `allow_downgrade`."""
     skip = skip or []
     if retire_local:
         audit_details = {**(audit_details or {}), "retire_local": True}
     require_root(paths)
+    if action == "install":
+        trust.check_release_allowed(paths, __version__, allow_downgrade=allow_downgrade)
     the_plan = make_plan(loaded, paths, binary, retire_local=retire_local)
     source = str(loaded.site_file.resolve()) if loaded.site_file else "tier defaults"
     if loaded.site_file and loaded.site_file.resolve() == paths.config_file.resolve():
@@ -191,22 +197,42 @@ def install_bundle(
     skip: list[str] | None = None,
     *,
     retire_local: bool = False,
+    allow_downgrade: bool = False,
 ) -> Result:
-    """Install the binary of a release bundle, once its signature and checksums hold."""
-    from stellarbase.bundle import verify_bundle
+    """Install the binary of a release bundle, once its signature and checksums hold.
 
+    A bundle of another release is installed by its own binary (units and files are
+    rendered by the binary that installs): this one hands over once the bundle is verified
+    and allowed here (not revoked, not a downgrade unless allowed)."""
+    from stellarbase.bundle import verify_bundle
+    from stellarbase.upgrade import hand_over
+
+    require_root(paths)
     with verify_bundle(source) as verified:
-        version = verified.release.version
-        if version != __version__:
-            # Units and files are rendered by this binary: they must be the bundle's own.
-            raise StellarError(
-                f"bundle {source} holds release {version}, this stellarbase is {__version__}",
-                hint=f"unpack it and run its own binary: tar xf {source.name} && "
-                f"sudo ./stellarbase-{version}/stellarbase install --bundle {source.name}",
-                code=ExitCode.BUNDLE,
-            )
-        result = install(loaded, paths, verified.binary, skip, retire_local=retire_local)
-    result.lines.insert(0, f"bundle {source}: release {version}, signature and checksums OK")
+        release = verified.release
+        trust.check_release_allowed(
+            paths, release.version, allow_downgrade=allow_downgrade,
+            revoked_by_bundle=release.revoked,
+        )  # fmt: skip
+        if release.version != __version__:
+            hand_over(verified.binary, release.version)
+        details = audit.release_key_details(verified.key_override)
+        result = install(
+            loaded, paths, verified.binary, skip, retire_local=retire_local,
+            allow_downgrade=allow_downgrade, audit_details=details,
+        )  # fmt: skip
+        trust.remember(
+            paths, revoked=release.revoked, key_override=verified.key_override,
+            action="install", version=release.version,
+        )  # fmt: skip
+    result.lines.insert(
+        0, f"bundle {source}: release {release.version}, signature and checksums OK"
+    )
+    if verified.key_override is not None:
+        result.lines.insert(
+            1, f"verified with the keys of {release_key.OVERRIDE_ENV}="
+            f"{verified.key_override['file']}, not the built-in release keys",
+        )  # fmt: skip
     return result
 
 
@@ -248,10 +274,17 @@ def status(paths: HostPaths) -> Result:
         "units": [],
     }
     result = Result("status", info=info)
+    override_now = release_key.override_in_use()
+    info["release_trust"] = {
+        **trust.load_record(paths),
+        "override_in_environment": override_now,
+    }
     if not info["installed"]:
         result.lines.append("stellarbase is not installed on this host")
+        result.lines += trust.status_lines(paths, override_now)
         return result
     result.lines.append(f"version {current.version}, config from {current.config_source}")
+    result.lines += trust.status_lines(paths, override_now)
     if current.features.get("vector") is False:
         result.lines.append(
             "semantic search: off (the local PostgreSQL has no pgvector; install the "

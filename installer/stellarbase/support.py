@@ -3,19 +3,24 @@
 Each part is collected on its own: a part that fails (no config, no database, no
 journalctl) leaves its error in summary.json and the others go on, because a broken host is
 when a bundle is wanted. Before anything is written, every text is scrubbed of each secret
-value the site config, the environment or the credential files hold.
+value the site config, the environment or the credential files hold, in each form a log or
+a config file may spell it (see `spellings`); summary.json, the bundle's manifest, lists
+every redaction by file, form and count, never the value.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import socket
 import tarfile
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,14 +59,15 @@ class Request:
 class Collected:
     members: dict[str, str] = field(default_factory=dict)  # name in the bundle → text
     errors: dict[str, str] = field(default_factory=dict)  # part → why it is missing
-    secrets: set[str] = field(default_factory=set)  # every spelling of every secret
+    secrets: dict[str, str] = field(default_factory=dict)  # every spelling → its form
 
     def add_json(self, name: str, data: Any) -> None:
         self.members[name] = json.dumps(data, indent=2, default=str) + "\n"
 
     def add_secret(self, value: str | None) -> None:
         if value:
-            self.secrets |= spellings(value)
+            for spelling, form in spellings(value).items():
+                self.secrets.setdefault(spelling, form)
 
     @contextmanager
     def guard(self, part: str) -> Iterator[None]:
@@ -77,14 +83,29 @@ def support_bundle(paths: HostPaths, request: Request) -> Result:
     created = datetime.now(UTC)
     destination = choose_destination(request.destination, created)
     found = collect(paths, request)
-    found.add_json("summary.json", summary(paths, request, found, created))
-    texts = {name: scrub(text, found.secrets) for name, text in found.members.items()}
+    redactions: list[dict[str, Any]] = []
+    texts = {
+        name: scrub(text, found.secrets, name, redactions) for name, text in found.members.items()
+    }
+    found.errors = {
+        part: scrub(text, found.secrets, "summary.json", redactions)
+        for part, text in found.errors.items()
+    }
+    texts["summary.json"] = (
+        json.dumps(summary(paths, request, found, created, redactions), indent=2, default=str)
+        + "\n"
+    )
     top = destination.name.removesuffix(".tar.gz").removesuffix(".tgz")
     write_atomic(destination, pack(texts, top, created.timestamp()), mode=0o600)
-    errors = {part: scrub(text, found.secrets) for part, text in found.errors.items()}
+    errors = found.errors
     result = Result(
         "support-bundle",
-        info={"path": str(destination), "members": sorted(texts), "errors": errors},
+        info={
+            "path": str(destination),
+            "members": sorted(texts),
+            "errors": errors,
+            "redactions": redactions,
+        },
     )
     result.lines.append(str(destination))
     failed = f"; errors recorded for {', '.join(sorted(errors))}" if errors else ""
@@ -340,17 +361,58 @@ def _unquoted(raw: str) -> str:
         return raw
 
 
-def spellings(value: str) -> set[str]:
-    """How a secret may appear in collected text: as is, JSON-escaped, env-file-escaped."""
-    return {value, json.dumps(value)[1:-1], render.env_escape(value)} - {""}
+# Base64 spans shorter than this are left alone: they would match by chance.
+MIN_BASE64_SPAN = 8
 
 
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    """`text` with each occurrence of every secret replaced by REDACTED, longest first, so a
-    secret that contains another goes as a whole."""
-    for secret in sorted(set(secrets), key=len, reverse=True):
-        if secret:
-            text = text.replace(secret, REDACTED)
+def spellings(value: str) -> dict[str, str]:
+    """How a secret may appear in collected text, each with the name of its form: as is;
+    JSON-, env-file-, SQL-, shell- and Python-quoted; URL-encoded (either hex case, + for
+    space); and base64 (standard and URL alphabets) at each of the three byte alignments,
+    so that it is found inside a longer encoded string such as `Basic base64(user:pass)`."""
+    forms: dict[str, str] = {}
+
+    def add(form: str, *texts: str) -> None:
+        for text in texts:
+            if text:
+                forms.setdefault(text, form)
+
+    add("plain", value)
+    add("json-escaped", json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1])
+    add("quoted", render.env_escape(value), value.replace("'", "''"), shlex.quote(value),
+        repr(value)[1:-1])  # fmt: skip
+    for encoded in (urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value)):
+        add("url-encoded", encoded, re.sub(r"%[0-9A-F]{2}", lambda m: m[0].lower(), encoded))
+    raw = value.encode()
+    for offset in range(3):
+        first = -(-offset * 8 // 6)  # the first character made of the value's bits only
+        last = (offset + len(raw)) * 8 // 6  # one past the last such character
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            span = encode(bytes(offset) + raw).decode()[first:last]
+            if len(span) >= MIN_BASE64_SPAN:
+                add("base64", span)
+    return forms
+
+
+def scrub(
+    text: str,
+    secrets: Iterable[str] | dict[str, str],
+    name: str = "",
+    redactions: list[dict[str, Any]] | None = None,
+) -> str:
+    """`text` with each occurrence of every secret spelling replaced by REDACTED, longest
+    first, so a secret that contains another goes as a whole. With `redactions`, one entry
+    per file and form is added: {"file", "form", "count"}, never the value."""
+    forms = secrets if isinstance(secrets, dict) else dict.fromkeys(secrets, "plain")
+    counts: dict[str, int] = {}
+    for spelling in sorted(forms, key=len, reverse=True):
+        found = text.count(spelling) if spelling else 0
+        if found:
+            text = text.replace(spelling, REDACTED)
+            counts[forms[spelling]] = counts.get(forms[spelling], 0) + found
+    if redactions is not None:
+        for form, count in sorted(counts.items()):
+            redactions.append({"file": name, "form": form, "count": count})
     return text
 
 
@@ -358,8 +420,13 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
 
 
 def summary(
-    paths: HostPaths, request: Request, found: Collected, created: datetime
+    paths: HostPaths,
+    request: Request,
+    found: Collected,
+    created: datetime,
+    redactions: list[dict[str, Any]],
 ) -> dict[str, Any]:
+    """The bundle's manifest."""
     return {
         "stellarbase": __version__,
         "created": created.isoformat(),
@@ -368,6 +435,7 @@ def summary(
         "journal_lines": request.journal_lines,
         "members": sorted([*found.members, "summary.json"]),
         "errors": found.errors,
+        "redactions": redactions,
     }
 
 

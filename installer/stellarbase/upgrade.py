@@ -24,11 +24,11 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from stellarbase import __version__, migrate, render, state, systemd
+from stellarbase import __version__, audit, config, migrate, render, state, systemd, trust
 from stellarbase.config import LoadedConfig
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.installed import postgres_target
@@ -36,6 +36,12 @@ from stellarbase.operations import install, preflight_context, record_audit, req
 from stellarbase.output import Result
 from stellarbase.paths import HostPaths
 from stellarbase.preflight import report
+from stellarbase.trust import version_key
+
+if TYPE_CHECKING:
+    from stellarbase.bundle import VerifiedBundle
+
+__all__ = ["rollback", "upgrade", "version_key"]
 
 log = structlog.get_logger()
 
@@ -44,19 +50,6 @@ log = structlog.get_logger()
 _CHILD_ENV = {"PYINSTALLER_RESET_ENVIRONMENT": "1"}
 _VERSION = re.compile(r"(\d+)\.(\d+)\.(\d+)(.*)")
 ACTIVATE_TIMEOUT_S = 900.0
-
-
-def version_key(version: str) -> tuple[int, int, int, bool, str]:
-    """Sort key of a release version: numbers first; 1.2.0rc1 comes before 1.2.0."""
-    match = _VERSION.fullmatch(version)
-    if match is None:
-        raise StellarError(
-            f"{version!r} is not a release version",
-            hint="versions look like 1.4.2",
-            code=ExitCode.USAGE,
-        )
-    major, minor, patch, suffix = match.groups()
-    return int(major), int(minor), int(patch), suffix == "", suffix
 
 
 @dataclass(frozen=True)
@@ -95,7 +88,14 @@ def check_move(
     return "downgrade"
 
 
-def upgrade(loaded: LoadedConfig, paths: HostPaths, bundle: Path, skip: list[str]) -> Result:
+def upgrade(
+    loaded: LoadedConfig,
+    paths: HostPaths,
+    bundle: Path,
+    skip: list[str],
+    *,
+    allow_downgrade: bool = False,
+) -> Result:
     from stellarbase.bundle import verify_bundle
 
     require_root(paths)
@@ -108,13 +108,21 @@ def upgrade(loaded: LoadedConfig, paths: HostPaths, bundle: Path, skip: list[str
         )
     with verify_bundle(bundle) as verified:
         release = verified.release
+        trust.check_release_allowed(
+            paths, release.version, allow_downgrade=allow_downgrade,
+            revoked_by_bundle=release.revoked,
+        )  # fmt: skip
         if release.version != __version__:
             hand_over(verified.binary, release.version)
         target = SchemaSupport(release.version, release.schema_min, release.schema_max)
         database = postgres_target(loaded, paths)
         db_newest, db_floor = migrate.applied_schema(*database)
         move = check_move(before.version, target, release.upgrade_from, db_newest, db_floor)
-        details: dict[str, Any] = {"from": before.version, "to": release.version}
+        details: dict[str, Any] = {
+            "from": before.version,
+            "to": release.version,
+            **audit.release_key_details(verified.key_override),
+        }
         result = Result("upgrade", info=dict(details))
         if move == "same" and _current_release(paths) == release.version:
             # Converge only: after a crash mid-upgrade this restarts what still runs the
@@ -127,6 +135,7 @@ def upgrade(loaded: LoadedConfig, paths: HostPaths, bundle: Path, skip: list[str
             result.lines.append(
                 f"release {release.version} is current already; {done.changed} changed"
             )
+            _remember(paths, verified)
             return result
 
         found = report.run(preflight_context(loaded.config, paths), skip)
@@ -161,6 +170,7 @@ def upgrade(loaded: LoadedConfig, paths: HostPaths, bundle: Path, skip: list[str
                 hint=exc.hint or "see `stellarbase status` and the failing unit's journal",
                 code=ExitCode.UPGRADE,
             ).with_details([*exc.details, *back]) from None
+        _remember(paths, verified)
     result.steps = done.steps
     result.lines += [
         f"upgraded {before.version} → {release.version}"
@@ -198,6 +208,7 @@ def rollback(paths: HostPaths, to: str | None) -> Result:
             + "; install it with `stellarbase upgrade --bundle`",
             code=ExitCode.UPGRADE,
         )
+    trust.check_rollback_allowed(paths, target)
     if target == now.version and _current_release(paths) == target:
         raise StellarError(
             f"release {target} is current already",
@@ -291,11 +302,34 @@ def release_schema(paths: HostPaths, version: str) -> SchemaSupport:
 
 
 def hand_over(binary: Path, version: str) -> None:
-    """Run the same command with the bundle's own binary, and exit with its exit code."""
+    """Run the same command with the verified bundle's own binary, and exit with its exit
+    code. Its command line is this one's, which holds no secret: --set refuses them
+    (stellarbase.config.parse_sets), and this checks again before passing it on."""
+    argv = sys.argv[1:]
+    config.parse_sets(_set_values(argv))
     log.info("handing over to the bundle's binary", version=version)
     binary.chmod(0o700)  # unpacked as plain data into a private directory
-    proc = _run_release([str(binary), *sys.argv[1:]], capture=False, timeout=None)
+    proc = _run_release([str(binary), *argv], capture=False, timeout=None)
     raise SystemExit(proc.returncode)
+
+
+def _set_values(argv: list[str]) -> list[str]:
+    """The values of every --set in a command line (--set K=V and --set=K=V)."""
+    found = []
+    for i, arg in enumerate(argv):
+        if arg == "--set" and i + 1 < len(argv):
+            found.append(argv[i + 1])
+        elif arg.startswith("--set="):
+            found.append(arg.removeprefix("--set="))
+    return found
+
+
+def _remember(paths: HostPaths, verified: VerifiedBundle) -> None:
+    release = verified.release
+    trust.remember(
+        paths, revoked=release.revoked, key_override=verified.key_override,
+        action="upgrade", version=release.version,
+    )  # fmt: skip
 
 
 def installed_releases(paths: HostPaths) -> list[str]:

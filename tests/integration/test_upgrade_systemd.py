@@ -228,6 +228,14 @@ def test_install_upgrade_fail_rollback(systemd_sandbox: SystemdSandbox, releases
         (o, {k: d[k] for k in ("from", "to", "migrations") if k in d})
         for o, d in site.audit("upgrade")
     ]
+    # the bundle was verified with the test key of STELLARBASE_RELEASE_PUBKEY: on record
+    assert all(
+        d["release_pubkey_override"]["file"] == KEY_IN_SANDBOX
+        for o, d in site.audit("upgrade")
+        if o == "success"
+    )
+    code, out, err = site.run("/opt/stellarbase/current/stellarbase", "status", env={})
+    assert f"release key: OVERRIDDEN by {KEY_IN_SANDBOX}" in out, out + err
     # a re-run of the same upgrade changes nothing
     code, out, err = site.run("/opt/stellarbase/current/stellarbase", "upgrade", "--bundle",
                               site.bundles[B])  # fmt: skip
@@ -271,8 +279,14 @@ def test_install_upgrade_fail_rollback(systemd_sandbox: SystemdSandbox, releases
     code, out, err = site.run("/opt/stellarbase/current/stellarbase", "rollback")
     assert code == 0 and site.state()["version"] == B, out + err
 
-    # 7. a downgrade to A (allowed: the schema is additive) killed right after worker@1
-    # restarted; the same command again finishes the move
+    # 7. a downgrade to A is refused without --allow-downgrade, before anything changes
+    before = site.host_files()
+    code, out, err = site.run("/opt/stellarbase/current/stellarbase", "upgrade", "--bundle",
+                              site.bundles[A])  # fmt: skip
+    assert code == ExitCode.UPGRADE and "--allow-downgrade" in err, out + err
+    assert site.host_files() == before
+    # with it (allowed: the schema is additive), killed right after worker@1 restarted;
+    # the same command again finishes the move
     code, out, err = site.run("/opt/stellarbase/current/stellarbase", "plan", "--config",
                               config, "-o", "json")  # fmt: skip
     names = [step["step"] for step in json.loads(out)["steps"]]
@@ -280,13 +294,13 @@ def test_install_upgrade_fail_rollback(systemd_sandbox: SystemdSandbox, releases
     pids_b = site.pids(SERVICES)
     crash = {"STELLARBASE_STOP_AFTER_STEP": str(stop_after)}
     code, out, err = site.run("/opt/stellarbase/current/stellarbase", "upgrade", "--bundle",
-                              site.bundles[A], env=crash)  # fmt: skip
+                              site.bundles[A], "--allow-downgrade", env=crash)  # fmt: skip
     assert code != 0, out + err
     assert site.current() == f"releases/{A}"
     moved = {u for u, pid in site.pids(SERVICES).items() if pid != pids_b[u]}
     assert moved == {"stellarbase-worker@1.service"}, moved
     code, out, err = site.run("/opt/stellarbase/current/stellarbase", "upgrade", "--bundle",
-                              site.bundles[A])  # fmt: skip
+                              site.bundles[A], "--allow-downgrade")  # fmt: skip
     assert code == 0 and f"release {A} is current already; " in out, out + err
     assert site.state()["version"] == A and site.all_ready()
     assert all(site.pids([u])[u] != pids_b[u] for u in SERVICES), "every service runs A"

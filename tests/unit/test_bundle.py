@@ -7,15 +7,18 @@ import gzip
 import importlib.util
 import io
 import json
+import os
 import stat
+import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -46,6 +49,13 @@ def _load_make_bundle() -> ModuleType:
 
 
 make_bundle = _load_make_bundle()
+
+
+@pytest.fixture(autouse=True)
+def _logs_to_default_stream() -> Iterator[None]:
+    """A CLI test points the logs at its captured stderr, closed after it: put them back."""
+    yield
+    structlog.reset_defaults()
 
 
 def _public_pem(key: Ed25519PrivateKey) -> bytes:
@@ -245,27 +255,156 @@ def test_install_of_tampered_bundle_leaves_root_untouched(
     assert not list(scratch.iterdir())  # the unpacked files went with the refusal
 
 
-def test_bundle_of_another_version_is_refused(tmp_path: Path, build: BuildFn) -> None:
-    from stellarbase import operations
-    from stellarbase.config import load_config
-    from stellarbase.paths import HostPaths
+def _recording_binary(tmp_path: Path, exit_code: int = 0) -> tuple[Path, Path]:
+    """A stand-in release binary: a script that writes its command line and exits."""
+    record = tmp_path / "child-argv"
+    script = tmp_path / "child-stellarbase"
+    script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\nexit {exit_code}\n')
+    return script, record
 
-    path = build(version="9.9.9", upgrade_from="0.1.0")
-    with pytest.raises(StellarError) as caught:
-        operations.install_bundle(load_config(env={}), HostPaths(tmp_path / "root"), path)
-    assert caught.value.code == ExitCode.BUNDLE
-    assert "holds release 9.9.9" in caught.value.message
-    assert not (tmp_path / "root").exists()
+
+def _installed(root: Path, version: str) -> None:
+    state = root / "var/lib/stellarbase/state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"version": version}))
+
+
+def test_install_of_another_version_hands_over_once_verified(
+    tmp_path: Path, build: BuildFn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script, record = _recording_binary(tmp_path, exit_code=7)
+    path = build(binary=script, version="9.9.9", upgrade_from="0.1.0")
+    root = tmp_path / "root"
+    argv = ["install", "--root", str(root), "--bundle", str(path), "--tier", "pilot"]
+    assert _run_cli(monkeypatch, *argv) == 7  # the bundle's binary's exit code
+    assert record.read_text().splitlines() == argv
+
+    record.unlink()
+    tampered = rewrite_bundle(path, flip_binary_byte)
+    assert _run_cli(monkeypatch, "install", "--root", str(root), "--bundle", str(tampered)) == 12
+    assert not record.exists(), "an unverified binary ran"
+
+
+def test_older_release_is_refused_unless_allowed(
+    tmp_path: Path,
+    build: BuildFn,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    script, record = _recording_binary(tmp_path)
+    older = build(binary=script, version="0.0.9", upgrade_from="0.0.9")
+    root = tmp_path / "root"
+    _installed(root, __version__)
+    argv = ["install", "--root", str(root), "--bundle", str(older)]
+    assert _run_cli(monkeypatch, *argv) == ExitCode.UPGRADE
+    err = capsys.readouterr().err
+    assert f"release 0.0.9 is older than the installed {__version__}" in err
+    assert "--allow-downgrade" in err
+    assert not record.exists()
+
+    assert _run_cli(monkeypatch, *argv, "--allow-downgrade") == 0
+    assert record.read_text().splitlines() == [*argv, "--allow-downgrade"]
+
+
+def test_running_an_older_binary_directly_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "root"
+    _installed(root, "9.9.9")
+    assert _run_cli(monkeypatch, "install", "--root", str(root)) == ExitCode.UPGRADE
+    assert f"release {__version__} is older than the installed 9.9.9" in capsys.readouterr().err
+
+
+def _pax_bomb(path: Path, header_bytes: int) -> Path:
+    """A small tar.gz whose first entry is a pax header of header_bytes (zeros)."""
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, header_bytes
+    with gzip.open(path, "wb", compresslevel=9) as gz:
+        gz.write(info.tobuf(tarfile.USTAR_FORMAT))
+        chunk = bytes(1 << 20)
+        for _ in range(header_bytes >> 20):
+            gz.write(chunk)
+        gz.write(bytes(1024))
+    return path
+
+
+def test_oversized_pax_header_is_refused_in_bounded_memory(
+    tmp_path: Path, signing_key: Ed25519PrivateKey
+) -> None:
+    bomb = _pax_bomb(tmp_path / "bomb.tar.gz", 400 << 20)
+    assert bomb.stat().st_size < 1 << 20
+    # The whole command under an address-space limit the 400 MB header would break.
+    limit = 768 << 20
+    code = (
+        "import resource, sys; "
+        f"resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit})); "
+        "from stellarbase.cli import main; "
+        f"sys.argv = ['stellarbase', 'install', '--root', {str(tmp_path / 'root')!r}, "
+        f"'--bundle', {str(bomb)!r}]; main()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == ExitCode.BUNDLE, done.stderr
+    assert "pax or GNU extension header" in done.stderr
+    assert "hint:" in done.stderr
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME])
+def test_extension_headers_are_refused(
+    tmp_path: Path, signing_key: Ed25519PrivateKey, kind: bytes
+) -> None:
+    info = tarfile.TarInfo("stellarbase-0.1.0/x")
+    info.type, info.size = kind, 10
+    path = _tarball(tmp_path / "ext.tar.gz", info)
+    assert "pax or GNU extension header" in _refusal(path).message
+
+
+def test_garbage_header_is_a_bundle_error(tmp_path: Path, signing_key: Ed25519PrivateKey) -> None:
+    path = tmp_path / "garbage.tar.gz"
+    with gzip.open(path, "wb") as gz:
+        gz.write(b"\xff" * 2048)
+    assert "not a tar.gz" in _refusal(path).message
+
+
+def test_members_are_unpacked_on_disk_not_in_tmp(
+    build: BuildFn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TMPDIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    with verify_bundle(build()) as verified:
+        assert verified.workdir.parent == Path("/var/tmp")
 
 
 @pytest.mark.host_commands  # systemd-sysusers --root=<tmp> creates the user
-def test_install_from_bundle_installs_its_binary(tmp_path: Path, build: BuildFn) -> None:
+def test_install_from_bundle_installs_its_binary(
+    tmp_path: Path, build: BuildFn, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from stellarbase import operations
     from stellarbase.config import load_config
     from stellarbase.paths import HostPaths
 
     paths = HostPaths(tmp_path / "root")
-    result = operations.install_bundle(load_config(env={}), paths, build())
+    result = operations.install_bundle(load_config(env={}), paths, build(revoked=("0.0.5",)))
     assert result.lines[0].endswith("signature and checksums OK")
+    assert f"verified with the keys of {release_key.OVERRIDE_ENV}=" in result.lines[1]
     assert (paths.current / "stellarbase").read_bytes() == FAKE_BINARY
     assert json.loads(json.dumps(result.as_dict()))["changed"] > 10
+    # the override stays on record after the shell that set it is gone
+    monkeypatch.delenv(release_key.OVERRIDE_ENV)
+    shown = operations.status(paths)
+    assert any(line.startswith("release key: OVERRIDDEN by ") for line in shown.lines)
+    assert "revoked releases: 0.0.5" in shown.lines
+    assert shown.info["release_trust"]["key_override"]["action"] == "install"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the ownership rule applies to root only")
+@pytest.mark.parametrize("mode", [0o666, 0o664])
+def test_a_key_override_others_can_write_is_refused_for_root(
+    build: BuildFn, tmp_path: Path, mode: int
+) -> None:
+    path = build()
+    (tmp_path / "release-pub.pem").chmod(mode)
+    err = _refusal(path)
+    assert "another user could change which bundles root trusts" in err.message
+    assert "chmod 644" in err.hint

@@ -119,6 +119,93 @@ def test_local_dependencies_by_tier_and_conflicts() -> None:
     assert department.mode_of("postgres") == "external"
     mixed = load_config(sets=["dependencies.redis=external"], env={}).config
     assert (mixed.mode_of("postgres"), mixed.mode_of("redis")) == ("local", "external")
-    err = _fail(sets=["postgres.url=postgresql://sb@db/sb", "postgres.password=x"])
-    assert "dependencies.postgres=external" in err.message
+    with pytest.raises(StellarError) as info:
+        load_config(
+            sets=["postgres.url=postgresql://sb@db/sb"],
+            env={"STELLARBASE_POSTGRES__PASSWORD": "x"},
+        )
+    assert "dependencies.postgres=external" in info.value.message
     assert _fail(sets=["local.redis.port=8300"]).message.startswith("--set: ")
+
+
+# --- no secret in an error message -----------------------------------------------------
+
+EXTERNAL = ["dependencies.mode=external", "redis.url=redis://cache:6379/0"]
+REDIS_PASSWORD = {"STELLARBASE_REDIS__PASSWORD": "redis-pass"}
+SECRET_SHAPES = {
+    "number": ("48151623", "48151623"),
+    "list": ("[hunter2x, 48151623]", "hunter2x"),
+    "mapping": ("{nested: hunter2x}", "hunter2x"),
+    "float": ("4815.1623", "4815.1623"),
+}
+
+
+def _external_site(tmp_path: Path, password_yaml: str, url: str = "postgresql://sb@db/sb") -> Path:
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        f"dependencies: {{mode: external}}\nredis: {{url: 'redis://cache:6379/0'}}\n"
+        f"postgres:\n  url: '{url}'\n  password: {password_yaml}\n"
+    )
+    return site
+
+
+@pytest.mark.parametrize("shape", SECRET_SHAPES, ids=list(SECRET_SHAPES))
+def test_a_secret_of_the_wrong_type_in_yaml_is_not_echoed(tmp_path: Path, shape: str) -> None:
+    written, value = SECRET_SHAPES[shape]
+    with pytest.raises(StellarError) as info:
+        load_config(site_file=_external_site(tmp_path, written), env=REDIS_PASSWORD)
+    err = info.value
+    assert err.code == ExitCode.CONFIG and "postgres.password" in err.message
+    assert value not in err.message + err.hint
+    assert "quote it" in err.hint
+
+
+@pytest.mark.parametrize("shape", ["list", "mapping"])
+def test_a_secret_from_the_environment_is_taken_as_written(shape: str) -> None:
+    written, _ = SECRET_SHAPES[shape]
+    loaded = load_config(
+        sets=[*EXTERNAL, "postgres.url=postgresql://sb@db/sb"],
+        env={**REDIS_PASSWORD, "STELLARBASE_POSTGRES__PASSWORD": written},
+    )
+    assert loaded.config.postgres and loaded.config.postgres.password
+    assert loaded.config.postgres.password.get_secret_value() == written
+
+
+@pytest.mark.parametrize("value", ["48151623", "0123", "[hunter2x]", "a: b"])
+def test_numbers_and_yaml_look_alikes_are_secrets_as_written(value: str) -> None:
+    loaded = load_config(sets=EXTERNAL, env={"STELLARBASE_REDIS__PASSWORD": value})
+    assert loaded.config.redis and loaded.config.redis.password
+    assert loaded.config.redis.password.get_secret_value() == value
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "postgres.password=hunter2x",
+        "postgres.password=48151623",
+        "postgres={password: hunter2x}",
+        "agent.metrics_token=hunter2x",
+        "s3.secret_key=hunter2x",
+        "backup.encryption_key=hunter2x",
+    ],
+)
+def test_secrets_on_the_command_line_are_refused(item: str) -> None:
+    err = _fail(sets=[*EXTERNAL, item])
+    assert "secrets are not taken on the command line" in err.message
+    assert "hunter2x" not in err.message + err.hint and "48151623" not in err.message
+    assert "site file" in err.hint and "STELLARBASE_" in err.hint
+
+
+@pytest.mark.parametrize("item", ["Postgres.password=hunter2x", "postgres.password:hunter2x"])
+def test_a_malformed_set_is_not_echoed(item: str) -> None:
+    err = _fail(sets=[item])
+    assert "hunter2x" not in err.message + err.hint
+
+
+def test_a_secret_quoted_by_another_check_is_blanked(tmp_path: Path) -> None:
+    """A value check that quotes its input (a URL) never shows a secret nor a URL password."""
+    site = _external_site(tmp_path, "'hunter2x'", url="ftp://sb:hunter2x@db/sb")
+    with pytest.raises(StellarError) as info:
+        load_config(site_file=site, env=REDIS_PASSWORD)
+    assert "postgres.url" in info.value.message
+    assert "hunter2x" not in info.value.message + info.value.hint

@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
 import tarfile
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +254,62 @@ def test_credential_files_are_scrubbed_even_when_they_do_not_parse() -> None:
         'GOOD="a\\"b"\nbroken line without equals\nrequirepass "redis pw"\n# comment\n'
     )
     assert {'a"b', "redis pw", "line without equals"} <= set(values)
+
+
+# A password that every encoding changes: quotes, @, /, space, +, &, =, a non-ASCII letter.
+HOSTILE = 'it\'s "a" p@ss/w\u00f6rd+1&x=y'
+
+
+def _planted_forms(secret: str) -> dict[str, str]:
+    """The secret as logs and configs spell it, by the form the manifest names."""
+    b64 = base64.b64encode(f"stellarbase:{secret}".encode()).decode()
+    url = urllib.parse.quote(secret, safe="")
+    return {
+        "json-escaped": json.dumps(secret)[1:-1],
+        "quoted (SQL)": "'" + secret.replace("'", "''") + "'",
+        "quoted (shell)": shlex.quote(secret),
+        "url-encoded": url,
+        "url-encoded (lower hex)": re.sub(r"%[0-9A-F]{2}", lambda m: m[0].lower(), url),
+        "url-encoded (form)": urllib.parse.quote_plus(secret),
+        "base64 (Basic auth)": "Basic " + b64,
+        "base64 (URL alphabet)": base64.urlsafe_b64encode(f"x{secret}".encode()).decode(),
+    }
+
+
+def _without_quotes(form: str) -> str:
+    """The part of a planted form that must go: quotes around a secret may stay."""
+    return form.strip("'")
+
+
+def test_every_encoding_of_a_secret_is_scrubbed_and_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = _site()
+    site["postgres"]["password"] = HOSTILE
+    site_file = tmp_path / "site.yaml"
+    site_file.write_text(yaml.safe_dump(site))
+    root = tmp_path / "root"
+    _install_files(root, site_file)
+    planted = _planted_forms(HOSTILE)
+    override = HostPaths(root).unit_dir / f"{UNIT}.d" / "override.conf"
+    with override.open("a") as conf:
+        for form, text in planted.items():
+            conf.write(f'# {form}: psql -c "ALTER ROLE x PASSWORD {text}" -> {text}\n')
+    bundle = tmp_path / "support.tar.gz"
+    assert _support_bundle(monkeypatch, "--root", str(root), "-O", str(bundle)) == 0
+
+    members = _members(bundle)
+    for form, text in planted.items():
+        needle = _without_quotes(text).encode()
+        for name, data in members.items():
+            assert needle not in data, f"{form} of the secret in {name}"
+    assert HOSTILE.encode() not in b"".join(members.values())
+    manifest = json.loads(members["summary.json"])
+    listed = {
+        r["form"]: r["count"]
+        for r in manifest["redactions"]
+        if r["file"] == f"units/{UNIT}.d/override.conf"
+    }
+    for form in ("json-escaped", "quoted", "url-encoded", "base64"):
+        assert listed.get(form, 0) >= 2, (form, listed)
+    assert all(set(r) == {"file", "form", "count"} for r in manifest["redactions"])
