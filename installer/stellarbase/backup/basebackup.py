@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import structlog
 
-from stellarbase.backup import codec, walnames
+from stellarbase.backup import auth, codec, walnames
 from stellarbase.backup.catalog import MANIFEST_FORMAT
 from stellarbase.backup.parts import PART_BYTES, store_parts
 from stellarbase.backup.repo import ClusterIdentity, Repository, ensure_identity
@@ -204,6 +204,7 @@ def take_backup(
         meta,
         level=backup.compression_level,
         key=key,
+        backup_id=backup_id,
         part_bytes=part_bytes,
         concurrency=backup.upload_concurrency,
         wanted=_WANTED,
@@ -233,8 +234,11 @@ def take_backup(
         "codec": codec_name,
         "parts": [dataclasses.asdict(p) for p in parts],
     }
+    name = f"backups/{backup_id}/manifest.json"
+    if key is not None:
+        manifest = auth.sign_manifest(key, name, manifest)
     body = (json.dumps(manifest, indent=2) + "\n").encode()
-    repo.put(f"backups/{backup_id}/manifest.json", body, {})
+    repo.put(name, body, {})
     log.info(
         "base backup done",
         id=backup_id,

@@ -4,6 +4,10 @@ A backup is restorable up to the last segment of an unbroken WAL chain that star
 start segment and follows the timeline path to the newest timeline descending from the
 backup's own. A missing segment with WAL after it is a gap: nothing past it can be
 restored, so list, verify and restore all name it.
+
+With a key, WAL metadata and manifests are authenticated as they are read (see `auth`):
+a manifest that fails its MAC is set aside as tampered, one of an older format as
+unreadable; WAL metadata that fails raises AuthError naming the object.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from stellarbase.backup import codec, walnames
+from stellarbase.backup import auth, codec, walnames
 from stellarbase.backup.repo import (
     ObjectInfo,
     ObjectNotFound,
@@ -26,7 +30,7 @@ from stellarbase.errors import StellarError
 WAL_PREFIX = "wal/"
 BACKUPS_PREFIX = "backups/"
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 2  # format 1 manifests are still read
+MANIFEST_FORMAT = 3  # formats 1 and 2 are still read without a key
 ID_FORMAT = "%Y%m%dT%H%M%SZ"
 # A backup directory without a manifest may be a backup still running.
 INCOMPLETE_GRACE = timedelta(days=1)
@@ -44,6 +48,7 @@ class Part:
     sha256: str
     raw_bytes: int
     stored_bytes: int
+    header: str = ""  # hex of the sealed object's first bytes (format 3, with a key)
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Part:
@@ -52,6 +57,7 @@ class Part:
             sha256=str(doc["sha256"]),
             raw_bytes=int(doc["raw_bytes"]),
             stored_bytes=int(doc["stored_bytes"]),
+            header=str(doc.get("header", "")),
         )
 
 
@@ -61,6 +67,7 @@ class Manifest:
 
     Format 2 lists the parts the tar stream was cut into, each with its own checksum;
     format 1 (one object, `base.tar.zst`, checksum at the top level) reads as one part.
+    Format 3 adds each part's sealed header and, with a key, the manifest's MAC.
     """
 
     id: str
@@ -84,7 +91,7 @@ class Manifest:
     def from_json(cls, doc: Mapping[str, Any]) -> Manifest:
         """Raises ValueError (or KeyError/TypeError) on a malformed manifest."""
         version = doc.get("format")
-        if version not in (1, MANIFEST_FORMAT):
+        if version not in (1, 2, MANIFEST_FORMAT):
             raise ValueError(f"unknown manifest format {version!r}")
         backup_id = str(doc["id"])
         if version == 1:
@@ -151,6 +158,7 @@ class Catalog:
     backups: tuple[Manifest, ...]  # complete ones, oldest first
     incomplete: tuple[str, ...]  # backup dirs without a (readable) manifest
     unreadable: Mapping[str, str]  # backup id → why its manifest could not be read
+    tampered: Mapping[str, str]  # manifest key → why it failed authentication
     backup_objects: Mapping[str, tuple[ObjectInfo, ...]]  # backup id → its objects
     wal: Mapping[str, ObjectInfo]  # WAL file name → object
     _meta: dict[str, Mapping[str, str]] = field(default_factory=dict, compare=False, repr=False)
@@ -175,13 +183,22 @@ class Catalog:
         return self.segment_name(segment) in self.wal
 
     def meta(self, key: str) -> Mapping[str, str]:
-        """An object's metadata (head when the listing did not carry it)."""
+        """An object's metadata (head when the listing did not carry it).
+
+        With a key, a WAL object's metadata must carry its valid MAC (else AuthError).
+        A backup part's metadata is not authenticated: its manifest is.
+        """
         cached = self._meta.get(key)
         if cached is not None:
             return cached
         info = self.repo.head(key)
         if info is None:
             raise ObjectNotFound(f"{self.repo.description}: no object {key}")
+        if self.key is not None and key.startswith(WAL_PREFIX):
+            stored_as = info.meta.get("codec", "")
+            if stored_as != codec.ZSTD_AES:
+                raise auth.plaintext(key, stored_as)
+            auth.check_meta(self.key, key, info.meta)
         self._meta[key] = info.meta
         return info.meta
 
@@ -196,7 +213,12 @@ class Catalog:
 
     def _history_text(self, name: str) -> str:
         key = WAL_PREFIX + name
-        data = codec.decode(self.repo.get(key), self.meta(key).get("codec", ""), self.key)
+        try:
+            data = codec.decode(
+                self.repo.get(key), self.meta(key).get("codec", ""), self.key, name=key
+            )
+        except codec.CodecError as exc:
+            raise codec.CodecError(f"{key}: {exc.message}", exc.hint) from None
         return data.decode("utf-8", errors="replace")
 
     def wal_mtime(self, segment: walnames.Segment) -> datetime | None:
@@ -214,7 +236,8 @@ def load_catalog(repo: Repository, key: bytes | None = None) -> Catalog:
     """List the repository: manifests, incomplete backups, the WAL index, timeline histories.
 
     `key` decodes the timeline history files, which are read only when a WAL chain is
-    followed (list, verify, restore); expire needs no key.
+    followed (list, verify, restore), and authenticates manifests and WAL metadata;
+    expire needs no key.
     """
     identity = read_identity(repo)
     segment_size = identity.wal_segment_size if identity else walnames.DEFAULT_SEGMENT_SIZE
@@ -225,13 +248,20 @@ def load_catalog(repo: Repository, key: bytes | None = None) -> Catalog:
     backups: list[Manifest] = []
     incomplete: list[str] = []
     unreadable: dict[str, str] = {}
+    tampered: dict[str, str] = {}
     for backup_id, infos in sorted(by_backup.items()):
         manifest_key = f"{BACKUPS_PREFIX}{backup_id}/{MANIFEST}"
         if not any(i.key == manifest_key for i in infos):
             incomplete.append(backup_id)
             continue
         try:
-            backups.append(Manifest.from_json(json.loads(repo.get(manifest_key))))
+            backups.append(read_manifest(repo, key, backup_id))
+        except auth.LegacyFormat as exc:
+            unreadable[backup_id] = exc.message
+            incomplete.append(backup_id)
+        except auth.AuthError as exc:
+            tampered[manifest_key] = exc.message
+            incomplete.append(backup_id)
         except (ValueError, KeyError, TypeError) as exc:
             unreadable[backup_id] = f"{manifest_key} is malformed: {exc}"
             incomplete.append(backup_id)
@@ -248,9 +278,31 @@ def load_catalog(repo: Repository, key: bytes | None = None) -> Catalog:
         backups=tuple(sorted(backups, key=lambda m: (m.start_time, m.id))),
         incomplete=tuple(incomplete),
         unreadable=unreadable,
+        tampered=tampered,
         backup_objects={k: tuple(v) for k, v in by_backup.items()},
         wal=wal,
     )
+
+
+def read_manifest(repo: Repository, key: bytes | None, backup_id: str) -> Manifest:
+    """`backups/<id>/manifest.json`, authenticated when `key` is set.
+
+    Raises AuthError (tampered, or of an older format), ValueError, KeyError or TypeError.
+    """
+    name = f"{BACKUPS_PREFIX}{backup_id}/{MANIFEST}"
+    doc = json.loads(repo.get(name))
+    if not isinstance(doc, dict):
+        raise TypeError("a manifest is a JSON object")
+    if key is not None:
+        auth.check_manifest(key, name, doc)
+        if doc.get("format") != MANIFEST_FORMAT or doc.get("codec") != codec.ZSTD_AES:
+            raise auth.AuthError(name, "an authenticated manifest of an unexpected format")
+    manifest = Manifest.from_json(doc)
+    if manifest.id != backup_id:
+        raise ValueError(f"it names backup {manifest.id}, its directory {backup_id}")
+    if any(not p.key.startswith(f"{BACKUPS_PREFIX}{backup_id}/") for p in manifest.parts):
+        raise ValueError("it lists a part outside its own directory")
+    return manifest
 
 
 # --------------------------------------------------------------------------- continuity
@@ -354,6 +406,7 @@ class BackupSummary:
     restorable_until: datetime | None  # completion time of the last unbroken segment
     restorable_wal: str | None  # that segment
     gap: str | None  # the missing segment that breaks the chain, if any
+    problem: str | None = None  # why its chain cannot be followed (an object not authentic)
 
 
 @dataclass(frozen=True)
@@ -371,6 +424,7 @@ class Listing:
     backups: tuple[BackupSummary, ...]
     wal: tuple[WalRange, ...]
     incomplete: tuple[str, ...]
+    tampered: Mapping[str, str] = field(default_factory=dict)  # manifest key → why
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -416,12 +470,33 @@ def wal_ranges(catalog: Catalog) -> tuple[WalRange, ...]:
     return tuple(ranges)
 
 
+def _summary(catalog: Catalog, backup: Manifest) -> BackupSummary:
+    try:
+        return summarize(catalog, backup)
+    except StellarError as exc:  # AuthError, CodecError, RepositoryError: say it, go on
+        return BackupSummary(
+            id=backup.id,
+            time=backup.start_time,
+            stop_time=backup.stop_time,
+            raw_bytes=backup.raw_bytes,
+            stored_bytes=backup.stored_bytes,
+            timeline=backup.timeline,
+            start_wal=backup.start_wal,
+            stop_wal=backup.stop_wal,
+            restorable_until=None,
+            restorable_wal=None,
+            gap=None,
+            problem=exc.message,
+        )
+
+
 def listing(catalog: Catalog) -> Listing:
     return Listing(
         repository=catalog.repo.description,
-        backups=tuple(summarize(catalog, b) for b in catalog.backups),
+        backups=tuple(_summary(catalog, b) for b in catalog.backups),
         wal=wal_ranges(catalog),
         incomplete=catalog.incomplete,
+        tampered=dict(catalog.tampered),
     )
 
 
@@ -434,6 +509,8 @@ def describe_listing(listing: Listing) -> list[str]:
             if b.restorable_until
             else f"restorable until {b.restorable_wal}"
             if b.restorable_wal
+            else f"NOT restorable: {b.problem}"
+            if b.problem
             else "NOT restorable"
         )
         gap = f", WAL gap at {b.gap}" if b.gap else ""
@@ -448,6 +525,7 @@ def describe_listing(listing: Listing) -> list[str]:
         lines.append(f"WAL timeline {r.timeline}: {r.first}..{r.last} ({r.segments}{holes})")
     if listing.incomplete:
         lines.append(f"incomplete (ignored): {', '.join(listing.incomplete)}")
+    lines += [f"REFUSED {why}" for why in listing.tampered.values()]
     return lines
 
 

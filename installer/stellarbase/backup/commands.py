@@ -185,7 +185,7 @@ def backup_list(ctx: BackupContext) -> Result:
 
 
 def backup_verify(ctx: BackupContext) -> Result:
-    from stellarbase.backup.verify import verify
+    from stellarbase.backup.verify import coverage, verify
 
     report = verify(ctx.repo, ctx.key)
     problems = report.messages
@@ -194,11 +194,19 @@ def backup_verify(ctx: BackupContext) -> Result:
         f"checked {report.objects} objects ({_size(report.bytes)}) in {report.seconds:.1f} s: "
         + ("no problems" if not problems else f"{len(problems)} problem(s)")
     )
+    covered = coverage(ctx.key)
+    lines.append(
+        "authenticated with backup.encryption_key: "
+        + ("yes" if covered["authenticated"] else "NO (no key set)")
+    )
+    lines += [f"  detects: {d}" for d in covered["detects"]]
+    lines += [f"  does not detect: {d}" for d in covered["does_not_detect"]]
     info: dict[str, Any] = {
         "objects": report.objects,
         "bytes": report.bytes,
         "problems": problems,
         "ok": not problems,
+        **covered,
     }
     if problems:
         info["exit_code"] = int(ExitCode.BACKUP)

@@ -110,7 +110,9 @@ def extract_part(
     try:
         with (
             repo.open_read(part.key) as raw,
-            _ReadAhead(codec.decoded_chunks(raw, backup.codec, key)) as pieces,
+            _ReadAhead(
+                codec.decoded_chunks(raw, backup.codec, key, name=part.key, backup_id=backup.id)
+            ) as pieces,
         ):
             for piece in pieces:
                 if cancel is not None and cancel.is_set():
