@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from stellarbase.backup import codec, restore, verify
+from stellarbase.backup import catalog, codec, restore, verify
 from stellarbase.backup.repo import Repository, repository_from
 from stellarbase.config import BackupConfig
 from stellarbase.errors import StellarError
@@ -245,3 +245,36 @@ def test_edited_wal_metadata_is_refused(copy: tuple[Repository, Path], written: 
         where / "repo" / "moved" / f"{name}.meta.json", lambda m: m.update(mtime="1000000000.0")
     )
     refused(repo, where, name)
+
+
+def test_backup_now_stores_older_history_files_again_from_pg_wal(scratch_dir: Path) -> None:
+    """The upgrade path: every restore reads every history file, so `backup now` stores the
+    ones an older release archived again, authenticated, from the cluster's pg_wal; a
+    history file that is not the cluster's own stays refused."""
+    import os
+    import pwd
+
+    base = scratch_dir / "upgrade"
+    base.mkdir(mode=0o755)
+    config = BackupConfig(repository=f"file://{base}/repo", prefix="pg", encryption_key=KEY)
+    repo = repository_from(config, None)
+    ours, planted = "00000002.history", "00000003.history"
+    text = {ours: b"1\t0/1000000\tno recovery target specified\n", planted: b"2\t0/1\tx\n"}
+    primary = start_primary(base, repo, config)
+    try:
+        postgres = pwd.getpwnam(RUN_AS)
+        for name, data in text.items():
+            local = primary.server.data_dir / "pg_wal" / name
+            local.write_bytes(data if name == ours else b"1\t0/1\tlocal\n")
+            os.chown(local, postgres.pw_uid, postgres.pw_gid)
+            meta = {"sha256": hashlib.sha256(data).hexdigest(), "size": str(len(data))}
+            repo.put(f"wal/{name}", codec.encode(data, 3, None), {**meta, "codec": codec.ZSTD})
+        with pytest.raises(StellarError, match=f"wal/{ours}"):
+            catalog.load_catalog(repo, RAW_KEY).histories()
+        primary.backup()
+    finally:
+        primary.close()
+    assert "mac" in repo.head(f"wal/{ours}").meta  # type: ignore[union-attr]
+    report = verify.verify(repo, RAW_KEY)
+    assert f"wal/{planted}" in {p.subject for p in report.problems}
+    assert all(f"wal/{planted}" in str(p) for p in report.problems), report.messages

@@ -17,7 +17,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +145,76 @@ def local_identity(pg_wal: Path) -> ClusterIdentity:
             code=ExitCode.HOST,
         ) from None
     return ClusterIdentity(str(sysid), major * 10000, segment_size)
+
+
+def store_wal(
+    repo: Repository,
+    name: str,
+    data: bytes,
+    sysid: str,
+    mtime: float,
+    *,
+    level: int,
+    key: bytes | None,
+) -> int:
+    """Store one WAL file as `name`; with a key, sealed to that name, its metadata MACed.
+
+    The metadata records the stored size and the sealed header, so restore can tell a
+    body moved under another object's metadata from a HEAD and a 12-byte read.
+    Returns the stored size.
+    """
+    body = codec.encode(data, level, key, name=name)
+    meta = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": str(len(data)),
+        "codec": codec.codec_name(key),
+        "sysid": sysid,
+        "mtime": repr(mtime),
+    }
+    if key is not None:
+        meta["stored"] = str(len(body))
+        meta["header"] = body[: codec.HEADER_LEN].hex()
+        meta = auth.seal_meta(key, name, meta)
+    repo.put(name, body, meta)
+    return len(body)
+
+
+def reseal_histories(
+    repo: Repository,
+    key: bytes,
+    sysid: str,
+    read_local: Callable[[str], bytes | None],
+    *,
+    level: int = 3,
+) -> list[str]:
+    """Store again, authenticated, the timeline history files an older release archived.
+
+    Every restore reads every history file, so one that is not authentic would refuse
+    them all. The cluster keeps its history files in pg_wal: `read_local(name)` gives
+    that copy (None when absent), which is stored only when its checksum is the one the
+    repository recorded. Returns the names stored again; the others stay refused.
+    """
+    resealed: list[str] = []
+    for info in repo.list("wal/"):
+        name = info.key[len("wal/") :]
+        if not walnames.is_history(name):
+            continue
+        head = repo.head(info.key)
+        if head is None:
+            continue
+        try:
+            auth.check_meta(key, info.key, head.meta)
+            continue
+        except auth.AuthError:
+            pass
+        data = read_local(name)
+        if data is None or hashlib.sha256(data).hexdigest() != head.meta.get("sha256"):
+            log.warning("history file not authenticated and not in pg_wal", wal=name)
+            continue
+        mtime = float(head.meta.get("mtime", time.time()))
+        store_wal(repo, info.key, data, sysid, mtime, level=level, key=key)
+        resealed.append(name)
+    return resealed
 
 
 @dataclass(frozen=True)
@@ -303,25 +373,7 @@ class Archiver:
         return True
 
     def _upload(self, key: str, data: bytes, digest: str, sysid: str, mtime: float) -> int:
-        """Store one WAL file; with a key, sealed to its name and its metadata MACed.
-
-        The metadata records the stored size and the sealed header, so restore can tell
-        a body moved under another object's metadata from a HEAD and a 12-byte read.
-        """
-        body = codec.encode(data, self._level, self._key, name=key)
-        meta = {
-            "sha256": digest,
-            "size": str(len(data)),
-            "codec": self._codec,
-            "sysid": sysid,
-            "mtime": repr(mtime),
-        }
-        if self._key is not None:
-            meta["stored"] = str(len(body))
-            meta["header"] = body[: codec.HEADER_LEN].hex()
-            meta = auth.seal_meta(self._key, key, meta)
-        self.repo.put(key, body, meta)
-        return len(body)
+        return store_wal(self.repo, key, data, sysid, mtime, level=self._level, key=self._key)
 
     def _confirm(self, name: str, uploaded: int) -> None:
         with self._lock:
