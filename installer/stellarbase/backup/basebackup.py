@@ -22,7 +22,7 @@ from typing import IO, Any
 import structlog
 
 from stellarbase.backup import auth, codec, walnames
-from stellarbase.backup.catalog import MANIFEST_FORMAT
+from stellarbase.backup.manifest import MANIFEST_FORMAT
 from stellarbase.backup.parts import PART_BYTES, store_parts
 from stellarbase.backup.repo import ClusterIdentity, Repository, ensure_identity
 from stellarbase.config import BackupConfig

@@ -179,7 +179,7 @@ def _require_archiving(conninfo: str) -> None:
 def backup_list(ctx: BackupContext) -> Result:
     from stellarbase.backup import catalog
 
-    listing = catalog.listing(catalog.load_catalog(ctx.repo, ctx.key))
+    listing = catalog.listing(catalog.load_catalog(ctx.repo, ctx.key, tampered_ok=True))
     lines = catalog.describe_listing(listing)
     return Result("backup list", info=listing.as_dict(), lines=lines)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from types import TracebackType
 
 from stellarbase.backup import codec
-from stellarbase.backup.catalog import Manifest, Part
 from stellarbase.backup.codec import CodecError
+from stellarbase.backup.manifest import Manifest, Part
 from stellarbase.backup.repo import Repository
 from stellarbase.backup.tarstream import TarError, TarExtractor
 from stellarbase.errors import ExitCode, StellarError

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import structlog
 
 from stellarbase.backup import codec
-from stellarbase.backup.catalog import Part
+from stellarbase.backup.manifest import Part
 from stellarbase.backup.repo import ObjectWriter, Repository, RepositoryError
 from stellarbase.backup.tarstream import END_OF_ARCHIVE, TarScanner
 from stellarbase.errors import ExitCode, StellarError
