@@ -75,7 +75,10 @@ def test_an_edited_or_legacy_manifest_is_never_used(tmp_path: Path) -> None:
     assert any(p.subject == name and "MAC" in p.message for p in report.problems)
 
     put_manifest(repo, doc)  # no MAC: an older release's manifest, or a stripped one
-    old = catalog.load_catalog(repo, KEY)
+    with pytest.raises(auth.LegacyFormat, match=name) as exc:  # not "no complete backup"
+        catalog.load_catalog(repo, KEY)
+    assert "backup now" in exc.value.hint
+    old = catalog.load_catalog(repo, KEY, tampered_ok=True)
     assert old.backups == () and "older format" in old.unreadable["b"]
     assert [b.id for b in catalog.load_catalog(repo, None).backups] == ["b"]
 

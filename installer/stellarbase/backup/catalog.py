@@ -138,6 +138,7 @@ def load_catalog(
     followed (list, verify, restore), and authenticates manifests and WAL metadata;
     expire needs no key. A manifest that fails its MAC refuses the whole repository
     (AuthError naming it) unless `tampered_ok`: then `tampered` lists it, for reports.
+    So does a repository whose only manifests are of an older format (LegacyFormat).
     """
     identity = read_identity(repo)
     segment_size = identity.wal_segment_size if identity else walnames.DEFAULT_SEGMENT_SIZE
@@ -149,6 +150,7 @@ def load_catalog(
     incomplete: list[str] = []
     unreadable: dict[str, str] = {}
     tampered: dict[str, str] = {}
+    legacy: auth.LegacyFormat | None = None  # the newest manifest of an older format
     for backup_id, infos in sorted(by_backup.items()):
         manifest_key = f"{BACKUPS_PREFIX}{backup_id}/{MANIFEST}"
         if not any(i.key == manifest_key for i in infos):
@@ -157,6 +159,7 @@ def load_catalog(
         try:
             backups.append(read_manifest(repo, key, backup_id))
         except auth.LegacyFormat as exc:
+            legacy = exc
             unreadable[backup_id] = exc.message
             incomplete.append(backup_id)
         except auth.AuthError as exc:
@@ -173,6 +176,8 @@ def load_catalog(
     if tampered and not tampered_ok:
         name, why = next(iter(tampered.items()))
         raise auth.AuthError(name, why.removeprefix(f"{name}: "))
+    if legacy is not None and not backups and not tampered_ok:
+        raise legacy  # rather than "no complete backup": say why, and what to do
     return Catalog(
         repo=repo,
         key=key,
