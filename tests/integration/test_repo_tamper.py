@@ -24,9 +24,16 @@ import pytest
 
 from stellarbase.backup import catalog, codec, restore, verify
 from stellarbase.backup.repo import Repository, repository_from
-from stellarbase.config import BackupConfig
+from stellarbase.config import BackupConfig, S3Config
 from stellarbase.errors import StellarError
-from tests.integration.test_backup_restore import BINDIR, KEY, RUN_AS, count_t, start_primary
+from tests import servers
+from tests.integration.test_backup_restore import (
+    BINDIR,
+    KEY,
+    RUN_AS,
+    count_t,
+    start_primary,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -100,8 +107,9 @@ def edit_json(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
     path.write_text(json.dumps(doc))
 
 
-def refused(repo: Repository, where: Path, name: str) -> None:
-    """Restore, drill and verify all refuse, naming `name`; restore writes nothing."""
+def refused(repo: Repository, where: Path, *names: str) -> None:
+    """Restore, drill and verify all refuse, naming one of `names` (every one for verify);
+    restore writes nothing."""
     data_dir = where / "restored"
     with pytest.raises(StellarError) as exc:
         restore.restore_into(
@@ -112,16 +120,16 @@ def refused(repo: Repository, where: Path, name: str) -> None:
             bindir=BINDIR,
             run_as=RUN_AS,
         )
-    assert name in exc.value.message, exc.value.message
+    assert any(n in exc.value.message for n in names), exc.value.message
     assert exc.value.hint
     assert not data_dir.exists(), "refused before the data directory was touched"
     drill_dir = where / "drill"
     drill_dir.mkdir(mode=0o755)
     with pytest.raises(StellarError) as drilled:
         restore.drill(repo, RAW_KEY, BINDIR, RUN_AS, drill_dir)
-    assert name in drilled.value.message, drilled.value.message
+    assert any(n in drilled.value.message for n in names), drilled.value.message
     report = verify.verify(repo, RAW_KEY)
-    assert name in {p.subject for p in report.problems}, report.messages
+    assert set(names) <= {p.subject for p in report.problems}, report.messages
     assert report.authenticated
 
 
@@ -171,7 +179,7 @@ def test_wal_segments_swapped_between_names_are_refused(
     repo, where = copy
     a, b = (f"wal/{n}" for n in written.wal[:2])
     swap_objects(where / "repo" / "moved", a, b, with_metadata=True)
-    refused(repo, where, a)
+    refused(repo, where, a, b)
 
 
 def test_wal_bodies_moved_under_other_metadata_are_refused(
@@ -180,7 +188,7 @@ def test_wal_bodies_moved_under_other_metadata_are_refused(
     repo, where = copy
     a, b = (f"wal/{n}" for n in written.wal[:2])
     swap_objects(where / "repo" / "moved", a, b, with_metadata=False)
-    refused(repo, where, a)
+    refused(repo, where, a, b)
 
 
 def test_parts_swapped_between_backups_are_refused(
@@ -278,3 +286,42 @@ def test_backup_now_stores_older_history_files_again_from_pg_wal(scratch_dir: Pa
     report = verify.verify(repo, RAW_KEY)
     assert f"wal/{planted}" in {p.subject for p in report.problems}
     assert all(f"wal/{planted}" in str(p) for p in report.problems), report.messages
+
+
+def test_on_s3_segments_copied_over_each_other_are_refused(
+    s3_server: servers.S3Server, scratch_dir: Path
+) -> None:
+    """The store's own copy carries an object's metadata along (MetadataDirective COPY):
+    the sealed name, not the metadata, tells the copy from the original."""
+    config = BackupConfig(repository="s3", prefix="tamper", encryption_key=KEY)
+    s3 = S3Config(
+        endpoint=s3_server.endpoint,
+        bucket=s3_server.bucket,
+        region=s3_server.region,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+    )
+    repo = repository_from(config, s3)
+    base = scratch_dir / "s3"
+    base.mkdir(mode=0o755)
+    primary = start_primary(base, repo, config)
+    try:
+        primary.query("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g")
+        primary.backup()
+        names = []
+        for _ in range(2):
+            primary.query("INSERT INTO t SELECT g FROM generate_series(1, 100) g")
+            names.append(primary.switch_and_wait())
+    finally:
+        primary.close()
+    client = servers.s3_client(s3_server)
+    prefix = config.prefix.strip("/")
+    a, b = (f"{prefix}/wal/{n}" for n in names)
+    for source, target in ((a, f"{a}.swap"), (b, a), (f"{a}.swap", b)):
+        client.copy_object(
+            Bucket=s3_server.bucket,
+            Key=target,
+            CopySource={"Bucket": s3_server.bucket, "Key": source},
+        )
+    client.delete_object(Bucket=s3_server.bucket, Key=f"{a}.swap")
+    refused(repo, base, *(f"wal/{n}" for n in names))
