@@ -229,11 +229,18 @@ def test_archiver_refuses_foreign_and_conflicting_segments(
     assert (markers / ours).read_text().strip() == file_identity((pg_wal / ours).stat())
     assert info.meta["codec"] == "zstd+aes256gcm" and info.meta["sysid"] == "1"
     assert (
-        codec.decode(repo.get(f"wal/{ours}"), info.meta["codec"], KEY)
+        codec.decode(repo.get(f"wal/{ours}"), info.meta["codec"], KEY, name=f"wal/{ours}")
         == (pg_wal / ours).read_bytes()
     )
+    # The stand-in for `same` matched its checksum but carried no MAC: with a key, the
+    # archiver stores the authentic file over it rather than take it as archived.
+    same_info = repo.head(f"wal/{same}")
+    assert same_info is not None and "mac" in same_info.meta
+    assert codec.decode(repo.get(f"wal/{same}"), codec.ZSTD_AES, KEY, name=f"wal/{same}") == (
+        same_data
+    )
     stats = archiver.stats()
-    assert (stats.pending, stats.uploads_total, stats.failures_total) == (2, 1, 2)
+    assert (stats.pending, stats.uploads_total, stats.failures_total) == (2, 2, 2)
     assert stats.lag_seconds >= 0 and stats.last_error is not None
     assert "already holds" in stats.last_error or "belongs to cluster 2" in stats.last_error
     assert all((pg_wal / "archive_status" / f"{n}.ready").exists() for n in (ours, same))
@@ -434,7 +441,9 @@ def test_archiver_uploads_every_segment_of_a_real_cluster(
     for name in sorted(expected):
         info = repo.head(f"wal/{name}")
         assert info is not None and info.meta["sysid"] == sysid
-        original = codec.decode(repo.get(f"wal/{name}"), info.meta["codec"], key)
+        original = codec.decode(
+            repo.get(f"wal/{name}"), info.meta["codec"], key, name=f"wal/{name}"
+        )
         assert hashlib.sha256(original).hexdigest() == info.meta["sha256"]
         if (pg_wal / name).exists():  # not yet recycled: compare with the source
             assert hashlib.sha256((pg_wal / name).read_bytes()).hexdigest() == info.meta["sha256"]
@@ -525,7 +534,13 @@ def test_base_backup(cluster: Cluster, s3_repo_config: tuple[BackupConfig, S3Con
     names: list[str] = []
     label = b""
     for part in parts:
-        with codec.decoding_reader(repo.open_read(part["key"]), manifest["codec"], KEY) as reader:
+        with codec.decoding_reader(
+            repo.open_read(part["key"]),
+            manifest["codec"],
+            KEY,
+            name=part["key"],
+            backup_id=manifest["id"],
+        ) as reader:
             raw = reader.read()
         assert len(raw) == part["raw_bytes"]
         assert hashlib.sha256(raw).hexdigest() == part["sha256"]

@@ -1,4 +1,5 @@
-"""The object codec: what goes in comes out, and damage or the wrong key never passes.
+"""The object codec: what goes in comes out, and damage, the wrong key, a plaintext object
+under a key or an object moved to another name never passes.
 
 Also the base backup's tar parts: cut between files, each a tar of its own, extracted
 together into the same files, and damage named.
@@ -12,11 +13,13 @@ import hashlib
 import io
 import os
 import stat
+import struct
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from stellarbase.backup import codec, extract, parts, tarstream
 from stellarbase.backup.catalog import Manifest, Part
@@ -26,62 +29,120 @@ from stellarbase.errors import StellarError
 
 KEY = os.urandom(32)
 BIG = os.urandom(1_500_000) + b"wal" * 1_000_000  # crosses several encrypted chunks
+NAME = "wal/000000010000000000000003"
+OTHER = "wal/000000010000000000000004"
+
+
+def encode(data: bytes, key: bytes | None, name: str = NAME, backup_id: str = "") -> bytes:
+    return codec.encode(data, 3, key, name=name, backup_id=backup_id)
+
+
+def decode(
+    stored: bytes, key: bytes | None, name: str = NAME, backup_id: str = "", *, as_: str = ""
+) -> bytes:
+    return codec.decode(stored, as_ or codec.codec_name(key), key, name=name, backup_id=backup_id)
 
 
 @pytest.mark.parametrize("key", [None, KEY], ids=["zstd", "zstd+aes"])
 @pytest.mark.parametrize("data", [b"", b"x", BIG], ids=["empty", "one-byte", "big"])
 def test_round_trip(key: bytes | None, data: bytes) -> None:
-    name = codec.codec_name(key)
-    assert codec.decode(codec.encode(data, 3, key), name, key) == data
+    assert decode(encode(data, key), key) == data
 
 
 @pytest.mark.parametrize("key", [None, KEY], ids=["zstd", "zstd+aes"])
 def test_stream_encoder_matches_streaming_reader(key: bytes | None) -> None:
-    encoder = codec.StreamEncoder(3, key)
+    encoder = codec.StreamEncoder(3, key, name=NAME)
     pieces = [encoder.write(BIG[i : i + 65536]) for i in range(0, len(BIG), 65536)]
     stored = b"".join(pieces) + encoder.finish()
-    with codec.decoding_reader(io.BytesIO(stored), codec.codec_name(key), key) as reader:
+    assert stored.startswith(encoder.header)
+    with codec.decoding_reader(io.BytesIO(stored), codec.codec_name(key), key, name=NAME) as reader:
         out = b"".join(iter(lambda: reader.read(100_000), b""))
     assert out == BIG
 
 
 def test_compresses() -> None:
-    assert len(codec.encode(b"\0" * 16 * 1024 * 1024, 3, KEY)) < 64 * 1024
+    assert len(encode(b"\0" * 16 * 1024 * 1024, KEY)) < 64 * 1024
 
 
 @pytest.mark.parametrize("key", [None, KEY], ids=["zstd", "zstd+aes"])
 @pytest.mark.parametrize("cut", [1, 17, 1_000_000])
 def test_truncation_is_detected(key: bytes | None, cut: int) -> None:
-    stored = codec.encode(BIG, 3, key)
+    stored = encode(BIG, key)
     with pytest.raises(codec.CodecError):
-        codec.decode(stored[:-cut], codec.codec_name(key), key)
+        decode(stored[:-cut], key)
 
 
 @pytest.mark.parametrize("key", [None, KEY], ids=["zstd", "zstd+aes"])
 def test_trailing_bytes_are_detected(key: bytes | None) -> None:
-    stored = codec.encode(b"segment", 3, key)
+    stored = encode(b"segment", key)
     with pytest.raises(codec.CodecError, match="after"):
-        codec.decode(stored + b"\0", codec.codec_name(key), key)
+        decode(stored + b"\0", key)
 
 
 def test_tampered_ciphertext_is_detected() -> None:
-    stored = bytearray(codec.encode(BIG, 3, KEY))
+    stored = bytearray(encode(BIG, KEY))
     stored[len(stored) // 2] ^= 0x01
     with pytest.raises(codec.CodecError, match=r"wrong backup\.encryption_key, or the object"):
-        codec.decode(bytes(stored), codec.ZSTD_AES, KEY)
+        decode(bytes(stored), KEY)
 
 
 def test_wrong_key_and_missing_key() -> None:
-    stored = codec.encode(b"secret", 3, KEY)
+    stored = encode(b"secret", KEY)
     with pytest.raises(codec.CodecError, match="decryption failed"):
-        codec.decode(stored, codec.ZSTD_AES, os.urandom(32))
+        decode(stored, os.urandom(32))
     with pytest.raises(codec.CodecError, match=r"no backup\.encryption_key"):
-        codec.decode(stored, codec.ZSTD_AES, None)
+        decode(stored, None, as_=codec.ZSTD_AES)
+
+
+def test_with_a_key_a_plaintext_object_is_refused() -> None:
+    """Anyone with write access to the bucket can write zstd: with a key it never passes."""
+    planted = encode(b"forged WAL", None)
+    with pytest.raises(codec.CodecError, match=r"stored as 'zstd', not encrypted"):
+        decode(planted, KEY, as_=codec.ZSTD)
+    # Nor by claiming to be encrypted: the bytes are not a sealed object.
+    with pytest.raises(codec.CodecError, match="not an encrypted object"):
+        decode(planted, KEY, as_=codec.ZSTD_AES)
+
+
+@pytest.mark.parametrize(
+    ("sealed_to", "read_as"),
+    [
+        ((NAME, ""), (OTHER, "")),
+        (("backups/a/base.0001.tar.zst", "a"), ("backups/a/base.0001.tar.zst", "b")),
+    ],
+    ids=["another-name", "another-backup"],
+)
+def test_an_object_moved_to_another_name_or_backup_fails(
+    sealed_to: tuple[str, str], read_as: tuple[str, str]
+) -> None:
+    stored = encode(BIG, KEY, *sealed_to)
+    assert decode(stored, KEY, *sealed_to) == BIG
+    with pytest.raises(codec.CodecError, match="moved here from another name"):
+        decode(stored, KEY, *read_as)
+
+
+def test_an_object_of_the_previous_format_is_named_as_such() -> None:
+    """Version 1 sealed with the key itself and only the header as associated data."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    prefix = os.urandom(7)
+    header = b"SBAE\x01" + prefix
+    packed = zstandard.ZstdCompressor(write_checksum=True).compress(b"old segment")
+    sealed = AESGCM(KEY).encrypt(prefix + struct.pack(">IB", 0, 1), packed, header)
+    old = header + struct.pack(">I", len(sealed)) + sealed
+    with pytest.raises(codec.CodecError, match="older format") as exc:
+        decode(old, KEY)
+    assert "backup now" in exc.value.hint
+
+
+def test_sealing_needs_a_name() -> None:
+    with pytest.raises(ValueError, match="bound to its repository key"):
+        codec.encode(b"x", 3, KEY)
 
 
 def test_encrypted_objects_do_not_repeat() -> None:
     # A fresh nonce prefix per object: equal plaintexts never give equal ciphertexts.
-    assert codec.encode(b"same", 3, KEY) != codec.encode(b"same", 3, KEY)
+    assert encode(b"same", KEY) != encode(b"same", KEY)
 
 
 def test_unknown_codec() -> None:
@@ -141,12 +202,13 @@ def store(tmp_path: Path, key: bytes | None, part_bytes: int) -> tuple[FileRepos
         {"codec": codec.codec_name(key)},
         level=3,
         key=key,
+        backup_id="b",
         part_bytes=part_bytes,
         wanted=("backup_label", "backup_manifest"),
     )
     manifest = Manifest.from_json(
         {
-            "format": 2,
+            "format": 3,
             "id": "b",
             "system_identifier": "1",
             "pg_version": 150000,
@@ -177,8 +239,9 @@ def test_parts_are_whole_tars_that_together_hold_the_stream(
     assert len(manifest.parts) >= 4
     seen: list[str] = []
     for part in manifest.parts:
-        raw = codec.decode(repo.get(part.key), codec.codec_name(key), key)
+        raw = decode(repo.get(part.key), key, part.key, "b")
         assert len(raw) == part.raw_bytes
+        assert repo.get(part.key).startswith(bytes.fromhex(part.header))
         assert hashlib.sha256(raw).hexdigest() == part.sha256
         assert repo.head(part.key).size == part.stored_bytes  # type: ignore[union-attr]
         with tarfile.open(fileobj=io.BytesIO(raw)) as tar:  # each one a tar of its own
@@ -205,10 +268,10 @@ def test_parts_are_whole_tars_that_together_hold_the_stream(
 def test_a_damaged_part_fails_extraction_and_names_the_part(tmp_path: Path) -> None:
     repo, manifest = store(tmp_path, None, part_bytes=200_000)
     victim = manifest.parts[2]
-    raw = codec.decode(repo.get(victim.key), codec.ZSTD, None)
+    raw = decode(repo.get(victim.key), None)
     altered = raw.replace(b"\0" * 1000, b"\1" * 1000, 1)  # file bytes, headers intact
     assert altered != raw
-    repo.put(victim.key, codec.encode(altered, 3, None), {"codec": codec.ZSTD})
+    repo.put(victim.key, encode(altered, None), {"codec": codec.ZSTD})
     target = tmp_path / "data"
     target.mkdir()
     with pytest.raises(StellarError, match=f"{victim.key} does not match its manifest"):
@@ -260,7 +323,7 @@ def test_old_single_object_manifest_reads_as_one_part() -> None:
     assert manifest.parts == (Part("backups/20260101T000000Z/base.tar.zst", "a" * 64, 1000, 100),)
     assert manifest.objects == ("backups/20260101T000000Z/base.tar.zst",)
     with pytest.raises(ValueError, match="format"):
-        Manifest.from_json({**doc, "format": 3})
+        Manifest.from_json({**doc, "format": 4})
 
 
 def extract_stream(target: Path, data: bytes) -> None:

@@ -23,13 +23,15 @@ a backup's parts, known only once each is written, they are in the manifest inst
 `codec` (`zstd`, or `zstd+aes256gcm`), and `sysid` (the cluster's system identifier).
 A WAL file counts as archived only after its object is in the repository and the
 store acknowledged the bytes (Content-MD5 on S3, fsync + rename for files).
+With `backup.encryption_key`, objects are sealed to their names and WAL metadata and
+manifests carry MACs (see `auth`).
 
-Modules: `walnames` (names, LSNs, timelines), `repo` (S3 and file repositories),
-`codec` (zstd, optional AES-256-GCM), `archiver` (the agent's upload-ahead loop and the
-tiny archive_command), `basebackup` (`backup now`), `tarstream` (the tar stream, parsed
-as it passes), `parts` (the stream stored as parts), `catalog` (list, continuity,
-verify, expire), `extract` (parts put in place at once), `restore` (restore with a
-prefetching restore_command, drill), `postmaster` (the recovery server: private, never
-archiving, stopped with every process), `pgcommand` (paths in archive_command and
-restore_command, quoted and `%`-escaped).
+Modules: `walnames` (names, LSNs, timelines), `repo` (S3 and file repositories), `codec`
+(zstd, optional AES-256-GCM), `auth` (subkeys, MACs), `archiver` (the agent's
+upload-ahead loop and the tiny archive_command), `basebackup` (`backup now`),
+`tarstream` (the tar stream, parsed as it passes), `parts` (the stream stored as parts),
+`catalog` (list, continuity, verify, expire), `extract` (parts put in place at once),
+`restore` (restore with a prefetching restore_command, drill), `postmaster` (the
+recovery server: private, never archiving, stopped with every process), `pgcommand`
+(paths in archive_command and restore_command, quoted and `%`-escaped).
 """

@@ -17,7 +17,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from stellarbase.backup import codec, walnames
+from stellarbase.backup import auth, codec, walnames
 from stellarbase.backup.pgcommand import command_path
 from stellarbase.backup.repo import (
     ClusterIdentity,
@@ -82,13 +82,21 @@ def archive_command(spool_dir: Path) -> str:
 
 def check_segment(name: str, data: bytes, sysid: str) -> None:
     """Refuse a segment of another cluster, of another position, or of the wrong size."""
-    if len(data) < _LONG_HEADER.size:
+    check_segment_header(name, data[: _LONG_HEADER.size], len(data), sysid)
+
+
+SEGMENT_HEADER_LEN = _LONG_HEADER.size
+
+
+def check_segment_header(name: str, head: bytes, size: int, sysid: str) -> None:
+    """check_segment from the first SEGMENT_HEADER_LEN bytes and the file's size."""
+    if len(head) < _LONG_HEADER.size:
         raise ArchiveError(
-            f"WAL segment {name} is {len(data)} bytes: too short for a page header",
+            f"WAL segment {name} is {size} bytes: too short for a page header",
             hint="the file is damaged; look at the PostgreSQL log",
         )
     _magic, info, _tli, pageaddr, _rem, file_sysid, seg_size, _blcksz = _LONG_HEADER.unpack_from(
-        data
+        head
     )
     if not info & _XLP_LONG_HEADER:
         raise ArchiveError(
@@ -101,9 +109,9 @@ def check_segment(name: str, data: bytes, sysid: str) -> None:
             hint="a file from another cluster is in pg_wal, or backup.prefix is shared; "
             "use another backup.prefix for a new cluster",
         )
-    if seg_size == 0 or len(data) != seg_size:
+    if seg_size == 0 or size != seg_size:
         raise ArchiveError(
-            f"WAL segment {name} is {len(data)} bytes, its header says {seg_size}",
+            f"WAL segment {name} is {size} bytes, its header says {seg_size}",
             hint="the file is damaged; look at the PostgreSQL log",
         )
     expected = walnames.parse_segment(name, seg_size).start_lsn(seg_size)
@@ -137,6 +145,76 @@ def local_identity(pg_wal: Path) -> ClusterIdentity:
             code=ExitCode.HOST,
         ) from None
     return ClusterIdentity(str(sysid), major * 10000, segment_size)
+
+
+def store_wal(
+    repo: Repository,
+    name: str,
+    data: bytes,
+    sysid: str,
+    mtime: float,
+    *,
+    level: int,
+    key: bytes | None,
+) -> int:
+    """Store one WAL file as `name`; with a key, sealed to that name, its metadata MACed.
+
+    The metadata records the stored size and the sealed header, so restore can tell a
+    body moved under another object's metadata from a HEAD and a 12-byte read.
+    Returns the stored size.
+    """
+    body = codec.encode(data, level, key, name=name)
+    meta = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": str(len(data)),
+        "codec": codec.codec_name(key),
+        "sysid": sysid,
+        "mtime": repr(mtime),
+    }
+    if key is not None:
+        meta["stored"] = str(len(body))
+        meta["header"] = body[: codec.HEADER_LEN].hex()
+        meta = auth.seal_meta(key, name, meta)
+    repo.put(name, body, meta)
+    return len(body)
+
+
+def reseal_histories(
+    repo: Repository,
+    key: bytes,
+    sysid: str,
+    read_local: Callable[[str], bytes | None],
+    *,
+    level: int = 3,
+) -> list[str]:
+    """Store again, authenticated, the timeline history files an older release archived.
+
+    Every restore reads every history file, so one that is not authentic would refuse
+    them all. The cluster keeps its history files in pg_wal: `read_local(name)` gives
+    that copy (None when absent), which is stored only when its checksum is the one the
+    repository recorded. Returns the names stored again; the others stay refused.
+    """
+    resealed: list[str] = []
+    for info in repo.list("wal/"):
+        name = info.key[len("wal/") :]
+        if not walnames.is_history(name):
+            continue
+        head = repo.head(info.key)
+        if head is None:
+            continue
+        try:
+            auth.check_meta(key, info.key, head.meta)
+            continue
+        except auth.AuthError:
+            pass
+        data = read_local(name)
+        if data is None or hashlib.sha256(data).hexdigest() != head.meta.get("sha256"):
+            log.warning("history file not authenticated and not in pg_wal", wal=name)
+            continue
+        mtime = float(head.meta.get("mtime", time.time()))
+        store_wal(repo, info.key, data, sysid, mtime, level=level, key=key)
+        resealed.append(name)
+    return resealed
 
 
 @dataclass(frozen=True)
@@ -271,28 +349,31 @@ class Archiver:
         key = f"wal/{name}"
         existing = self.repo.head(key)
         stored = 0
-        if existing is not None:
-            if existing.meta.get("sha256") != digest:
-                raise ArchiveError(
-                    f"{self.repo.description} already holds {key} with other content "
-                    f"(sha256 {existing.meta.get('sha256', 'unknown')}, this file {digest})",
-                    hint="two clusters archive to one prefix, or a timeline was reused; "
-                    "use another backup.prefix for a new cluster",
-                )
-        else:
-            body = codec.encode(data, self._level, self._key)
-            meta = {
-                "sha256": digest,
-                "size": str(len(data)),
-                "codec": self._codec,
-                "sysid": sysid,
-                "mtime": repr(mtime),
-            }
-            self.repo.put(key, body, meta)
-            stored = len(body)
+        if existing is not None and existing.meta.get("sha256") != digest:
+            raise ArchiveError(
+                f"{self.repo.description} already holds {key} with other content "
+                f"(sha256 {existing.meta.get('sha256', 'unknown')}, this file {digest})",
+                hint="two clusters archive to one prefix, or a timeline was reused; "
+                "use another backup.prefix for a new cluster",
+            )
+        if existing is None or not self._authentic(key, existing.meta):
+            # Also when the stored copy is of an older format: this file is the original.
+            stored = self._upload(key, data, digest, sysid, mtime)
         _write_marker(marker, identity)
         self._confirm(name, uploaded=stored)
         return True
+
+    def _authentic(self, key: str, meta: Mapping[str, str]) -> bool:
+        if self._key is None:
+            return True
+        try:
+            auth.check_meta(self._key, key, meta)
+        except auth.AuthError:
+            return False
+        return True
+
+    def _upload(self, key: str, data: bytes, digest: str, sysid: str, mtime: float) -> int:
+        return store_wal(self.repo, key, data, sysid, mtime, level=self._level, key=self._key)
 
     def _confirm(self, name: str, uploaded: int) -> None:
         with self._lock:

@@ -21,8 +21,8 @@ from typing import IO, Any
 
 import structlog
 
-from stellarbase.backup import codec, walnames
-from stellarbase.backup.catalog import MANIFEST_FORMAT
+from stellarbase.backup import auth, codec, walnames
+from stellarbase.backup.manifest import MANIFEST_FORMAT
 from stellarbase.backup.parts import PART_BYTES, store_parts
 from stellarbase.backup.repo import ClusterIdentity, Repository, ensure_identity
 from stellarbase.config import BackupConfig
@@ -33,6 +33,7 @@ log = structlog.get_logger()
 
 _READ = 1024 * 1024
 _WANTED = ("backup_label", "backup_manifest")
+_HISTORY_MAX = 1024 * 1024  # bytes read of a timeline history file (they are a few lines)
 _LABEL_START = re.compile(r"^START WAL LOCATION: ([0-9A-F]+/[0-9A-F]+)", re.M)
 _LABEL_TLI = re.compile(r"^START TIMELINE: (\d+)", re.M)
 
@@ -83,6 +84,32 @@ def _split_password(conninfo: str) -> tuple[str, dict[str, str]]:
     password = params.pop("password", None)
     env = {"PGPASSWORD": str(password)} if password is not None else {}
     return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None}), env
+
+
+def _reseal_histories(
+    repo: Repository, conninfo: str, key: bytes, sysid: str, backup: BackupConfig
+) -> None:
+    """History files an older release archived are stored again, authenticated, from the
+    server's pg_wal (see `archiver.reseal_histories`): `backup now` is the upgrade step."""
+    import psycopg
+
+    from stellarbase.backup.archiver import reseal_histories
+
+    def read_local(name: str) -> bytes | None:
+        row = conn.execute(
+            "SELECT pg_read_binary_file(%s, 0, %s, true)", (f"pg_wal/{name}", _HISTORY_MAX)
+        ).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    try:
+        with psycopg.connect(conninfo, connect_timeout=10) as conn:
+            done = reseal_histories(repo, key, sysid, read_local, level=backup.compression_level)
+    except psycopg.Error as exc:
+        raise BackupError(
+            f"cannot read the timeline history files: {str(exc).strip().splitlines()[0]}"
+        ) from None
+    if done:
+        log.info("history files stored again, authenticated", wal=done)
 
 
 def _new_id(repo: Repository) -> tuple[str, dt.datetime]:
@@ -177,6 +204,8 @@ def take_backup(
         )
     ensure_identity(repo, ident)
     key = codec.encryption_key(backup)
+    if key is not None:
+        _reseal_histories(repo, conninfo, key, ident.system_identifier, backup)
     codec_name = codec.codec_name(key)
     backup_id, started = _new_id(repo)
     meta = {"codec": codec_name, "sysid": ident.system_identifier}
@@ -204,6 +233,7 @@ def take_backup(
         meta,
         level=backup.compression_level,
         key=key,
+        backup_id=backup_id,
         part_bytes=part_bytes,
         concurrency=backup.upload_concurrency,
         wanted=_WANTED,
@@ -233,8 +263,11 @@ def take_backup(
         "codec": codec_name,
         "parts": [dataclasses.asdict(p) for p in parts],
     }
+    name = f"backups/{backup_id}/manifest.json"
+    if key is not None:
+        manifest = auth.sign_manifest(key, name, manifest)
     body = (json.dumps(manifest, indent=2) + "\n").encode()
-    repo.put(f"backups/{backup_id}/manifest.json", body, {})
+    repo.put(name, body, {})
     log.info(
         "base backup done",
         id=backup_id,

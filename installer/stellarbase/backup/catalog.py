@@ -4,17 +4,29 @@ A backup is restorable up to the last segment of an unbroken WAL chain that star
 start segment and follows the timeline path to the newest timeline descending from the
 backup's own. A missing segment with WAL after it is a gap: nothing past it can be
 restored, so list, verify and restore all name it.
+
+With a key, WAL metadata and manifests are authenticated as they are read (see `auth`):
+a manifest that fails its MAC is set aside as tampered, one of an older format as
+unreadable; WAL metadata that fails raises AuthError naming the object.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from stellarbase.backup import codec, walnames
+from stellarbase.backup import auth, codec, walnames
+
+# Re-exported (`as`): callers know these names as the catalog's.
+from stellarbase.backup.manifest import BACKUPS_PREFIX as BACKUPS_PREFIX
+from stellarbase.backup.manifest import MANIFEST as MANIFEST
+from stellarbase.backup.manifest import MANIFEST_FORMAT as MANIFEST_FORMAT
+from stellarbase.backup.manifest import Manifest as Manifest
+from stellarbase.backup.manifest import Part as Part
+from stellarbase.backup.manifest import id_time as id_time
+from stellarbase.backup.manifest import read_manifest as read_manifest
 from stellarbase.backup.repo import (
     ObjectInfo,
     ObjectNotFound,
@@ -24,120 +36,12 @@ from stellarbase.backup.repo import (
 from stellarbase.errors import StellarError
 
 WAL_PREFIX = "wal/"
-BACKUPS_PREFIX = "backups/"
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 2  # format 1 manifests are still read
-ID_FORMAT = "%Y%m%dT%H%M%SZ"
 # A backup directory without a manifest may be a backup still running.
 INCOMPLETE_GRACE = timedelta(days=1)
 _READ = 1024 * 1024
 
 
 # --------------------------------------------------------------------------- the catalog
-
-
-@dataclass(frozen=True)
-class Part:
-    """One object of a base backup: a tar of whole files, encoded; its checksum is of the tar."""
-
-    key: str
-    sha256: str
-    raw_bytes: int
-    stored_bytes: int
-
-    @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> Part:
-        return cls(
-            key=str(doc["key"]),
-            sha256=str(doc["sha256"]),
-            raw_bytes=int(doc["raw_bytes"]),
-            stored_bytes=int(doc["stored_bytes"]),
-        )
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """`backups/<id>/manifest.json`: a complete base backup.
-
-    Format 2 lists the parts the tar stream was cut into, each with its own checksum;
-    format 1 (one object, `base.tar.zst`, checksum at the top level) reads as one part.
-    """
-
-    id: str
-    label: str
-    system_identifier: str
-    pg_version: int
-    wal_segment_size: int
-    timeline: int
-    start_lsn: int
-    stop_lsn: int
-    start_wal: str
-    stop_wal: str
-    start_time: datetime
-    stop_time: datetime
-    raw_bytes: int
-    stored_bytes: int
-    codec: str
-    parts: tuple[Part, ...]
-
-    @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> Manifest:
-        """Raises ValueError (or KeyError/TypeError) on a malformed manifest."""
-        version = doc.get("format")
-        if version not in (1, MANIFEST_FORMAT):
-            raise ValueError(f"unknown manifest format {version!r}")
-        backup_id = str(doc["id"])
-        if version == 1:
-            parts: tuple[Part, ...] = (
-                Part(
-                    f"{BACKUPS_PREFIX}{backup_id}/base.tar.zst",
-                    str(doc["sha256"]),
-                    int(doc["raw_bytes"]),
-                    int(doc["stored_bytes"]),
-                ),
-            )
-        else:
-            parts = tuple(Part.from_json(p) for p in doc["parts"])
-        if not parts:
-            raise ValueError("a manifest without parts")
-        return cls(
-            id=backup_id,
-            label=str(doc.get("label", "")),
-            system_identifier=str(doc["system_identifier"]),
-            pg_version=int(doc["pg_version"]),
-            wal_segment_size=int(doc["wal_segment_size"]),
-            timeline=int(doc["timeline"]),
-            start_lsn=walnames.parse_lsn(str(doc["start_lsn"])),
-            stop_lsn=walnames.parse_lsn(str(doc["stop_lsn"])),
-            start_wal=str(doc["start_wal"]),
-            stop_wal=str(doc["stop_wal"]),
-            start_time=_parse_time(str(doc["start_time"])),
-            stop_time=_parse_time(str(doc["stop_time"])),
-            raw_bytes=int(doc["raw_bytes"]),
-            stored_bytes=int(doc["stored_bytes"]),
-            codec=str(doc["codec"]),
-            parts=parts,
-        )
-
-    @property
-    def objects(self) -> tuple[str, ...]:
-        """The keys of the backup's data objects (not the manifest)."""
-        return tuple(p.key for p in self.parts)
-
-
-def _parse_time(text: str) -> datetime:
-    value = datetime.fromisoformat(text)
-    if value.tzinfo is None:
-        raise ValueError(f"time without a zone: {text!r}")
-    return value.astimezone(UTC)
-
-
-def id_time(backup_id: str) -> datetime | None:
-    """The UTC start time a backup id spells, or None for a name that is not an id."""
-    try:
-        return datetime.strptime(backup_id, ID_FORMAT).replace(tzinfo=UTC)
-    except ValueError:
-        return None
 
 
 @dataclass(frozen=True)
@@ -151,6 +55,7 @@ class Catalog:
     backups: tuple[Manifest, ...]  # complete ones, oldest first
     incomplete: tuple[str, ...]  # backup dirs without a (readable) manifest
     unreadable: Mapping[str, str]  # backup id → why its manifest could not be read
+    tampered: Mapping[str, str]  # manifest key → why it failed authentication
     backup_objects: Mapping[str, tuple[ObjectInfo, ...]]  # backup id → its objects
     wal: Mapping[str, ObjectInfo]  # WAL file name → object
     _meta: dict[str, Mapping[str, str]] = field(default_factory=dict, compare=False, repr=False)
@@ -175,13 +80,22 @@ class Catalog:
         return self.segment_name(segment) in self.wal
 
     def meta(self, key: str) -> Mapping[str, str]:
-        """An object's metadata (head when the listing did not carry it)."""
+        """An object's metadata (head when the listing did not carry it).
+
+        With a key, a WAL object's metadata must carry its valid MAC (else AuthError).
+        A backup part's metadata is not authenticated: its manifest is.
+        """
         cached = self._meta.get(key)
         if cached is not None:
             return cached
         info = self.repo.head(key)
         if info is None:
             raise ObjectNotFound(f"{self.repo.description}: no object {key}")
+        if self.key is not None and key.startswith(WAL_PREFIX):
+            stored_as = info.meta.get("codec", "")
+            if stored_as != codec.ZSTD_AES:
+                raise auth.plaintext(key, stored_as)
+            auth.check_meta(self.key, key, info.meta)
         self._meta[key] = info.meta
         return info.meta
 
@@ -196,7 +110,12 @@ class Catalog:
 
     def _history_text(self, name: str) -> str:
         key = WAL_PREFIX + name
-        data = codec.decode(self.repo.get(key), self.meta(key).get("codec", ""), self.key)
+        try:
+            data = codec.decode(
+                self.repo.get(key), self.meta(key).get("codec", ""), self.key, name=key
+            )
+        except codec.CodecError as exc:
+            raise codec.CodecError(f"{key}: {exc.message}", exc.hint) from None
         return data.decode("utf-8", errors="replace")
 
     def wal_mtime(self, segment: walnames.Segment) -> datetime | None:
@@ -210,11 +129,16 @@ class Catalog:
             return None
 
 
-def load_catalog(repo: Repository, key: bytes | None = None) -> Catalog:
+def load_catalog(
+    repo: Repository, key: bytes | None = None, *, tampered_ok: bool = False
+) -> Catalog:
     """List the repository: manifests, incomplete backups, the WAL index, timeline histories.
 
     `key` decodes the timeline history files, which are read only when a WAL chain is
-    followed (list, verify, restore); expire needs no key.
+    followed (list, verify, restore), and authenticates manifests and WAL metadata;
+    expire needs no key. A manifest that fails its MAC refuses the whole repository
+    (AuthError naming it) unless `tampered_ok`: then `tampered` lists it, for reports.
+    So does a repository whose only manifests are of an older format (LegacyFormat).
     """
     identity = read_identity(repo)
     segment_size = identity.wal_segment_size if identity else walnames.DEFAULT_SEGMENT_SIZE
@@ -225,13 +149,22 @@ def load_catalog(repo: Repository, key: bytes | None = None) -> Catalog:
     backups: list[Manifest] = []
     incomplete: list[str] = []
     unreadable: dict[str, str] = {}
+    tampered: dict[str, str] = {}
+    legacy: auth.LegacyFormat | None = None  # the newest manifest of an older format
     for backup_id, infos in sorted(by_backup.items()):
         manifest_key = f"{BACKUPS_PREFIX}{backup_id}/{MANIFEST}"
         if not any(i.key == manifest_key for i in infos):
             incomplete.append(backup_id)
             continue
         try:
-            backups.append(Manifest.from_json(json.loads(repo.get(manifest_key))))
+            backups.append(read_manifest(repo, key, backup_id))
+        except auth.LegacyFormat as exc:
+            legacy = exc
+            unreadable[backup_id] = exc.message
+            incomplete.append(backup_id)
+        except auth.AuthError as exc:
+            tampered[manifest_key] = exc.message
+            incomplete.append(backup_id)
         except (ValueError, KeyError, TypeError) as exc:
             unreadable[backup_id] = f"{manifest_key} is malformed: {exc}"
             incomplete.append(backup_id)
@@ -240,6 +173,11 @@ def load_catalog(repo: Repository, key: bytes | None = None) -> Catalog:
         for info in repo.list(WAL_PREFIX)
         if walnames.is_wal_file(info.key[len(WAL_PREFIX) :])
     }
+    if tampered and not tampered_ok:
+        name, why = next(iter(tampered.items()))
+        raise auth.AuthError(name, why.removeprefix(f"{name}: "))
+    if legacy is not None and not backups and not tampered_ok:
+        raise legacy  # rather than "no complete backup": say why, and what to do
     return Catalog(
         repo=repo,
         key=key,
@@ -248,6 +186,7 @@ def load_catalog(repo: Repository, key: bytes | None = None) -> Catalog:
         backups=tuple(sorted(backups, key=lambda m: (m.start_time, m.id))),
         incomplete=tuple(incomplete),
         unreadable=unreadable,
+        tampered=tampered,
         backup_objects={k: tuple(v) for k, v in by_backup.items()},
         wal=wal,
     )
@@ -354,6 +293,7 @@ class BackupSummary:
     restorable_until: datetime | None  # completion time of the last unbroken segment
     restorable_wal: str | None  # that segment
     gap: str | None  # the missing segment that breaks the chain, if any
+    problem: str | None = None  # why its chain cannot be followed (an object not authentic)
 
 
 @dataclass(frozen=True)
@@ -371,6 +311,7 @@ class Listing:
     backups: tuple[BackupSummary, ...]
     wal: tuple[WalRange, ...]
     incomplete: tuple[str, ...]
+    tampered: Mapping[str, str] = field(default_factory=dict)  # manifest key → why
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -416,12 +357,33 @@ def wal_ranges(catalog: Catalog) -> tuple[WalRange, ...]:
     return tuple(ranges)
 
 
+def _summary(catalog: Catalog, backup: Manifest) -> BackupSummary:
+    try:
+        return summarize(catalog, backup)
+    except StellarError as exc:  # AuthError, CodecError, RepositoryError: say it, go on
+        return BackupSummary(
+            id=backup.id,
+            time=backup.start_time,
+            stop_time=backup.stop_time,
+            raw_bytes=backup.raw_bytes,
+            stored_bytes=backup.stored_bytes,
+            timeline=backup.timeline,
+            start_wal=backup.start_wal,
+            stop_wal=backup.stop_wal,
+            restorable_until=None,
+            restorable_wal=None,
+            gap=None,
+            problem=exc.message,
+        )
+
+
 def listing(catalog: Catalog) -> Listing:
     return Listing(
         repository=catalog.repo.description,
-        backups=tuple(summarize(catalog, b) for b in catalog.backups),
+        backups=tuple(_summary(catalog, b) for b in catalog.backups),
         wal=wal_ranges(catalog),
         incomplete=catalog.incomplete,
+        tampered=dict(catalog.tampered),
     )
 
 
@@ -434,6 +396,8 @@ def describe_listing(listing: Listing) -> list[str]:
             if b.restorable_until
             else f"restorable until {b.restorable_wal}"
             if b.restorable_wal
+            else f"NOT restorable: {b.problem}"
+            if b.problem
             else "NOT restorable"
         )
         gap = f", WAL gap at {b.gap}" if b.gap else ""
@@ -448,6 +412,7 @@ def describe_listing(listing: Listing) -> list[str]:
         lines.append(f"WAL timeline {r.timeline}: {r.first}..{r.last} ({r.segments}{holes})")
     if listing.incomplete:
         lines.append(f"incomplete (ignored): {', '.join(listing.incomplete)}")
+    lines += [f"REFUSED {why}" for why in listing.tampered.values()]
     return lines
 
 

@@ -179,13 +179,13 @@ def _require_archiving(conninfo: str) -> None:
 def backup_list(ctx: BackupContext) -> Result:
     from stellarbase.backup import catalog
 
-    listing = catalog.listing(catalog.load_catalog(ctx.repo, ctx.key))
+    listing = catalog.listing(catalog.load_catalog(ctx.repo, ctx.key, tampered_ok=True))
     lines = catalog.describe_listing(listing)
     return Result("backup list", info=listing.as_dict(), lines=lines)
 
 
 def backup_verify(ctx: BackupContext) -> Result:
-    from stellarbase.backup.verify import verify
+    from stellarbase.backup.verify import coverage, verify
 
     report = verify(ctx.repo, ctx.key)
     problems = report.messages
@@ -194,11 +194,19 @@ def backup_verify(ctx: BackupContext) -> Result:
         f"checked {report.objects} objects ({_size(report.bytes)}) in {report.seconds:.1f} s: "
         + ("no problems" if not problems else f"{len(problems)} problem(s)")
     )
+    covered = coverage(ctx.key)
+    lines.append(
+        "authenticated with backup.encryption_key: "
+        + ("yes" if covered["authenticated"] else "NO (no key set)")
+    )
+    lines += [f"  detects: {d}" for d in covered["detects"]]
+    lines += [f"  does not detect: {d}" for d in covered["does_not_detect"]]
     info: dict[str, Any] = {
         "objects": report.objects,
         "bytes": report.bytes,
         "problems": problems,
         "ok": not problems,
+        **covered,
     }
     if problems:
         info["exit_code"] = int(ExitCode.BACKUP)

@@ -21,8 +21,8 @@ from pathlib import Path
 from types import TracebackType
 
 from stellarbase.backup import codec
-from stellarbase.backup.catalog import Manifest, Part
 from stellarbase.backup.codec import CodecError
+from stellarbase.backup.manifest import Manifest, Part
 from stellarbase.backup.repo import Repository
 from stellarbase.backup.tarstream import TarError, TarExtractor
 from stellarbase.errors import ExitCode, StellarError
@@ -110,7 +110,9 @@ def extract_part(
     try:
         with (
             repo.open_read(part.key) as raw,
-            _ReadAhead(codec.decoded_chunks(raw, backup.codec, key)) as pieces,
+            _ReadAhead(
+                codec.decoded_chunks(raw, backup.codec, key, name=part.key, backup_id=backup.id)
+            ) as pieces,
         ):
             for piece in pieces:
                 if cancel is not None and cancel.is_set():

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import structlog
 
 from stellarbase.backup import codec
-from stellarbase.backup.catalog import Part
+from stellarbase.backup.manifest import Part
 from stellarbase.backup.repo import ObjectWriter, Repository, RepositoryError
 from stellarbase.backup.tarstream import END_OF_ARCHIVE, TarScanner
 from stellarbase.errors import ExitCode, StellarError
@@ -46,8 +46,10 @@ class _PartUpload:
         pool: ThreadPoolExecutor,
         level: int,
         encryption_key: bytes | None,
+        backup_id: str,
     ) -> None:
         self.key = key
+        self._backup_id = backup_id
         self.queued = 0  # raw bytes handed over so far
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_QUEUE)
         self._abandoned = threading.Event()
@@ -88,7 +90,9 @@ class _PartUpload:
         raw = 0
         # zstd's own threads as well: parts arrive one after the other, so the part being
         # read is the one that must compress at the speed of the stream.
-        encoder = codec.StreamEncoder(level, key, threads=-1)
+        encoder = codec.StreamEncoder(
+            level, key, threads=-1, name=self.key, backup_id=self._backup_id
+        )
         try:
             while (chunk := self._queue.get()) is not None and not self._abandoned.is_set():
                 sha.update(chunk)
@@ -101,7 +105,7 @@ class _PartUpload:
         except BaseException:
             writer.abort()
             raise
-        return Part(self.key, sha.hexdigest(), raw, stored)
+        return Part(self.key, sha.hexdigest(), raw, stored, encoder.header.hex())
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,7 @@ def store_parts(
     *,
     level: int,
     key: bytes | None,
+    backup_id: str = "",
     part_bytes: int = PART_BYTES,
     concurrency: int = 4,
     wanted: tuple[str, ...] = (),
@@ -132,7 +137,8 @@ def store_parts(
     A part ends at the first member boundary past `part_bytes`: two zero blocks close it
     and the next member opens the next part; the last part keeps the stream's own end.
     `check` sees the `wanted` files before the last part is committed. When anything
-    fails (the stream, `check`, a write), no part stays behind.
+    fails (the stream, `check`, a write), no part stays behind. With `key`, each part is
+    sealed to its own key and `backup_id`.
     """
     scanner = TarScanner(wanted)
     uploads: list[_PartUpload] = []
@@ -140,7 +146,7 @@ def store_parts(
 
         def new_part() -> _PartUpload:
             name = part_key(prefix, len(uploads) + 1)
-            upload = _PartUpload(repo.open_write(name, meta), name, pool, level, key)
+            upload = _PartUpload(repo.open_write(name, meta), name, pool, level, key, backup_id)
             uploads.append(upload)
             return upload
 

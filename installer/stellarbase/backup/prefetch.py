@@ -198,7 +198,7 @@ class Prefetcher:
         where = f"WAL file {name} in {catalog.repo.description}"
         try:
             meta = catalog.meta(key)
-            data = codec.decode(catalog.repo.get(key), meta.get("codec", ""), catalog.key)
+            data = codec.decode(catalog.repo.get(key), meta.get("codec", ""), catalog.key, name=key)
         except StellarError as exc:
             raise Damaged(f"{where} cannot be read: {exc.message}") from None
         if hashlib.sha256(data).hexdigest() != meta.get("sha256"):

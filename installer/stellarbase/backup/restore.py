@@ -32,6 +32,7 @@ from stellarbase.backup.pgcommand import command_path
 from stellarbase.backup.postmaster import Cluster, chown_tree, start_postmaster, wait_promoted
 from stellarbase.backup.prefetch import SPOOL_NAME, Prefetcher
 from stellarbase.backup.repo import Repository
+from stellarbase.backup.verify import authenticate_restore
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import write_atomic
 
@@ -405,6 +406,7 @@ def restore_into(
     owner = _account(run_as)
     catalog = load_catalog(repo, key)
     plan = plan_restore(catalog, target, backup_id)
+    authenticate_restore(catalog, plan.backup, plan.chain)  # with a key: before any write
     spool = data_dir / SPOOL_NAME
     recovery = recovery_settings(plan, spool)  # refuses a data dir no command can name
     check_data_dir(data_dir, force)
@@ -465,7 +467,9 @@ def restore_live(
     """
     from stellarbase import systemd
 
-    plan = plan_restore(load_catalog(repo, key), target, backup_id)  # refuse before stopping
+    catalog = load_catalog(repo, key)
+    plan = plan_restore(catalog, target, backup_id)  # refuse before stopping
+    authenticate_restore(catalog, plan.backup, plan.chain)
     recovery_settings(plan, data_dir / SPOOL_NAME)  # as a data dir no command can name
     if not force:
         check_data_dir(data_dir, force=False)
