@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import structlog
 
@@ -80,16 +82,13 @@ def archive_command(spool_dir: Path) -> str:
     )
 
 
-def check_segment(name: str, data: bytes, sysid: str) -> None:
-    """Refuse a segment of another cluster, of another position, or of the wrong size."""
-    check_segment_header(name, data[: _LONG_HEADER.size], len(data), sysid)
-
-
 SEGMENT_HEADER_LEN = _LONG_HEADER.size
+_READ = 1024 * 1024  # bytes per read of a WAL file
 
 
 def check_segment_header(name: str, head: bytes, size: int, sysid: str) -> None:
-    """check_segment from the first SEGMENT_HEADER_LEN bytes and the file's size."""
+    """Refuse a segment of another cluster, of another position, or of the wrong size,
+    from its first SEGMENT_HEADER_LEN bytes and its size."""
     if len(head) < _LONG_HEADER.size:
         raise ArchiveError(
             f"WAL segment {name} is {size} bytes: too short for a page header",
@@ -157,26 +156,63 @@ def store_wal(
     level: int,
     key: bytes | None,
 ) -> int:
+    """store_wal_from for a file already in memory (a timeline history file)."""
+    digest = hashlib.sha256(data).hexdigest()
+    return store_wal_from(
+        repo, name, io.BytesIO(data), digest, len(data), sysid, mtime, level=level, key=key
+    )
+
+
+def store_wal_from(
+    repo: Repository,
+    name: str,
+    source: BinaryIO,
+    digest: str,
+    size: int,
+    sysid: str,
+    mtime: float,
+    *,
+    level: int,
+    key: bytes | None,
+    scratch: Path | None = None,
+) -> int:
     """Store one WAL file as `name`; with a key, sealed to that name, its metadata MACed.
 
     The metadata records the stored size and the sealed header, so restore can tell a
-    body moved under another object's metadata from a HEAD and a 12-byte read.
+    body moved under another object's metadata from a HEAD and a 12-byte read. The body
+    is encoded into a temporary file in `scratch` and sent from there: an upload holds
+    one read buffer, not the segment and its encoded copy, whatever the segment size.
     Returns the stored size.
     """
-    body = codec.encode(data, level, key, name=name)
-    meta = {
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "size": str(len(data)),
-        "codec": codec.codec_name(key),
-        "sysid": sysid,
-        "mtime": repr(mtime),
-    }
-    if key is not None:
-        meta["stored"] = str(len(body))
-        meta["header"] = body[: codec.HEADER_LEN].hex()
-        meta = auth.seal_meta(key, name, meta)
-    repo.put(name, body, meta)
-    return len(body)
+    encoder = codec.StreamEncoder(level, key, size=size, name=name)
+    with tempfile.TemporaryFile(dir=scratch) as body:
+        while chunk := source.read(_READ):
+            body.write(encoder.write(chunk))
+        body.write(encoder.finish())
+        stored = body.tell()
+        body.seek(0)
+        header = body.read(codec.HEADER_LEN)
+        body.seek(0)
+        meta = {
+            "sha256": digest,
+            "size": str(size),
+            "codec": codec.codec_name(key),
+            "sysid": sysid,
+            "mtime": repr(mtime),
+        }
+        if key is not None:
+            meta["stored"] = str(stored)
+            meta["header"] = header.hex()
+            meta = auth.seal_meta(key, name, meta)
+        repo.put(name, body, meta)
+    return stored
+
+
+def _sha256_of(source: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    while chunk := source.read(_READ):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def reseal_histories(
@@ -328,37 +364,53 @@ class Archiver:
     # ----------------------------------------------------------------- one file
 
     def _archive(self, name: str, sysid: str) -> bool:
-        """Upload one WAL file and write its marker; False when it vanished meanwhile."""
-        path = self.pg_wal / name
+        """Upload one WAL file and write its marker; False when it vanished meanwhile.
+
+        The file is read in buffers, once to hash it and once to encode it: PostgreSQL
+        does not touch a segment before archive_command has succeeded for it.
+        """
         try:
-            data = path.read_bytes()
-            st = path.stat()
+            source = (self.pg_wal / name).open("rb")
         except FileNotFoundError:
             return False  # archived and removed by Postgres in the meantime
-        mtime = st.st_mtime
-        identity = file_identity(st)
-        digest = hashlib.sha256(data).hexdigest()
-        marker = self.markers / name
-        with contextlib.suppress(FileNotFoundError):
-            if marker.read_text().strip() == identity:
-                self._confirm(name, uploaded=0)
-                return True
-            marker.unlink()  # from an earlier file of the same name: check the store again
-        if walnames.is_segment(name) or walnames.is_partial(name):
-            check_segment(name, data, sysid)
-        key = f"wal/{name}"
-        existing = self.repo.head(key)
-        stored = 0
-        if existing is not None and existing.meta.get("sha256") != digest:
-            raise ArchiveError(
-                f"{self.repo.description} already holds {key} with other content "
-                f"(sha256 {existing.meta.get('sha256', 'unknown')}, this file {digest})",
-                hint="two clusters archive to one prefix, or a timeline was reused; "
-                "use another backup.prefix for a new cluster",
-            )
-        if existing is None or not self._authentic(key, existing.meta):
-            # Also when the stored copy is of an older format: this file is the original.
-            stored = self._upload(key, data, digest, sysid, mtime)
+        with source:
+            st = os.fstat(source.fileno())
+            identity = file_identity(st)
+            marker = self.markers / name
+            with contextlib.suppress(FileNotFoundError):
+                if marker.read_text().strip() == identity:
+                    self._confirm(name, uploaded=0)
+                    return True
+                marker.unlink()  # from an earlier file of the same name: check the store again
+            if walnames.is_segment(name) or walnames.is_partial(name):
+                check_segment_header(name, source.read(SEGMENT_HEADER_LEN), st.st_size, sysid)
+                source.seek(0)
+            digest = _sha256_of(source)
+            key = f"wal/{name}"
+            existing = self.repo.head(key)
+            stored = 0
+            if existing is not None and existing.meta.get("sha256") != digest:
+                raise ArchiveError(
+                    f"{self.repo.description} already holds {key} with other content "
+                    f"(sha256 {existing.meta.get('sha256', 'unknown')}, this file {digest})",
+                    hint="two clusters archive to one prefix, or a timeline was reused; "
+                    "use another backup.prefix for a new cluster",
+                )
+            if existing is None or not self._authentic(key, existing.meta):
+                # Also when the stored copy is of an older format: this file is the original.
+                source.seek(0)
+                stored = store_wal_from(
+                    self.repo,
+                    key,
+                    source,
+                    digest,
+                    st.st_size,
+                    sysid,
+                    st.st_mtime,
+                    level=self._level,
+                    key=self._key,
+                    scratch=self.spool,
+                )
         _write_marker(marker, identity)
         self._confirm(name, uploaded=stored)
         return True
@@ -371,9 +423,6 @@ class Archiver:
         except auth.AuthError:
             return False
         return True
-
-    def _upload(self, key: str, data: bytes, digest: str, sysid: str, mtime: float) -> int:
-        return store_wal(self.repo, key, data, sysid, mtime, level=self._level, key=self._key)
 
     def _confirm(self, name: str, uploaded: int) -> None:
         with self._lock:

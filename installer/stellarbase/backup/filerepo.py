@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import stat
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -62,11 +63,17 @@ class FileRepository:
     def _where(self, key: str) -> str:
         return str(self.root / key)
 
-    def put(self, key: str, data: bytes, meta: Mapping[str, str]) -> None:
+    def put(self, key: str, data: bytes | BinaryIO, meta: Mapping[str, str]) -> None:
+        def fill(out: BinaryIO) -> None:
+            if isinstance(data, bytes):
+                out.write(data)
+            else:
+                shutil.copyfileobj(data, out, 1024 * 1024)
+
         with self._calling("put", key), self._dir_of(key, create=True) as (dir_fd, name):
             if meta:  # the sidecar first, so that head() sees it once the object is there
                 _write_meta(dir_fd, name, meta)
-            fdops.replace_at(dir_fd, name, lambda out: out.write(data), mode=_MODE)
+            fdops.replace_at(dir_fd, name, fill, mode=_MODE)
 
     def head(self, key: str) -> ObjectInfo | None:
         try:

@@ -66,7 +66,9 @@ class ObjectWriter(Protocol):
 class Repository(Protocol):
     description: str  # "s3://bucket/prefix" or "file:///dir/prefix"
 
-    def put(self, key: str, data: bytes, meta: Mapping[str, str]) -> None: ...
+    def put(self, key: str, data: bytes | BinaryIO, meta: Mapping[str, str]) -> None:
+        """Store `data` (bytes, or a seekable file read from its current position)."""
+        ...
 
     def head(self, key: str) -> ObjectInfo | None: ...
 
@@ -90,8 +92,15 @@ def _check_key(key: str) -> str:
     return key
 
 
-def _md5_b64(data: bytes | bytearray | memoryview) -> str:
-    return base64.b64encode(hashlib.md5(data).digest()).decode()
+def _md5_b64(data: bytes | bytearray | memoryview | BinaryIO) -> str:
+    if isinstance(data, bytes | bytearray | memoryview):
+        return base64.b64encode(hashlib.md5(data).digest()).decode()
+    start = data.tell()
+    digest = hashlib.md5()
+    while chunk := data.read(1024 * 1024):
+        digest.update(chunk)
+    data.seek(start)
+    return base64.b64encode(digest.digest()).decode()
 
 
 # --------------------------------------------------------------------------- S3
@@ -133,7 +142,7 @@ class S3Repository:
                 raise ObjectNotFound(f"{self.description}: no object {key}") from None
             raise self._fail(action, key, exc) from exc
 
-    def put(self, key: str, data: bytes, meta: Mapping[str, str]) -> None:
+    def put(self, key: str, data: bytes | BinaryIO, meta: Mapping[str, str]) -> None:
         with self._calling("put", key):
             self._client.put_object(
                 Bucket=self.bucket,
