@@ -1,0 +1,93 @@
+"""What the units let a compromised process do, on a real systemd of each root: every unit
+scores at most 2.0, the agent's token-free listener is on loopback whatever `bind` says,
+the local servers keep loopback and an IPC namespace of their own, and the backup unit,
+root without privileges, still backs up."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_systemd import on_both_roots
+from tests.integration.conftest import copy_binary, free_port_block, wait_for
+from tests.systemd_sandbox import SystemdSandbox
+
+pytestmark = [pytest.mark.systemd, pytest.mark.integration]
+
+REPO_DIR = "/var/lib/stellarbase-backups"
+POSTGRES = "stellarbase-postgres.service"
+REDIS = "stellarbase-redis.service"
+
+
+def _listening(sandbox: SystemdSandbox, port: int) -> set[str]:
+    out = sandbox.run(["ss", "-Hltn", f"sport = :{port}"]).stdout
+    return {line.split()[3].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()}
+
+
+def _score(sandbox: SystemdSandbox, unit: Path) -> float:
+    out = sandbox.run(["systemd-analyze", "security", "--offline=yes", str(unit)], check=False)
+    level = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout)
+    assert level, out.stdout[-2000:] + out.stderr[-2000:]
+    return float(level.group(1))
+
+
+@on_both_roots
+def test_units_confine_what_a_compromised_process_reaches(
+    systemd_sandbox: SystemdSandbox, binary: Path
+) -> None:
+    sandbox = systemd_sandbox
+    exe = copy_binary(sandbox, binary)
+    base = free_port_block(8)
+    agent_port = base + 1
+    sets = [
+        "--set=bind=0.0.0.0",
+        f"--set=api.port={base}",
+        f"--set=agent.port={agent_port}",
+        f"--set=worker.port={base + 2}",
+        f"--set=local.postgres.port={base + 4}",
+        f"--set=local.redis.port={base + 5}",
+        f"--set=backup.repository=file://{REPO_DIR}",
+    ]
+    out = sandbox.run([str(exe), "install", "--tier", "pilot", *sets], check=False, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    units = sorted(sandbox.path("/etc/systemd/system").glob("stellarbase*.service"))
+    scores = {u.name: _score(sandbox, Path("/etc/systemd/system") / u.name) for u in units}
+    print("systemd-analyze security:", scores)
+    assert "stellarbase-backup.service" in scores and POSTGRES in scores
+    assert all(score <= 2.0 for score in scores.values()), scores
+
+    # bind 0.0.0.0 exposes the API, not the agent's token-free /metrics and /readyz.
+    assert _listening(sandbox, base) == {"0.0.0.0"}
+    assert _listening(sandbox, agent_port) == {"127.0.0.1"}
+
+    # PostgreSQL and Redis: an IPC namespace of their own, loopback only.
+    host_ipc = sandbox.run(["readlink", "/proc/1/ns/ipc"]).stdout.strip()
+    for unit in (POSTGRES, REDIS):
+        pid = sandbox.main_pid(unit)
+        assert sandbox.run(["readlink", f"/proc/{pid}/ns/ipc"]).stdout.strip() != host_ipc, unit
+        shown = sandbox.systemctl("show", "--property=IPAddressDeny", "--value", unit)
+        assert shown.stdout.strip() not in ("", "[none]"), unit
+
+    # Root without privileges still writes a base backup (MemoryDenyWriteExecute= and the
+    # syscall filter included: zstd, the ciphers and pg_basebackup run under them).
+    sandbox.systemctl("start", "stellarbase-backup.service")
+    result = sandbox.systemctl("show", "--property=Result", "--value", "stellarbase-backup")
+    assert result.stdout.strip() == "success", _journal(sandbox, "stellarbase-backup")
+    listing = sandbox.run([str(exe), "backup", "list", "-o", "json"], check=False, timeout=120)
+    assert listing.returncode == 0 and '"backups"' in listing.stdout, listing.stderr
+    wait_for("the agent's /readyz", lambda: _ready(sandbox, agent_port), timeout=60)
+
+
+def _ready(sandbox: SystemdSandbox, port: int) -> bool:
+    url = f"http://127.0.0.1:{port}/readyz"
+    out = sandbox.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url], check=False)
+    return out.stdout.strip() == "200"
+
+
+def _journal(sandbox: SystemdSandbox, unit: str) -> str:
+    return sandbox.run(["journalctl", "--no-pager", "-o", "cat", "-u", unit], check=False).stdout[
+        -3000:
+    ]
