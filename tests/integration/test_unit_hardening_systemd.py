@@ -63,6 +63,17 @@ def test_units_confine_what_a_compromised_process_reaches(
     assert _listening(sandbox, base) == {"0.0.0.0"}
     assert _listening(sandbox, agent_port) == {"127.0.0.1"}
 
+    # Where systemd enforces SocketBind*= (built with BPF: Debian 13), a process of the
+    # API's unit binds no port but the API's own: curl's --local-port is a bind(2).
+    if "+BPF_FRAMEWORK" in sandbox.run(["systemctl", "--version"]).stdout:
+        procs = "/sys/fs/cgroup/system.slice/stellarbase-api.service/cgroup.procs"
+        curl = f"curl -s -o /dev/null --local-port {base + 7} http://127.0.0.1:{base}/healthz"
+        outside = sandbox.run(["sh", "-c", curl], check=False)
+        inside = sandbox.run(["sh", "-c", f"echo $$ > {procs} && exec {curl}"], check=False)
+        assert outside.returncode == 0, outside.stderr
+        assert inside.returncode == 45, (inside.returncode, inside.stderr)  # could not bind
+        print("SocketBindDeny= enforced: curl in the API's unit could not bind")
+
     # PostgreSQL and Redis: an IPC namespace of their own, loopback only.
     host_ipc = sandbox.run(["readlink", "/proc/1/ns/ipc"]).stdout.strip()
     for unit in (POSTGRES, REDIS):
