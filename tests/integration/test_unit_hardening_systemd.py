@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import servers
 from tests.fixtures_systemd import on_both_roots
 from tests.integration.conftest import copy_binary, free_port_block, wait_for
 from tests.systemd_sandbox import SystemdSandbox
@@ -102,3 +103,40 @@ def _journal(sandbox: SystemdSandbox, unit: str) -> str:
     return sandbox.run(["journalctl", "--no-pager", "-o", "cat", "-u", unit], check=False).stdout[
         -3000:
     ]
+
+
+@on_both_roots
+def test_the_backup_unit_backs_up_to_s3_with_no_capability_at_all(
+    systemd_sandbox: SystemdSandbox, binary: Path, s3_server: servers.S3Server
+) -> None:
+    sandbox = systemd_sandbox
+    exe = copy_binary(sandbox, binary)
+    base = free_port_block(8)
+    sets = [
+        f"--set=api.port={base}",
+        f"--set=agent.port={base + 1}",
+        f"--set=worker.port={base + 2}",
+        f"--set=local.postgres.port={base + 4}",
+        f"--set=local.redis.port={base + 5}",
+        "--set=backup.repository=s3",
+        f"--set=backup.prefix=hardening-{base}",
+        f"--set=s3.endpoint={s3_server.endpoint}",
+        f"--set=s3.bucket={s3_server.bucket}",
+        f"--set=s3.region={s3_server.region}",
+    ]
+    env = {
+        "STELLARBASE_S3__ACCESS_KEY": s3_server.access_key,
+        "STELLARBASE_S3__SECRET_KEY": s3_server.secret_key,
+    }
+    out = sandbox.run(
+        [str(exe), "install", "--tier", "pilot", *sets], check=False, timeout=240, env=env
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    unit = "stellarbase-backup.service"
+    caps = sandbox.systemctl("show", "--property=CapabilityBoundingSet", "--value", unit)
+    assert caps.stdout.strip() == "", caps.stdout
+    sandbox.systemctl("start", unit)
+    result = sandbox.systemctl("show", "--property=Result", "--value", unit)
+    assert result.stdout.strip() == "success", _journal(sandbox, unit)
+    status = sandbox.path("/var/lib/stellarbase/backup-status.json")
+    assert status.stat().st_gid != 0  # handed to the stellarbase group without CAP_CHOWN
