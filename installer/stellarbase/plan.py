@@ -11,6 +11,7 @@ from pydantic import SecretStr
 
 from stellarbase import config as cfg
 from stellarbase import render
+from stellarbase.agent import local_address
 from stellarbase.agent.targets import targets_file
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import digest
@@ -423,7 +424,13 @@ def make_plan(
     if config.postgres:
         secret = config.postgres.password
         database = (config.postgres.url, secret.get_secret_value() if secret else None)
-    endpoints = tuple((u.name, _base_url(config.bind, u.port)) for u in instances)
+    endpoints = tuple(
+        (
+            u.name,
+            _base_url(local_address(config.bind) if u.service == "agent" else config.bind, u.port),
+        )
+        for u in instances
+    )
     ready_urls = {name: f"{url}/readyz" for name, url in endpoints if name in probed}
     if paths.live:
         loaded = [u for u in unit_files if not u.endswith("@.service")]  # templates: via instances

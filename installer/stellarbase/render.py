@@ -132,6 +132,7 @@ def render_units(
             binary=local.redis.path,
             config_file=paths.host_view(paths.redis_conf),
             data_dir=paths.host_view(paths.redis_data),
+            port=config.local.redis.port,
             user=USER,
             group=GROUP,
         )
@@ -149,6 +150,7 @@ def render_units(
             "limits": getattr(config, name).limits,
             "rw_paths": backup_paths(config, paths) if name == "agent" else [],
             "extra": extra,
+            "ports": own_ports(config, name),
         }
         out[entry.unit] = env.get_template(f"{entry.unit}.j2").render(
             svc=svc,
@@ -172,6 +174,8 @@ def render_units(
             binary=binary,
             postgres_unit=POSTGRES_UNIT,
             rw_paths=[paths.host_view(paths.state_dir), *backup_paths(config, paths)[1:]],
+            group=GROUP,
+            file_repository=config.backup.repository.startswith("file://"),
         )
         out[BACKUP_TIMER] = env.get_template(f"{BACKUP_TIMER}.j2").render(
             schedule=config.backup.schedule
@@ -192,6 +196,17 @@ def render_agent_targets(
     if backups_on(config, local):
         units.append(Target(unit=BACKUP_TIMER))
     return render_targets(Targets(units=tuple(units)))
+
+
+def own_ports(config: cfg.Config, name: str) -> list[str]:
+    """The TCP ports a service may bind (SocketBindAllow=). Workers: the range any worker
+    count could use, so that adding a worker leaves the running ones' unit unchanged."""
+    if name == "worker":
+        return [f"{config.worker.port}-{min(config.worker.port + 63, 65535)}"]
+    ports = [str(getattr(config, name).port)]
+    if name == "agent" and config.agent.remote_port is not None:
+        ports.append(str(config.agent.remote_port))
+    return ports
 
 
 def backups_on(config: cfg.Config, local: LocalServers) -> bool:

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -128,7 +128,7 @@ class Service:
     # --- serving ----------------------------------------------------------------------------
 
     def serve(self) -> None:
-        server = ThreadingHTTPServer((str(self.settings.bind), self.port), _handler(self))
+        server = ThreadingHTTPServer((self.listen_host(), self.port), _handler(self))
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
         remote = self._remote_server()
@@ -166,43 +166,13 @@ class Service:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
-    def _remote_server(self) -> ThreadingHTTPServer | None:
-        """The agent's listener for remote scrapers: bearer token, and TLS when configured.
+    def listen_host(self) -> str:
+        """The address of the plain listener: `bind` (the agent keeps to loopback)."""
+        return str(self.settings.bind)
 
-        Local callers (the install gate, `status`, the watchdog probe) keep the loopback
-        listener; this one answers /metrics and /readyz only with the token.
-        """
-        agent = self.settings.agent
-        if agent is None or agent.remote_port is None or agent.remote_bind is None:
-            return None
-        token = os.environ.get(REMOTE_TOKEN_ENV, "")
-        if not token:
-            raise StellarError(
-                f"agent.remote_port is set but {REMOTE_TOKEN_ENV} is not in the environment",
-                hint="set agent.metrics_token and re-run `stellarbase install`",
-                code=ExitCode.CONFIG,
-            )
-        server = ThreadingHTTPServer(
-            (str(agent.remote_bind), agent.remote_port), _handler(self, token=token)
-        )
-        server.daemon_threads = True
-        if agent.tls_cert and agent.tls_key:
-            import ssl
-
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            try:
-                context.load_cert_chain(agent.tls_cert, agent.tls_key)
-            except (OSError, ssl.SSLError) as exc:
-                raise StellarError(
-                    f"cannot load the agent's TLS certificate or key: {exc}",
-                    hint="agent.tls_cert/tls_key: PEM files the stellarbase user can read",
-                    code=ExitCode.CONFIG,
-                ) from None
-            server.socket = context.wrap_socket(server.socket, server_side=True)
-        threading.Thread(target=server.serve_forever, name="http-remote", daemon=True).start()
-        log.info("remote listener", port=agent.remote_port, tls=bool(agent.tls_cert))
-        return server
+    def _remote_server(self) -> HTTPServer | None:
+        """A second listener, for remote scrapers: the agent's (agent/remote.py)."""
+        return None
 
     def main_loop(self) -> None:
         """Until SIGTERM: ready at once, then ping the watchdog while HTTP answers."""
@@ -213,7 +183,7 @@ class Service:
                 notify.notify("WATCHDOG=1")
 
     def _alive(self) -> bool:
-        host = str(self.settings.bind)
+        host = self.listen_host()
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1" if host == "0.0.0.0" else "::1"
         host = f"[{host}]" if ":" in host else host

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
+import os
+import socket
+import threading
+import time
+import uuid
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from stellarbase.agent import helper
 from stellarbase.agent.supervise import Action, Policy, Supervisor
@@ -86,13 +93,19 @@ def _paths(tmp_path: Path) -> HostPaths:
     return paths
 
 
-def _ask(tmp_path: Path, request: bytes, active: bool = True) -> tuple[bool, str, list[str]]:
+def _ask(
+    tmp_path: Path, request: bytes, active: bool = True, **kwargs: Any
+) -> tuple[bool, str, list[str]]:
+    """One request over a real socket, as the agent's connection reaches the helper."""
     done: list[str] = []
-    out = io.BytesIO()
-    ok = helper.serve_connection(
-        io.BytesIO(request), out, _paths(tmp_path), restart=done.append, active=lambda _: active
-    )
-    reply = json.loads(out.getvalue())
+    server, client = socket.socketpair()
+    client.sendall(request)
+    client.shutdown(socket.SHUT_WR)
+    with server, client, server.makefile("rb") as rfile, server.makefile("wb") as wfile:
+        ok = helper.serve_connection(
+            rfile, wfile, _paths(tmp_path), restart=done.append, active=lambda _: active, **kwargs
+        )
+        reply = json.loads(client.recv(65536))
     assert reply["ok"] is ok
     return ok, reply["message"], done
 
@@ -119,3 +132,65 @@ def test_the_helper_leaves_a_stopped_service_stopped(tmp_path: Path) -> None:
     ok, message, done = _ask(tmp_path, b'{"restart": "stellarbase-api.service"}\n', active=False)
     assert not ok and done == []
     assert "not active" in message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a caller of another uid needs root to make")
+def test_the_helper_answers_no_uid_but_the_agents(tmp_path: Path) -> None:
+    paths = _paths(tmp_path)
+    name = f"\0stellarbase-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(name)
+        listener.listen(1)
+        child = os.fork()
+        if child == 0:  # another local user who can reach the socket
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.connect(name)
+                    s.sendall(json.dumps({"restart": API}).encode() + b"\n")
+                    s.recv(4096)
+            finally:
+                os._exit(0)
+        conn, _ = listener.accept()
+        done: list[str] = []
+        with conn, conn.makefile("rb") as rfile, conn.makefile("wb") as wfile:
+            ok = helper.serve_connection(
+                rfile, wfile, paths, restart=done.append, active=lambda _: True
+            )
+        os.waitpid(child, 0)
+    assert not ok and done == []
+
+
+def test_a_caller_that_never_finishes_its_request_is_cut(tmp_path: Path) -> None:
+    paths = _paths(tmp_path)
+    server, client = socket.socketpair()
+    result: list[bool] = []
+    with server, client, server.makefile("rb") as rfile, server.makefile("wb") as wfile:
+        worker = threading.Thread(
+            target=lambda: result.append(
+                helper.serve_connection(rfile, wfile, paths, restart=print, active=bool)
+            ),
+            daemon=True,
+        )
+        started = time.monotonic()
+        worker.start()
+        while worker.is_alive() and time.monotonic() - started < helper.READ_SECONDS + 3:
+            client.sendall(b" ")  # a byte now and then, never a whole line
+            worker.join(0.5)
+        elapsed, waiting = time.monotonic() - started, worker.is_alive()
+        client.close()  # whatever happened: frees a helper still blocked in a read
+        worker.join(5)
+        assert not waiting, "the helper still waits for the request"
+        assert elapsed <= helper.READ_SECONDS + 1, elapsed
+    assert result == [False]
+
+
+def test_the_helper_restarts_one_unit_only_so_often(tmp_path: Path) -> None:
+    request = json.dumps({"restart": API}).encode() + b"\n"
+    answers = [_ask(tmp_path, request) for _ in range(helper.RATE_LIMIT + 2)]
+    assert [ok for ok, _, _ in answers] == [True] * helper.RATE_LIMIT + [False, False]
+    assert "restarted 3 times" in answers[-1][1]
+    later = time.monotonic() + helper.RATE_WINDOW
+    ok, _, done = _ask(tmp_path, request, clock=lambda: later)
+    assert ok and done == [API]  # the window has passed

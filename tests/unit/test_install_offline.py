@@ -192,8 +192,10 @@ def test_a_failure_before_any_service_saw_the_change_puts_every_file_back(
     err = _refused(root, plan)
     assert err.code == ExitCode.DEPENDENCY
     assert file_states(root) == before
+    # the site config, the API's settings and unit (its port is in SocketBindAllow=), the
+    # agent's units file and the target
     assert err.details[-1] == (
-        "no service was touched: the 4 paths this run changed are as they were"
+        "no service was touched: the 5 paths this run changed are as they were"
     )
 
 

@@ -11,6 +11,7 @@ Modules: `targets` (what to watch), `collectors` (reading the host), `runner` (d
 asking the helper), `helper` (the root side), `runtime` (the loop and the endpoints).
 """
 
+import ipaddress
 from pathlib import Path
 
 # Runtime paths of the running system (not under an install root: only the live host has
@@ -18,3 +19,11 @@ from pathlib import Path
 RUNTIME_DIR = Path("/run/stellarbase")
 SUPERVISE_SOCKET = RUNTIME_DIR / "supervise.sock"
 FAULT_DIR = RUNTIME_DIR / "fault"
+
+
+def local_address(
+    bind: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """Where the agent's unauthenticated listener is: loopback, whatever `bind` says (an
+    IPv6 `bind` gives ::1). Remote scrapers go through the token listener only."""
+    return ipaddress.ip_address("::1" if bind.version == 6 else "127.0.0.1")

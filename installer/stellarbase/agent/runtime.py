@@ -11,6 +11,7 @@ older flag, so the hook cannot keep it down. Nothing creates the file.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -24,7 +25,15 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector as RegistryCollector
 
 from stellarbase import audit, gpu, notify
-from stellarbase.agent import FAULT_DIR, SUPERVISE_SOCKET, collectors, metrics, readiness
+from stellarbase.agent import (
+    FAULT_DIR,
+    SUPERVISE_SOCKET,
+    collectors,
+    local_address,
+    metrics,
+    readiness,
+    remote,
+)
 from stellarbase.agent.runner import Collector, Runner
 from stellarbase.agent.snapshot import (
     BACKUP,
@@ -38,8 +47,9 @@ from stellarbase.agent.snapshot import (
 )
 from stellarbase.agent.supervise import Action, Policy, Supervisor, request_restart
 from stellarbase.agent.targets import Targets, TargetsReader, targets_file
+from stellarbase.errors import ExitCode, StellarError
 from stellarbase.paths import HostPaths
-from stellarbase.service import BackupCollector, Service
+from stellarbase.service import REMOTE_TOKEN_ENV, BackupCollector, Service, _handler
 from stellarbase.settings import AgentSettings, ServiceSettings
 
 log = structlog.get_logger()
@@ -171,6 +181,38 @@ class Agent(Service):
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1" if host == "0.0.0.0" else "::1"
         return f"[{host}]" if ":" in host else host
+
+    def listen_host(self) -> str:
+        # /metrics and /readyz?verbose answer here without a token: never off the host.
+        return str(local_address(self.settings.bind))
+
+    def _remote_server(self) -> remote.BoundedServer | None:
+        """The listener for remote scrapers: bearer token, and TLS when configured.
+
+        Local callers (the install gate, `status`, the watchdog probe) keep the loopback
+        listener; this one answers /metrics and /readyz only with the token.
+        """
+        agent = self.settings.agent
+        if agent is None or agent.remote_port is None or agent.remote_bind is None:
+            return None
+        token = os.environ.get(REMOTE_TOKEN_ENV, "")
+        if not token:
+            raise StellarError(
+                f"agent.remote_port is set but {REMOTE_TOKEN_ENV} is not in the environment",
+                hint="set agent.metrics_token and re-run `stellarbase install`",
+                code=ExitCode.CONFIG,
+            )
+        context = None
+        if agent.tls_cert and agent.tls_key:
+            context = remote.tls_context(agent.tls_cert, agent.tls_key)
+        server = remote.BoundedServer(
+            (str(agent.remote_bind), agent.remote_port),
+            _handler(self, token=token),
+            context=context,
+        )
+        threading.Thread(target=server.serve_forever, name="http-remote", daemon=True).start()
+        log.info("remote listener", port=agent.remote_port, tls=context is not None)
+        return server
 
     def _expect_gpus(self) -> bool:
         return any(t.unit.startswith("stellarbase-inference@") for t in self._targets.units)

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from stellarbase import facts, resources
+from stellarbase.agent import local_address
 from stellarbase.config import Config
 from stellarbase.errors import StellarError
 from stellarbase.paths import HostPaths
@@ -253,7 +254,10 @@ def _shown(paths: HostPaths, path: Path) -> str:
 def config_ports(config: Config) -> list[tuple[str, str, int]]:
     """(key, address, port) of every port the services and local servers listen on."""
     bind = str(config.bind)
-    where = {"agent.remote_port": str(config.agent.remote_bind)}
+    where = {
+        "agent.port": str(local_address(config.bind)),  # the agent's plain listener
+        "agent.remote_port": str(config.agent.remote_bind),
+    }
     ports = [
         (key, LOOPBACK if key.startswith("local.") else where.get(key, bind), port)
         for key, port in config.fixed_ports()
