@@ -103,11 +103,12 @@ class Agent(Service):
     def _start_archiver(self) -> None:
         """The WAL archiver of the local PostgreSQL: uploads ahead of archive_command."""
         from stellarbase.backup import codec
-        from stellarbase.backup.archiver import Archiver
+        from stellarbase.backup.archiver import Archiver, return_freed_buffers
         from stellarbase.backup.repo import repository_from
 
         backup = self.settings.backup
         assert backup is not None
+        return_freed_buffers()
         self.archiver = Archiver(
             repository_from(backup, self.settings.s3),
             self.paths.postgres_data / "pg_wal",

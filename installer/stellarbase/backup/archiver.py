@@ -12,6 +12,7 @@ archive_status is ever renamed here: acknowledgement is archive_command's exit s
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import io
 import os
@@ -281,6 +282,22 @@ def _write_marker(path: Path, identity: str) -> None:
     temp.write_text(identity + "\n")
     os.chmod(temp, 0o644)
     os.replace(temp, path)
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt(3)
+
+
+def return_freed_buffers() -> None:
+    """Have glibc hand freed large buffers back to the system at once.
+
+    glibc raises its mmap threshold after the first large free; from then on the 1 MB
+    buffers of every upload thread come from per-thread heaps that keep their peak size.
+    With the threshold fixed at 128 KiB they are mapped and unmapped each time: the agent
+    with backups on stays near its idle size (bench/agent.py --backups). A C library
+    without mallopt is left as it is.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 
 
 class Archiver:

@@ -330,8 +330,9 @@ def run_archiver(ctx: BackupContext, pg_wal: Path, spool: Path) -> None:
     """The agent's archive loop in the foreground, until SIGTERM or SIGINT."""
     import signal
 
-    from stellarbase.backup.archiver import Archiver
+    from stellarbase.backup.archiver import Archiver, return_freed_buffers
 
+    return_freed_buffers()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
