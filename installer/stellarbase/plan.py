@@ -21,8 +21,16 @@ from stellarbase.localdeps import (
     ServerBinary,
     missing_error,
 )
-from stellarbase.paths import GROUP, USER, HostPaths
-from stellarbase.settings import ServiceName, load_catalog
+from stellarbase.paths import (
+    AGENT_USER,
+    GROUP,
+    LEGACY_USER,
+    POSTGRES_USER,
+    REDIS_USER,
+    SERVICE_USERS,
+    HostPaths,
+)
+from stellarbase.settings import ServiceName, load_catalog, service_credentials
 
 NO_LOCAL_SERVERS = render.LocalServers()
 
@@ -50,7 +58,7 @@ class Facts:
 
 @dataclass(frozen=True)
 class EnsureUser:
-    user: str
+    users: tuple[str, ...]
     sysusers: Path
 
 
@@ -60,6 +68,20 @@ class EnsureDir:
     owner: str
     group: str
     mode: int
+
+
+@dataclass(frozen=True)
+class EnsureDataDir:
+    """A directory of data that a service user owns. One still owned by `previous` (what
+    every unit ran as before each got its own user) is re-owned, whole, with `units`
+    stopped meanwhile; never through a link its old owner could have planted."""
+
+    path: Path
+    owner: str
+    group: str
+    mode: int
+    units: tuple[str, ...]
+    previous: str = LEGACY_USER
 
 
 @dataclass(frozen=True)
@@ -164,6 +186,7 @@ class WaitHealthy:
 Step = (
     EnsureUser
     | EnsureDir
+    | EnsureDataDir
     | WriteFile
     | CopyFile
     | Symlink
@@ -304,22 +327,31 @@ def make_plan(
             paths.sysusers_file, render.render_sysusers(paths).encode(), "root", "root", 0o644
         )
     )
-    steps.append(EnsureUser(USER, paths.sysusers_file))
+    users = (POSTGRES_USER, REDIS_USER, *SERVICE_USERS.values())
+    steps.append(EnsureUser(users, paths.sysusers_file))
 
-    mine(EnsureDir(paths.state_dir, "root", GROUP, 0o750))
+    # 0751: the local servers, not in the group, reach their data directories inside.
+    mine(EnsureDir(paths.state_dir, "root", GROUP, 0o751))
     # Data directories are ensured, never owned: a config that no longer wants them leaves
     # them as they are (see kept_data).
     if local.postgres:
-        steps.append(EnsureDir(paths.postgres_data, USER, GROUP, 0o700))  # initdb wants 0700
+        # 0750 with group access (initdb -g): the agent, in the group, reads the WAL.
+        pg_unit = (render.POSTGRES_UNIT,)
+        steps.append(
+            EnsureDataDir(paths.postgres_data, POSTGRES_USER, POSTGRES_USER, 0o750, pg_unit)
+        )
     if local.redis:
-        steps.append(EnsureDir(paths.redis_data, USER, GROUP, 0o750))
+        redis_unit = (render.REDIS_UNIT,)
+        steps.append(EnsureDataDir(paths.redis_data, REDIS_USER, REDIS_USER, 0o750, redis_unit))
     backups = render.backups_on(config, local)
     if backups:
+        agent_unit = (load_catalog().services["agent"].unit,)
         # 0755: archive_command runs as the PostgreSQL user and reads the markers.
-        steps.append(EnsureDir(paths.wal_spool, USER, GROUP, 0o755))
+        steps.append(EnsureDataDir(paths.wal_spool, AGENT_USER, AGENT_USER, 0o755, agent_unit))
         repo = config.backup.repository
         if repo.startswith("file://"):  # ensured, never owned: uninstall keeps backups
-            steps.append(EnsureDir(paths.at(repo.removeprefix("file://")), USER, GROUP, 0o750))
+            where = paths.at(repo.removeprefix("file://"))
+            steps.append(EnsureDataDir(where, AGENT_USER, AGENT_USER, 0o750, agent_unit))
     mine(EnsureDir(paths.etc, "root", GROUP, 0o750))
     mine(EnsureDir(paths.service_settings_dir, "root", GROUP, 0o750))
     mine(EnsureDir(paths.opt, "root", "root", 0o755))
@@ -332,7 +364,10 @@ def make_plan(
     site = render.render_site_config(site_config).encode()  # as given: local stays local
     secrets = render.render_secrets(config).encode()
     mine(WriteFile(paths.config_file, site, "root", GROUP, 0o640))
-    mine(WriteFile(paths.secrets_file, secrets, "root", GROUP, 0o640, secret=True))
+    # Root only: what install reads back. Each service gets its own secrets from a file
+    # of its own in the credentials directory, which systemd reads as root.
+    mine(WriteFile(paths.secrets_file, secrets, "root", "root", 0o600, secret=True))
+    mine(EnsureDir(paths.credentials_dir, "root", "root", 0o700))
     # Files each local server reads besides its unit: a change restarts that server only.
     local_inputs: dict[str, bytes] = {}
     if local.postgres:
@@ -345,15 +380,20 @@ def make_plan(
     if local.redis:
         redis_conf = render.render_redis_conf(config, paths).encode()
         redis_auth = render.render_redis_auth(facts.secret(REDIS_PASSWORD)).encode()
-        mine(WriteFile(paths.redis_conf, redis_conf, "root", GROUP, 0o640))
-        mine(WriteFile(paths.redis_auth, redis_auth, "root", GROUP, 0o640, secret=True))
+        mine(WriteFile(paths.redis_conf, redis_conf, "root", REDIS_USER, 0o640))
+        mine(WriteFile(paths.redis_auth, redis_auth, "root", REDIS_USER, 0o640, secret=True))
         local_inputs[render.REDIS_UNIT] = redis_conf + b"\0" + redis_auth
     devices = facts.gpu_devices
     settings: dict[str, bytes] = {}
+    credentials: dict[str, bytes] = {}  # each service's own secrets, an input of its units
     names: list[ServiceName] = [*load_catalog().services]
     if devices:
         names.append("inference")
     for name in names:
+        if service_credentials(config, name):
+            credentials[name] = render.render_credentials(config, name).encode()
+            where = paths.credentials_file(name)
+            mine(WriteFile(where, credentials[name], "root", "root", 0o600, secret=True))
         settings[name] = render.render_service_settings(config, name).encode()
         mine(
             WriteFile(
@@ -463,7 +503,7 @@ def make_plan(
                     unit_files[unit.template].encode(),
                     settings[unit.service],
                     unit_inputs.get(unit.name, b""),
-                    secrets,
+                    credentials.get(unit.service, b""),
                     facts.binary_digest.encode(),
                 ]
             )
@@ -520,8 +560,8 @@ def describe(step: Step) -> str:
     """One line naming the step, for plan output and logs (never a secret)."""
     match step:
         case EnsureUser():
-            return f"ensure system user {step.user}"
-        case EnsureDir():
+            return "ensure system users " + ", ".join(step.users)
+        case EnsureDir() | EnsureDataDir():
             return f"ensure dir {step.path} ({step.owner}:{step.group} {step.mode:04o})"
         case WriteFile() | CopyFile():
             return f"write {step.path} ({step.owner}:{step.group} {step.mode:04o})"

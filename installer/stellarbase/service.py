@@ -176,7 +176,7 @@ class Service:
         if agent is None or agent.remote_port is None or agent.remote_bind is None:
             return None
         token = os.environ.get(REMOTE_TOKEN_ENV, "")
-        if not token:
+        if not token:  # from the agent's own credentials file (EnvironmentFile=)
             raise StellarError(
                 f"agent.remote_port is set but {REMOTE_TOKEN_ENV} is not in the environment",
                 hint="set agent.metrics_token and re-run `stellarbase install`",
@@ -196,7 +196,7 @@ class Service:
             except (OSError, ssl.SSLError) as exc:
                 raise StellarError(
                     f"cannot load the agent's TLS certificate or key: {exc}",
-                    hint="agent.tls_cert/tls_key: PEM files the stellarbase user can read",
+                    hint="agent.tls_cert/tls_key: PEM files the stellarbase-agent user can read",
                     code=ExitCode.CONFIG,
                 ) from None
             server.socket = context.wrap_socket(server.socket, server_side=True)

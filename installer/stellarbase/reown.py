@@ -1,0 +1,39 @@
+"""Hand a data directory from one system user to another, without following links.
+
+Used by install when the local servers and the agent move from the one user every unit ran
+as to users of their own. The old owner could have planted symbolic links (or swapped a
+directory for one) anywhere inside: every entry is reached through the file descriptor of
+its parent directory (`os.fwalk`, which never descends a link), owners are set with
+`fchownat(AT_SYMLINK_NOFOLLOW)`, and a link is re-owned itself, never its target.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+
+def reown_tree(top: Path, old_uid: int, uid: int, gid: int) -> int:
+    """Give every entry under `top` owned by `old_uid` to uid:gid; returns how many.
+
+    Bottom-up, `top` itself last: until it is re-owned the job is not done, so an
+    interrupted run is finished by the next (its owner is what install checks first).
+    Entries of other owners (root's, say) are left as they are.
+    """
+    changed = 0
+    for _, dirnames, filenames, dir_fd in os.fwalk(top, topdown=False, follow_symlinks=False):
+        for name in [*filenames, *dirnames]:
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # gone meanwhile
+            if stat.S_ISDIR(st.st_mode):
+                continue  # re-owned through its own descriptor, before this directory
+            if st.st_uid == old_uid:
+                os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+                changed += 1
+        if os.fstat(dir_fd).st_uid == old_uid:
+            os.fchown(dir_fd, uid, gid)
+            changed += 1
+    return changed
