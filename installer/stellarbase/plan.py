@@ -352,7 +352,8 @@ def make_plan(
         if repo.startswith("file://"):  # ensured, never owned: uninstall keeps backups
             where = paths.at(repo.removeprefix("file://"))
             steps.append(EnsureDataDir(where, AGENT_USER, AGENT_USER, 0o750, agent_unit))
-    mine(EnsureDir(paths.etc, "root", GROUP, 0o750))
+    # 0751: Redis, not in the group, reaches its own two files (root:stellarbase-redis).
+    mine(EnsureDir(paths.etc, "root", GROUP, 0o751))
     mine(EnsureDir(paths.service_settings_dir, "root", GROUP, 0o750))
     mine(EnsureDir(paths.opt, "root", "root", 0o755))
     mine(EnsureDir(paths.releases, "root", "root", 0o755))

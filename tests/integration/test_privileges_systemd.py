@@ -25,6 +25,9 @@ pytestmark = [pytest.mark.systemd, pytest.mark.integration]
 
 KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="  # base64 of 32 bytes
 TOKEN = "scrape-token-5b1f0e6a9c"
+# The test S3 server takes any key pair: these are unique, so a search for them means it.
+S3_ACCESS_KEY = "AKIAPRIVILEGES7Q2X"
+S3_SECRET_KEY = "privileges-secret-3f9d1c7e2b"
 GPU = "GPU-aaaaaaaa-0000-0000-0000-000000000001"
 PGDATA = "/var/lib/stellarbase/postgres"
 FAKE_NVML = {
@@ -58,8 +61,8 @@ def _install(sandbox: SystemdSandbox, binary: Path, s3: servers.S3Server) -> dic
     sandbox.path("/root/site.yaml").write_text(json.dumps(site))
     sandbox.path("/root/nvml.json").write_text(json.dumps(FAKE_NVML))
     env = {
-        "STELLARBASE_S3__ACCESS_KEY": s3.access_key,
-        "STELLARBASE_S3__SECRET_KEY": s3.secret_key,
+        "STELLARBASE_S3__ACCESS_KEY": S3_ACCESS_KEY,
+        "STELLARBASE_S3__SECRET_KEY": S3_SECRET_KEY,
         "STELLARBASE_BACKUP__ENCRYPTION_KEY": KEY,
         "STELLARBASE_AGENT__METRICS_TOKEN": TOKEN,
         "STELLARBASE_FAKE_NVML": "/root/nvml.json",
@@ -149,15 +152,15 @@ def test_a_service_user_reads_no_secret_but_its_own(
         found = sandbox.run(["runuser", "-u", user, "--", "sh", "-c", cmd], check=False)
         assert found.stdout.strip() == "", (name, found.stdout)
 
-    # Each unit holds exactly its own secrets, which its own user can read in its own
-    # environment (the probe works: the denials above are no accident of the shell).
+    # Each unit holds exactly its own secrets; its user reads its own settings (the shell
+    # has the service's groups: the denials above are no accident of the probe).
     for name, unit in UNITS.items():
         own = _credentials_of(name)
         environ = sandbox.path(f"/proc/{pids[name]}/environ").read_bytes().split(b"\0")
         held = sorted(v.split(b"=")[0].decode() for v in environ if b"=" in v)
         assert sorted(k for k in held if k in secrets) == own, (unit, held)
-        seen = _as_user(sandbox, users[name], {"own": f"cat /proc/{pids[name]}/environ"})
-        assert seen == {"own": "allowed"}, (name, seen)
+        settings = f"cat /etc/stellarbase/services/{name}.json"
+        assert _as_user(sandbox, users[name], {"own": settings}) == {"own": "allowed"}, name
 
     # Every unit runs as its own user; the local servers too.
     servers_users = {
