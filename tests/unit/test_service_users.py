@@ -18,7 +18,7 @@ from stellarbase.installed import read_env_file
 from stellarbase.localdeps import ServerBinary
 from stellarbase.paths import LEGACY_USER, HostPaths
 from stellarbase.plan import Facts, with_local_servers
-from stellarbase.reown import reown_tree
+from stellarbase.reown import hand_back, reown_tree
 from stellarbase.settings import service_credentials
 from tests.filetree import file_states
 
@@ -181,3 +181,26 @@ def test_each_unit_names_its_own_user_and_only_its_own_credentials(binary: Path)
     assert service_credentials(config, "inference") == {}
     assert "SupplementaryGroups=stellarbase stellarbase-pg" in units["stellarbase-agent.service"]
     assert "SocketGroup=stellarbase-agent" in units["stellarbase-supervise.socket"]
+
+
+def test_rollback_to_the_shared_user_release_hands_the_data_back(
+    tmp_path: Path, binary: Path
+) -> None:
+    root = tmp_path / "root"
+    paths = _legacy_host(root, binary)
+    loaded = load_config(sets=["backup.repository=file:///srv/backups"], env={})
+    operations.install(loaded, paths, binary)  # re-owned by this release
+    canary, outside = _canaries(root)
+    before = file_states(canary, outside)
+    pg_uid, _ = facts.lookup_ids(paths, "stellarbase-pg", "root")
+    (paths.postgres_data / "base" / "evil").symlink_to(canary)
+    os.chown(paths.postgres_data / "base" / "evil", pg_uid, pg_uid, follow_symlinks=False)
+
+    done = hand_back(paths, "file:///srv/backups")
+    assert len(done) == 4, done
+    uid, gid = facts.lookup_ids(paths, LEGACY_USER, "stellarbase")
+    for top in (paths.postgres_data, paths.redis_data, paths.wal_spool, root / "srv/backups"):
+        for path in [top, *top.rglob("*")]:
+            assert (path.lstat().st_uid, path.lstat().st_gid) == (uid, gid), path
+    assert file_states(canary, outside) == before
+    assert hand_back(paths, "file:///srv/backups") == []  # nothing left to hand back
