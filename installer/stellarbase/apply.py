@@ -238,6 +238,8 @@ class Executor:
             old_uid = -1  # never installed by a release that ran everything as one user
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != old_uid or old_uid == uid:
             return self._ensure_dir(EnsureDir(step.path, step.owner, step.group, step.mode), _)
+        if not step.reown:
+            return None, ""  # re-owned once the new units are loaded (the same step, later)
         detail = f"re-owned from {step.previous} to {step.owner}"
         if self.dry_run:
             return detail, ""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -73,8 +73,10 @@ class EnsureDir:
 @dataclass(frozen=True)
 class EnsureDataDir:
     """A directory of data that a service user owns. One still owned by `previous` (what
-    every unit ran as before each got its own user) is re-owned, whole, with `units`
-    stopped meanwhile; never through a link its old owner could have planted."""
+    every unit ran as before each got its own user) is left as it is, until the same step
+    with `reown` comes: once the new units are loaded, so that nothing can start a server
+    as its old user meanwhile. It then stops `units` and re-owns the directory whole,
+    never through a link its old owner could have planted."""
 
     path: Path
     owner: str
@@ -82,6 +84,7 @@ class EnsureDataDir:
     mode: int
     units: tuple[str, ...]
     previous: str = LEGACY_USER
+    reown: bool = False
 
 
 @dataclass(frozen=True)
@@ -334,24 +337,27 @@ def make_plan(
     mine(EnsureDir(paths.state_dir, "root", GROUP, 0o751))
     # Data directories are ensured, never owned: a config that no longer wants them leaves
     # them as they are (see kept_data).
+    data_dirs: list[EnsureDataDir] = []
     if local.postgres:
         # 0750 with group access (initdb -g): the agent, in the group, reads the WAL.
         pg_unit = (render.POSTGRES_UNIT,)
-        steps.append(
+        data_dirs.append(
             EnsureDataDir(paths.postgres_data, POSTGRES_USER, POSTGRES_USER, 0o750, pg_unit)
         )
     if local.redis:
         redis_unit = (render.REDIS_UNIT,)
-        steps.append(EnsureDataDir(paths.redis_data, REDIS_USER, REDIS_USER, 0o750, redis_unit))
+        data_dirs.append(EnsureDataDir(paths.redis_data, REDIS_USER, REDIS_USER, 0o750, redis_unit))
     backups = render.backups_on(config, local)
     if backups:
         agent_unit = (load_catalog().services["agent"].unit,)
         # 0755: archive_command runs as the PostgreSQL user and reads the markers.
-        steps.append(EnsureDataDir(paths.wal_spool, AGENT_USER, AGENT_USER, 0o755, agent_unit))
+        data_dirs.append(EnsureDataDir(paths.wal_spool, AGENT_USER, AGENT_USER, 0o755, agent_unit))
         repo = config.backup.repository
         if repo.startswith("file://"):  # ensured, never owned: uninstall keeps backups
             where = paths.at(repo.removeprefix("file://"))
-            steps.append(EnsureDataDir(where, AGENT_USER, AGENT_USER, 0o750, agent_unit))
+            data_dirs.append(EnsureDataDir(where, AGENT_USER, AGENT_USER, 0o750, agent_unit))
+    steps.extend(data_dirs)
+    reowned = [replace(d, reown=True) for d in data_dirs]  # after the new units are loaded
     # 0751: Redis, not in the group, reaches its own two files (root:stellarbase-redis).
     mine(EnsureDir(paths.etc, "root", GROUP, 0o751))
     mine(EnsureDir(paths.service_settings_dir, "root", GROUP, 0o750))
@@ -460,6 +466,9 @@ def make_plan(
     if stale:
         steps.append(RemoveStale(tuple(stale)))
 
+    if not paths.live:
+        steps.extend(reowned)
+
     database = None
     if config.postgres:
         secret = config.postgres.password
@@ -469,6 +478,7 @@ def make_plan(
     if paths.live:
         loaded = [u for u in unit_files if not u.endswith("@.service")]  # templates: via instances
         steps.append(DaemonReload(tuple(dict.fromkeys([*loaded, *wanted_units]))))
+        steps.extend(reowned)
         for unit_name in local.units():
             inputs = unit_files[unit_name].encode() + b"\0" + local_inputs.get(unit_name, b"")
             steps.append(StartUnit(unit_name, digest(inputs)))
@@ -562,6 +572,8 @@ def describe(step: Step) -> str:
     match step:
         case EnsureUser():
             return "ensure system users " + ", ".join(step.users)
+        case EnsureDataDir() if step.reown:
+            return f"re-own {step.path} from {step.previous} ({step.owner}:{step.group})"
         case EnsureDir() | EnsureDataDir():
             return f"ensure dir {step.path} ({step.owner}:{step.group} {step.mode:04o})"
         case WriteFile() | CopyFile():

@@ -110,8 +110,13 @@ def test_upgrade_reowns_the_data_and_rollback_hands_it_back(
     secrets = read_env_file(sandbox.path("/etc/stellarbase/secrets.env"))
 
     # Upgrade: the data is re-owned, every row and secret kept, archiving goes on.
+    since = sandbox.run(["date", "+%Y-%m-%d %H:%M:%S"]).stdout.strip()
     up = sb("/opt/stellarbase/current/stellarbase", "upgrade", "--bundle", inside[NEW])
-    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    journal = ["journalctl", "--no-pager", "-o", "short-precise", "--since", since,
+               "-u", "stellarbase-postgres", "-u", "init.scope"]  # fmt: skip
+    assert up.returncode == 0, up.stderr[-3000:] + "\n".join(
+        sandbox.run(journal, check=False).stdout.splitlines()[:80]
+    )
     assert runs_as("stellarbase-postgres.service") == "stellarbase-pg"
     assert runs_as("stellarbase-redis.service") == "stellarbase-redis"
     assert runs_as("stellarbase-agent.service") == "stellarbase-agent"

@@ -112,7 +112,7 @@ def test_an_install_of_the_shared_user_release_is_reowned_keeping_every_secret(
     loaded = load_config(sets=["backup.repository=file:///srv/backups"], env={})
     result = operations.install(loaded, paths, binary)
     details = {s.step: s.detail for s in result.steps}
-    pg_step = f"ensure dir {paths.postgres_data} (stellarbase-pg:stellarbase-pg 0750)"
+    pg_step = f"re-own {paths.postgres_data} from stellarbase (stellarbase-pg:stellarbase-pg)"
     assert details[pg_step] == "re-owned from stellarbase to stellarbase-pg: 7 entries"
 
     assert file_states(canary, outside) == before
