@@ -72,11 +72,9 @@ class EnsureDir:
 
 @dataclass(frozen=True)
 class EnsureDataDir:
-    """A directory of data that a service user owns. One still owned by `previous` (what
-    every unit ran as before each got its own user) is left as it is, until the same step
-    with `reown` comes: once the new units are loaded, so that nothing can start a server
-    as its old user meanwhile. It then stops `units` and re-owns the directory whole,
-    never through a link its old owner could have planted."""
+    """A directory of data a service user owns. One still `previous`'s (the one user of
+    older releases) waits for the same step with `reown`, once the new units are loaded so
+    that nothing starts a server as its old user: it stops `units` and re-owns it whole."""
 
     path: Path
     owner: str
@@ -337,25 +335,22 @@ def make_plan(
     mine(EnsureDir(paths.state_dir, "root", GROUP, 0o751))
     # Data directories are ensured, never owned: a config that no longer wants them leaves
     # them as they are (see kept_data).
+    agent_unit = load_catalog().services["agent"].unit
     data_dirs: list[EnsureDataDir] = []
-    if local.postgres:
-        # 0750 with group access (initdb -g): the agent, in the group, reads the WAL.
-        pg_unit = (render.POSTGRES_UNIT,)
-        data_dirs.append(
-            EnsureDataDir(paths.postgres_data, POSTGRES_USER, POSTGRES_USER, 0o750, pg_unit)
-        )
+    if local.postgres:  # 0750 with group access (initdb -g): the agent, in it, reads the WAL
+        data_dirs.append(EnsureDataDir(paths.postgres_data, POSTGRES_USER, POSTGRES_USER, 0o750,
+                                       (render.POSTGRES_UNIT,)))  # fmt: skip
     if local.redis:
-        redis_unit = (render.REDIS_UNIT,)
-        data_dirs.append(EnsureDataDir(paths.redis_data, REDIS_USER, REDIS_USER, 0o750, redis_unit))
+        data_dirs.append(EnsureDataDir(paths.redis_data, REDIS_USER, REDIS_USER, 0o750,
+                                       (render.REDIS_UNIT,)))  # fmt: skip
     backups = render.backups_on(config, local)
-    if backups:
-        agent_unit = (load_catalog().services["agent"].unit,)
-        # 0755: archive_command runs as the PostgreSQL user and reads the markers.
-        data_dirs.append(EnsureDataDir(paths.wal_spool, AGENT_USER, AGENT_USER, 0o755, agent_unit))
+    if backups:  # 0755: archive_command runs as the PostgreSQL user and reads the markers
+        data_dirs.append(EnsureDataDir(paths.wal_spool, AGENT_USER, AGENT_USER, 0o755,
+                                       (agent_unit,)))  # fmt: skip
         repo = config.backup.repository
         if repo.startswith("file://"):  # ensured, never owned: uninstall keeps backups
             where = paths.at(repo.removeprefix("file://"))
-            data_dirs.append(EnsureDataDir(where, AGENT_USER, AGENT_USER, 0o750, agent_unit))
+            data_dirs.append(EnsureDataDir(where, AGENT_USER, AGENT_USER, 0o750, (agent_unit,)))
     steps.extend(data_dirs)
     reowned = [replace(d, reown=True) for d in data_dirs]  # after the new units are loaded
     # 0751: Redis, not in the group, reaches its own two files (root:stellarbase-redis).
