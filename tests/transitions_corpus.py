@@ -30,10 +30,12 @@ LOCAL_PG, LOCAL_REDIS = 6, 7
 MOVED_API, MOVED_AGENT, MOVED_WORKER = 10, 11, 12  # workers up to +14
 MOVED_PG, MOVED_REDIS = 16, 17
 HELD = 20  # a listener the test holds for the whole run: "port in use"
+REMOTE = 22  # the agent's token listener
 DEAD = 21  # nothing ever listens here: an unreachable endpoint
 BLOCK = 24
 
 FILE_REPO = "/var/lib/stellarbase-backups"
+KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="  # backup.encryption_key: 32 bytes
 # Flag of `install` that lets a dependency go from local to external while the local
 # server's data stays on the host (the server is stopped, its data kept).
 RETIRE_FLAG = "--retire-local"
@@ -207,6 +209,21 @@ CASES: tuple[Case, ...] = (
         ACCEPTED,
     ),
     Case("pilot, S3 configured, backups off", lambda ctx: {"s3": ctx.s3()}, ACCEPTED),
+    # Secrets only the agent gets (its own credentials file): from and to this case only
+    # the agent's inputs change among the services.
+    Case(
+        "pilot, encrypted S3 backups and the agent's token listener",
+        lambda ctx: {
+            "s3": ctx.s3(),
+            "backup": {"repository": "s3", "prefix": "transitions-keyed", "encryption_key": KEY},
+            "agent": {
+                "remote_port": ctx.at(REMOTE),
+                "remote_bind": "127.0.0.1",
+                "metrics_token": "transitions-token-1c5e",
+            },
+        },
+        ACCEPTED,
+    ),
     # --- dependencies by URL: refused over local data unless the local server is retired ----
     Case(
         "pilot, external Redis, local Redis retired",

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import structlog
 
-from stellarbase import __version__, facts, health, localdeps, migrate, state, systemd
+from stellarbase import __version__, facts, health, localdeps, migrate, reown, state, systemd
 from stellarbase.errors import StellarError
 from stellarbase.files import copy_atomic, file_digest, symlink_atomic, write_atomic
 from stellarbase.output import Status, StepResult
-from stellarbase.paths import USER, HostPaths
+from stellarbase.paths import POSTGRES_USER, HostPaths
 from stellarbase.plan import (
     ConfigureArchiving,
     CopyFile,
     DaemonReload,
     EnsureDatabase,
+    EnsureDataDir,
     EnsureDir,
     EnsureUser,
     FirstBackup,
@@ -109,6 +110,7 @@ class Executor:
         handlers: dict[type, Callable[..., tuple[str | None, str]]] = {
             EnsureUser: self._ensure_user,
             EnsureDir: self._ensure_dir,
+            EnsureDataDir: self._ensure_data_dir,
             WriteFile: self._write_file,
             CopyFile: self._copy_file,
             Symlink: self._symlink,
@@ -192,14 +194,15 @@ class Executor:
             raise
 
     def _ensure_user(self, step: EnsureUser, _: state.State) -> tuple[str | None, str]:
-        if facts.user_exists(self.paths, step.user):
+        missing = [u for u in step.users if not facts.user_exists(self.paths, u)]
+        if not missing:
             return None, ""
         if not self.dry_run:
             argv = ["systemd-sysusers", str(step.sysusers)]
             if not self.paths.live:
                 argv = ["systemd-sysusers", f"--root={self.paths.root}", str(step.sysusers)]
             run(argv)
-        return f"created system user {step.user}", ""
+        return "created system users " + ", ".join(missing), ""
 
     def _ensure_dir(self, step: EnsureDir, _: state.State) -> tuple[str | None, str]:
         uid, gid = self._ids(step.owner, step.group)
@@ -221,6 +224,41 @@ class Executor:
             os.chmod(step.path, step.mode)
             os.chown(step.path, uid, gid)
         return f"owner/mode set to {step.owner}:{step.group} {step.mode:04o}", ""
+
+    def _ensure_data_dir(self, step: EnsureDataDir, _: state.State) -> tuple[str | None, str]:
+        """EnsureDir, and a directory still owned by the previous user re-owned whole."""
+        uid, gid = self._ids(step.owner, step.group)
+        try:
+            st = step.path.lstat()
+        except FileNotFoundError:
+            return self._ensure_dir(EnsureDir(step.path, step.owner, step.group, step.mode), _)
+        try:
+            old_uid, _gid = facts.lookup_ids(self.paths, step.previous, "root")
+        except KeyError:
+            old_uid = -1  # never installed by a release that ran everything as one user
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != old_uid or old_uid == uid:
+            return self._ensure_dir(EnsureDir(step.path, step.owner, step.group, step.mode), _)
+        if not step.reown:
+            return None, ""  # re-owned once the new units are loaded (the same step, later)
+        detail = f"re-owned from {step.previous} to {step.owner}"
+        if self.dry_run:
+            return detail, ""
+        self._undo = None  # the units stop: the host is past putting files back
+        if self.paths.live:
+            running = [u for u, s in self._show(list(step.units)).items()
+                       if s.active_state != "inactive"]  # fmt: skip
+            if running:
+                self._units = {}
+                systemd.stop(running)
+                detail += " (stopped " + ", ".join(running) + " meanwhile)"
+        count = reown.reown_tree(step.path, old_uid, uid, gid)
+        fd = os.open(step.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, step.mode)
+        finally:
+            os.close(fd)
+        return f"{detail}: {count} entries", ""
 
     def _write_file(self, step: WriteFile, _: state.State) -> tuple[str | None, str]:
         uid, gid = self._ids(step.owner, step.group)
@@ -337,7 +375,7 @@ class Executor:
         if localdeps.cluster_ready(step.data_dir):
             return None, ""
         if not self.dry_run:
-            localdeps.init_cluster(step.bindir, step.data_dir, USER, step.admin_password)
+            localdeps.init_cluster(step.bindir, step.data_dir, POSTGRES_USER, step.admin_password)
         return "initdb with data checksums and scram-sha-256", ""
 
     def _configure_archiving(
@@ -410,7 +448,16 @@ class Executor:
 
 # Steps that change only files and directories (and systemd's view of the unit files):
 # until another kind changes something, a failure can put the host back as it was.
-FILE_STEPS = (EnsureDir, EnsureUser, WriteFile, CopyFile, Symlink, DaemonReload, WaitHealthy)
+FILE_STEPS = (
+    EnsureDir,
+    EnsureDataDir,
+    EnsureUser,
+    WriteFile,
+    CopyFile,
+    Symlink,
+    DaemonReload,
+    WaitHealthy,
+)
 # Steps whose failure leaves nothing of theirs beyond files: a migration that fails is
 # rolled back (those before it stay, and the schema stays compatible with the running
 # release). A unit start or a database change that fails may have acted first.

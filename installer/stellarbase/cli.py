@@ -396,7 +396,9 @@ def version(output: Output = Format.TEXT) -> None:
     from stellarbase import migrate
 
     schema = migrate.schema_range(migrate.load_migrations()).as_dict()
-    print(json.dumps({"version": __version__, "schema": schema}))
+    # service_users: each service runs as its own user (a rollback to a release without
+    # it first hands the data back to `stellarbase`).
+    print(json.dumps({"version": __version__, "schema": schema, "service_users": True}))
 
 
 migrate_app = typer.Typer(help="Apply or show the versioned PostgreSQL schema migrations.")

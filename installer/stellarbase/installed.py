@@ -1,7 +1,8 @@
 """The configuration of the installed site: stellarbase.yaml plus the secrets in secrets.env.
 
-Commands that act on a running site (migrate, audit) read it back from here when no
---config is given, so they need the same credentials as the services and nothing more.
+Commands that act on a running site (migrate, audit, backup) read it back from here when
+no --config is given. secrets.env is root's alone (0600): the services get their own
+credentials from systemd instead (see `service.credentials`).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def read_env_file(path: Path) -> dict[str, str]:
     except (PermissionError, UnicodeDecodeError) as exc:
         raise StellarError(
             f"{path}: cannot read the secrets ({exc.__class__.__name__})",
-            hint="run as root: the file is readable by root and the stellarbase group only",
+            hint="run as root: the file is readable by root only",
             code=ExitCode.CONFIG,
         ) from None
     return parse_env_file(text, str(path))

@@ -129,7 +129,8 @@ def cluster_ready(data_dir: Path) -> bool:
 
 
 def init_cluster(bindir: Path, data_dir: Path, user: str, admin_password: str) -> None:
-    """initdb with data checksums and scram-sha-256, as the service user.
+    """initdb with data checksums and scram-sha-256, as the PostgreSQL user; with group
+    access, so that the agent (in that user's group) reads the WAL it archives.
 
     Never over files: a data directory that holds anything is refused. initdb writes into a
     scratch directory beside it, renamed onto the empty data directory once complete, so a
@@ -169,6 +170,7 @@ def init_cluster(bindir: Path, data_dir: Path, user: str, admin_password: str) -
                 f"--pwfile={f.name}",
                 "--auth=scram-sha-256",
                 "--data-checksums",
+                "--allow-group-access",
                 "--encoding=UTF8",
                 "--locale=C.UTF-8",
             ],

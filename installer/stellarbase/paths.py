@@ -5,8 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-USER = "stellarbase"
+# The group that may read the site config and the services' settings (no secrets in them).
 GROUP = "stellarbase"
+# One system user per service and per local server: a process that is taken over reads
+# only what its own unit was given, never another's credentials or the database files.
+POSTGRES_USER = "stellarbase-pg"
+REDIS_USER = "stellarbase-redis"
+SERVICE_USERS = {
+    "api": "stellarbase-api",
+    "worker": "stellarbase-worker",
+    "agent": "stellarbase-agent",
+    "inference": "stellarbase-inference",
+}
+AGENT_USER = SERVICE_USERS["agent"]
+# The one user every unit ran as before each got its own: releases before that still
+# expect it, and install re-owns what it owned (the data directories, the WAL spool).
+LEGACY_USER = "stellarbase"
 
 
 @dataclass(frozen=True)
@@ -36,7 +50,17 @@ class HostPaths:
 
     @property
     def secrets_file(self) -> Path:
+        """Every credential of the site, root only: what install reads back on a re-run."""
         return self.etc / "secrets.env"
+
+    @property
+    def credentials_dir(self) -> Path:
+        """Root only: one env file per service with its own secrets, and no other's."""
+        return self.etc / "credentials"
+
+    def credentials_file(self, service: str) -> Path:
+        """What systemd (as root) loads into that service's environment (EnvironmentFile=)."""
+        return self.credentials_dir / f"{service}.env"
 
     @property
     def service_settings_dir(self) -> Path:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -22,8 +22,16 @@ from stellarbase.localdeps import (
     ServerBinary,
     missing_error,
 )
-from stellarbase.paths import GROUP, USER, HostPaths
-from stellarbase.settings import ServiceName, load_catalog
+from stellarbase.paths import (
+    AGENT_USER,
+    GROUP,
+    LEGACY_USER,
+    POSTGRES_USER,
+    REDIS_USER,
+    SERVICE_USERS,
+    HostPaths,
+)
+from stellarbase.settings import ServiceName, load_catalog, service_credentials
 
 NO_LOCAL_SERVERS = render.LocalServers()
 
@@ -51,7 +59,7 @@ class Facts:
 
 @dataclass(frozen=True)
 class EnsureUser:
-    user: str
+    users: tuple[str, ...]
     sysusers: Path
 
 
@@ -61,6 +69,21 @@ class EnsureDir:
     owner: str
     group: str
     mode: int
+
+
+@dataclass(frozen=True)
+class EnsureDataDir:
+    """A directory of data a service user owns. One still `previous`'s (the one user of
+    older releases) waits for the same step with `reown`, once the new units are loaded so
+    that nothing starts a server as its old user: it stops `units` and re-owns it whole."""
+
+    path: Path
+    owner: str
+    group: str
+    mode: int
+    units: tuple[str, ...]
+    previous: str = LEGACY_USER
+    reown: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,6 +188,7 @@ class WaitHealthy:
 Step = (
     EnsureUser
     | EnsureDir
+    | EnsureDataDir
     | WriteFile
     | CopyFile
     | Symlink
@@ -305,23 +329,33 @@ def make_plan(
             paths.sysusers_file, render.render_sysusers(paths).encode(), "root", "root", 0o644
         )
     )
-    steps.append(EnsureUser(USER, paths.sysusers_file))
+    users = (POSTGRES_USER, REDIS_USER, *SERVICE_USERS.values())
+    steps.append(EnsureUser(users, paths.sysusers_file))
 
-    mine(EnsureDir(paths.state_dir, "root", GROUP, 0o750))
+    # 0751: the local servers, not in the group, reach their data directories inside.
+    mine(EnsureDir(paths.state_dir, "root", GROUP, 0o751))
     # Data directories are ensured, never owned: a config that no longer wants them leaves
     # them as they are (see kept_data).
-    if local.postgres:
-        steps.append(EnsureDir(paths.postgres_data, USER, GROUP, 0o700))  # initdb wants 0700
+    agent_unit = load_catalog().services["agent"].unit
+    data_dirs: list[EnsureDataDir] = []
+    if local.postgres:  # 0750 with group access (initdb -g): the agent, in it, reads the WAL
+        data_dirs.append(EnsureDataDir(paths.postgres_data, POSTGRES_USER, POSTGRES_USER, 0o750,
+                                       (render.POSTGRES_UNIT,)))  # fmt: skip
     if local.redis:
-        steps.append(EnsureDir(paths.redis_data, USER, GROUP, 0o750))
+        data_dirs.append(EnsureDataDir(paths.redis_data, REDIS_USER, REDIS_USER, 0o750,
+                                       (render.REDIS_UNIT,)))  # fmt: skip
     backups = render.backups_on(config, local)
-    if backups:
-        # 0755: archive_command runs as the PostgreSQL user and reads the markers.
-        steps.append(EnsureDir(paths.wal_spool, USER, GROUP, 0o755))
+    if backups:  # 0755: archive_command runs as the PostgreSQL user and reads the markers
+        data_dirs.append(EnsureDataDir(paths.wal_spool, AGENT_USER, AGENT_USER, 0o755,
+                                       (agent_unit,)))  # fmt: skip
         repo = config.backup.repository
         if repo.startswith("file://"):  # ensured, never owned: uninstall keeps backups
-            steps.append(EnsureDir(paths.at(repo.removeprefix("file://")), USER, GROUP, 0o750))
-    mine(EnsureDir(paths.etc, "root", GROUP, 0o750))
+            where = paths.at(repo.removeprefix("file://"))
+            data_dirs.append(EnsureDataDir(where, AGENT_USER, AGENT_USER, 0o750, (agent_unit,)))
+    steps.extend(data_dirs)
+    reowned = [replace(d, reown=True) for d in data_dirs]  # after the new units are loaded
+    # 0751: Redis, not in the group, reaches its own two files (root:stellarbase-redis).
+    mine(EnsureDir(paths.etc, "root", GROUP, 0o751))
     mine(EnsureDir(paths.service_settings_dir, "root", GROUP, 0o750))
     mine(EnsureDir(paths.opt, "root", "root", 0o755))
     mine(EnsureDir(paths.releases, "root", "root", 0o755))
@@ -333,7 +367,10 @@ def make_plan(
     site = render.render_site_config(site_config).encode()  # as given: local stays local
     secrets = render.render_secrets(config).encode()
     mine(WriteFile(paths.config_file, site, "root", GROUP, 0o640))
-    mine(WriteFile(paths.secrets_file, secrets, "root", GROUP, 0o640, secret=True))
+    # Root only: what install reads back. Each service gets its own secrets from a file
+    # of its own in the credentials directory, which systemd reads as root.
+    mine(WriteFile(paths.secrets_file, secrets, "root", "root", 0o600, secret=True))
+    mine(EnsureDir(paths.credentials_dir, "root", "root", 0o700))
     # Files each local server reads besides its unit: a change restarts that server only.
     local_inputs: dict[str, bytes] = {}
     if local.postgres:
@@ -346,15 +383,20 @@ def make_plan(
     if local.redis:
         redis_conf = render.render_redis_conf(config, paths).encode()
         redis_auth = render.render_redis_auth(facts.secret(REDIS_PASSWORD)).encode()
-        mine(WriteFile(paths.redis_conf, redis_conf, "root", GROUP, 0o640))
-        mine(WriteFile(paths.redis_auth, redis_auth, "root", GROUP, 0o640, secret=True))
+        mine(WriteFile(paths.redis_conf, redis_conf, "root", REDIS_USER, 0o640))
+        mine(WriteFile(paths.redis_auth, redis_auth, "root", REDIS_USER, 0o640, secret=True))
         local_inputs[render.REDIS_UNIT] = redis_conf + b"\0" + redis_auth
     devices = facts.gpu_devices
     settings: dict[str, bytes] = {}
+    credentials: dict[str, bytes] = {}  # each service's own secrets, an input of its units
     names: list[ServiceName] = [*load_catalog().services]
     if devices:
         names.append("inference")
     for name in names:
+        if service_credentials(config, name):
+            credentials[name] = render.render_credentials(config, name).encode()
+            where = paths.credentials_file(name)
+            mine(WriteFile(where, credentials[name], "root", "root", 0o600, secret=True))
         settings[name] = render.render_service_settings(config, name).encode()
         mine(
             WriteFile(
@@ -420,6 +462,9 @@ def make_plan(
     if stale:
         steps.append(RemoveStale(tuple(stale)))
 
+    if not paths.live:
+        steps.extend(reowned)
+
     database = None
     if config.postgres:
         secret = config.postgres.password
@@ -435,6 +480,7 @@ def make_plan(
     if paths.live:
         loaded = [u for u in unit_files if not u.endswith("@.service")]  # templates: via instances
         steps.append(DaemonReload(tuple(dict.fromkeys([*loaded, *wanted_units]))))
+        steps.extend(reowned)
         for unit_name in local.units():
             inputs = unit_files[unit_name].encode() + b"\0" + local_inputs.get(unit_name, b"")
             steps.append(StartUnit(unit_name, digest(inputs)))
@@ -470,7 +516,7 @@ def make_plan(
                     unit_files[unit.template].encode(),
                     settings[unit.service],
                     unit_inputs.get(unit.name, b""),
-                    secrets,
+                    credentials.get(unit.service, b""),
                     facts.binary_digest.encode(),
                 ]
             )
@@ -527,8 +573,10 @@ def describe(step: Step) -> str:
     """One line naming the step, for plan output and logs (never a secret)."""
     match step:
         case EnsureUser():
-            return f"ensure system user {step.user}"
-        case EnsureDir():
+            return "ensure system users " + ", ".join(step.users)
+        case EnsureDataDir() if step.reown:
+            return f"re-own {step.path} from {step.previous} ({step.owner}:{step.group})"
+        case EnsureDir() | EnsureDataDir():
             return f"ensure dir {step.path} ({step.owner}:{step.group} {step.mode:04o})"
         case WriteFile() | CopyFile():
             return f"write {step.path} ({step.owner}:{step.group} {step.mode:04o})"

@@ -14,8 +14,20 @@ from stellarbase import resources
 from stellarbase.agent import SUPERVISE_SOCKET as SUPERVISE_SOCKET_PATH
 from stellarbase.agent.targets import Target, Targets, render_targets, targets_file
 from stellarbase.localdeps import ServerBinary
-from stellarbase.paths import GROUP, USER, HostPaths
-from stellarbase.settings import ServiceName, load_catalog, service_settings
+from stellarbase.paths import (
+    AGENT_USER,
+    GROUP,
+    POSTGRES_USER,
+    REDIS_USER,
+    SERVICE_USERS,
+    HostPaths,
+)
+from stellarbase.settings import (
+    ServiceName,
+    load_catalog,
+    service_credentials,
+    service_settings,
+)
 
 TARGET = "stellarbase.target"
 INFERENCE_TEMPLATE = "stellarbase-inference@.service"
@@ -110,11 +122,10 @@ def render_units(
     if devices:
         out[INFERENCE_TEMPLATE] = env.get_template(f"{INFERENCE_TEMPLATE}.j2").render(
             env_dir=paths.host_view(paths.inference_env_dir),
-            secrets_file=paths.host_view(paths.secrets_file),
             command=config.inference.command,
             limits=config.inference.limits,
-            user=USER,
-            group=GROUP,
+            user=SERVICE_USERS["inference"],
+            groups=supplementary_groups("inference"),
             local_units=local.units(),
         )
     if local.postgres:
@@ -123,8 +134,7 @@ def render_units(
             bindir=local.postgres.path,
             data_dir=paths.host_view(paths.postgres_data),
             port=config.local.postgres.port,
-            user=USER,
-            group=GROUP,
+            user=POSTGRES_USER,
         )
     if local.redis:
         out[REDIS_UNIT] = env.get_template(f"{REDIS_UNIT}.j2").render(
@@ -133,8 +143,7 @@ def render_units(
             config_file=paths.host_view(paths.redis_conf),
             data_dir=paths.host_view(paths.redis_data),
             port=config.local.redis.port,
-            user=USER,
-            group=GROUP,
+            user=REDIS_USER,
         )
     catalog = load_catalog().services
     binary = str(paths.host_view(paths.current / "stellarbase"))
@@ -155,14 +164,16 @@ def render_units(
         out[entry.unit] = env.get_template(f"{entry.unit}.j2").render(
             svc=svc,
             binary=binary,
-            secrets_file=paths.host_view(paths.secrets_file),
-            user=USER,
-            group=GROUP,
+            credentials_file=paths.host_view(paths.credentials_file(name))
+            if service_credentials(config, name)
+            else "",
+            user=SERVICE_USERS[name],
+            groups=supplementary_groups(name),
             watchdog_seconds=config.health.watchdog_seconds,
             local_units=local.units(),
         )
     out[SUPERVISE_SOCKET] = env.get_template(f"{SUPERVISE_SOCKET}.j2").render(
-        socket=SUPERVISE_SOCKET_PATH, group=GROUP
+        socket=SUPERVISE_SOCKET_PATH, group=AGENT_USER
     )
     out[SUPERVISE_TEMPLATE] = env.get_template(f"{SUPERVISE_TEMPLATE}.j2").render(
         binary=binary, targets_file=paths.host_view(targets_file(paths))
@@ -241,11 +252,29 @@ def render_redis_auth(password: str) -> str:
     return f"requirepass {_env_quote(password)}\n"
 
 
+def supplementary_groups(name: ServiceName) -> list[str]:
+    """Groups of a service's user besides its own: the site config's readers, and for the
+    agent, which reads the WAL it archives, the local PostgreSQL's group."""
+    return [GROUP, POSTGRES_USER] if name == "agent" else [GROUP]
+
+
 def render_sysusers(paths: HostPaths) -> str:
+    names: list[ServiceName] = ["api", "worker", "agent", "inference"]
     return (
         environment()
         .get_template("sysusers.conf.j2")
-        .render(user=USER, home=paths.host_view(paths.state_dir))
+        .render(
+            group=GROUP,
+            servers=[
+                (POSTGRES_USER, "StellarBase local PostgreSQL", paths.postgres_data),
+                (REDIS_USER, "StellarBase local Redis", paths.redis_data),
+            ],
+            services=[
+                (SERVICE_USERS[n], f"StellarBase {n}", supplementary_groups(n)) for n in names
+            ],
+            home=paths.host_view(paths.state_dir),
+            host_view=paths.host_view,
+        )
     )
 
 
@@ -257,7 +286,16 @@ def render_site_config(config: cfg.Config) -> str:
 def render_secrets(config: cfg.Config) -> str:
     return render_env_file(
         cfg.secrets_env(config),
-        "Credentials of the StellarBase services; never copy into unit files.",
+        "Every credential of the site, root only; each unit loads its own from "
+        "credentials/<service>.env. Never copy into unit files.",
+    )
+
+
+def render_credentials(config: cfg.Config, name: ServiceName) -> str:
+    """The env file of one service's own secrets."""
+    return render_env_file(
+        service_credentials(config, name),
+        f"The secrets of stellarbase-{name} and no other's; root only, loaded by systemd.",
     )
 
 

@@ -1,7 +1,8 @@
 """The service catalog and each service's own settings (services/<name>.json).
 
 Each service gets only what it needs, so a change elsewhere in the site config does not
-restart it; secrets reach it through the environment (secrets.env), never this file.
+restart it; its secrets reach it as systemd credentials (`service_credentials`), never
+through this file.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from stellarbase.config import (
     RedisConfig,
     S3Config,
     secret_env_name,
+    secrets_env,
 )
 
 Dependency = Literal["postgres", "redis", "s3"]
@@ -56,7 +58,7 @@ class AgentSettings(Model):
     restart_backoff_seconds: float
     restart_backoff_max_seconds: float
     backup_schedule: str | None = None  # OnCalendar= of base backups, when they are on
-    # The remote listener; its token comes from the environment (secrets.env).
+    # The remote listener; its token is one of the agent's credentials.
     remote_port: Port | None = None
     remote_bind: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     tls_cert: str | None = None
@@ -64,7 +66,7 @@ class AgentSettings(Model):
 
 
 class ServiceSettings(Model):
-    """What one service reads at start (services/<name>.json); secrets come from the env.
+    """What one service reads at start (services/<name>.json); secrets come as credentials.
 
     Each service gets only its own settings so that a change elsewhere in the site config
     does not restart it.
@@ -111,6 +113,24 @@ def service_settings(config: Config, name: ServiceName) -> ServiceSettings:
         agent=_agent_settings(config) if name == "agent" else None,
         **deps,
     )
+
+
+def service_credentials(config: Config, name: ServiceName) -> dict[str, str]:
+    """The secrets one service is given (variable name → value), and no other.
+
+    A service gets the credentials of the dependencies its /readyz checks. The agent also
+    archives WAL, so it holds the backup encryption key, and its metrics token when the
+    token listener is on. Inference gets none: its command is the site's own.
+    """
+    if name == "inference":
+        return {}
+    sections: set[str] = set(load_catalog().services[name].deps)
+    if name == "agent":
+        sections |= {"backup", "agent"} if config.backup.enabled else {"agent"}
+        if config.agent.remote_port is None:
+            sections.discard("agent")
+    wanted = {secret_env_name(s, k) for s, k in SECRET_KEYS if s in sections}
+    return {k: v for k, v in secrets_env(config).items() if k in wanted}
 
 
 def _agent_settings(config: Config) -> AgentSettings:

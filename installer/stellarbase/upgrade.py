@@ -270,6 +270,7 @@ def _roll_back_to(
 def activate_release(paths: HostPaths, version: str) -> None:
     """Make an installed release current with its own binary; raise when it is not healthy."""
     binary = paths.release_binary(version)
+    _hand_back_if_older(paths, version)
     argv = [str(binary), "activate", "--root", str(paths.root), "-o", "json"]
     proc = _run_release(argv, capture=True, timeout=ACTIVATE_TIMEOUT_S)
     if proc.returncode == 0:
@@ -283,6 +284,24 @@ def activate_release(paths: HostPaths, version: str) -> None:
         hint=failed.get("hint") or "see `stellarbase status`",
         code=ExitCode.UPGRADE,
     ).with_details(failed.get("details") or proc.stderr.strip().splitlines()[-15:])
+
+
+def _hand_back_if_older(paths: HostPaths, version: str) -> None:
+    """A release from before each service had its own user runs them all as `stellarbase`:
+    give that user back the data directories first (see `reown.hand_back`)."""
+    proc = _run_release([str(paths.release_binary(version)), "version", "-o", "json"],
+                        capture=True, timeout=60)  # fmt: skip
+    try:
+        if json.loads(proc.stdout).get("service_users"):
+            return
+    except (ValueError, AttributeError):
+        return  # not a release that answers: its activate says what is wrong
+    from stellarbase import reown
+    from stellarbase.installed import load_installed
+
+    repository = load_installed(paths, None, None).config.backup.repository
+    for line in reown.hand_back(paths, repository):
+        log.info("handed back to the single-user release", what=line)
 
 
 def release_schema(paths: HostPaths, version: str) -> SchemaSupport:

@@ -22,20 +22,21 @@ def test_install_rerun_change_kill_uninstall(host: Host) -> None:
     assert sorted(endpoints) == sorted(SERVICES)
     for unit in [*SERVICES, "stellarbase.target"]:
         assert host.active(unit) == "active", unit
-    for url in endpoints.values():
+    for unit, url in endpoints.items():
         code, body = probe(f"{url}/readyz")
         assert code == 200, body
         names = {c["name"] for c in json.loads(body)["checks"]}
         # The agent's /readyz adds the host's own checks (collection, unit:…, readyz:…).
         deps = {n for n in names if ":" not in n and n != "collection"}
-        assert deps == {"postgres", "redis", "s3"}
+        # Only the agent holds the S3 keys (the backup repository's), so only it checks S3.
+        assert deps == ({"postgres", "redis", "s3"} if "agent" in unit else {"postgres", "redis"})
         metrics = probe(f"{url}/metrics")[1]
         assert "stellarbase_build_info{" in metrics and "stellarbase_dependency_up" in metrics
 
-    # the services run as the stellarbase user, with the secrets only in the env file
+    # each service runs as its own user, with its secrets only in its own env file
     api_pid = host.sandbox.main_pid("stellarbase-api.service")
-    owner = host.sandbox.run(["ps", "-o", "user=", "-p", str(api_pid)]).stdout.strip()
-    assert owner == "stellarbase"
+    owner = host.sandbox.run(["ps", "-o", "user:32=", "-p", str(api_pid)]).stdout.strip()
+    assert owner == "stellarbase-api"
     cmdline = host.sandbox.path(f"/proc/{api_pid}/cmdline").read_bytes().decode()
     for secret in host.secrets.values():
         assert secret not in cmdline
@@ -123,7 +124,8 @@ def test_install_rerun_change_kill_uninstall(host: Host) -> None:
     # 6. uninstall: no unit file, no process; config stays until --purge
     host.sb("uninstall", "--yes", check=True)
     assert not list(host.sandbox.path("/etc/systemd/system").glob("stellarbase*"))
-    assert host.sandbox.run(["pgrep", "-u", "stellarbase"], check=False).stdout == ""
+    users = "stellarbase-api,stellarbase-worker,stellarbase-agent"
+    assert host.sandbox.run(["pgrep", "-u", users], check=False).stdout == ""
     assert host.sandbox.path("/etc/stellarbase/stellarbase.yaml").exists()
     host.sb("uninstall", "--purge", "--yes", check=True)
     for gone in ["/etc/stellarbase", "/var/lib/stellarbase", "/opt/stellarbase"]:

@@ -64,13 +64,18 @@ def test_files_have_owner_and_mode(tmp_path: Path, binary: Path) -> None:
         env={"STELLARBASE_POSTGRES__PASSWORD": "pw-123"},
     )
     paths = HostPaths(root)
+    # secrets.env is root's alone; each unit gets its own secrets as systemd credentials
     secrets = paths.secrets_file.stat()
-    group = paths.group.read_text().splitlines()
-    gid = int(next(g for g in group if g.startswith("stellarbase:")).split(":")[2])
-    assert stat.S_IMODE(secrets.st_mode) == 0o640 and (secrets.st_uid, secrets.st_gid) == (0, gid)
+    assert stat.S_IMODE(secrets.st_mode) == 0o600 and (secrets.st_uid, secrets.st_gid) == (0, 0)
     assert 'STELLARBASE_POSTGRES__PASSWORD="pw-123"' in paths.secrets_file.read_text()
+    for service in ("api", "worker", "agent"):
+        credential = paths.credentials_file(service)
+        assert read_env_file(credential)["STELLARBASE_POSTGRES__PASSWORD"] == "pw-123"
+        assert stat.S_IMODE(credential.stat().st_mode) == 0o600 and credential.stat().st_uid == 0
+    assert stat.S_IMODE(paths.credentials_dir.stat().st_mode) == 0o700
     for unit in paths.unit_dir.glob("stellarbase*"):
         assert "pw-123" not in unit.read_text()
+        assert "EnvironmentFile=/etc/stellarbase/secrets.env" not in unit.read_text()
     assert "pw-123" not in paths.config_file.read_text()
     assert os.readlink(paths.current) == "releases/0.1.0"
     assert (paths.current / "stellarbase").read_bytes() == binary.read_bytes()
@@ -147,10 +152,10 @@ def test_local_servers_get_their_files_and_generated_passwords(
     assert secrets["STELLARBASE_REDIS__PASSWORD"] in paths.redis_auth.read_text()
     api = json.loads((paths.service_settings_dir / "api.json").read_text())
     assert api["postgres"]["url"] == "postgresql://stellarbase@127.0.0.1:8432/stellarbase"
-    assert api["postgres"]["password"] is None  # the service reads it from secrets.env
+    assert api["postgres"]["password"] is None  # the service reads it from its credentials
     unit = (paths.unit_dir / "stellarbase-api.service").read_text()
     assert "After=network-online.target stellarbase-postgres.service" in unit
-    assert stat.S_IMODE(paths.postgres_data.stat().st_mode) == 0o700
+    assert stat.S_IMODE(paths.postgres_data.stat().st_mode) == 0o750  # initdb -g: the agent's WAL
     # the passwords survive a re-run: generated once, then read back
     assert _install(root, binary).changed == 0
 

@@ -31,7 +31,7 @@ import structlog
 
 from stellarbase import systemd
 from stellarbase.agent.targets import Targets, TargetsReader, targets_file
-from stellarbase.paths import USER, HostPaths
+from stellarbase.paths import AGENT_USER, HostPaths
 from stellarbase.run import CommandError, run
 
 log = structlog.get_logger()
@@ -85,7 +85,7 @@ def try_restart(unit: str) -> None:
 def agent_uids() -> frozenset[int]:
     """Who may ask: root, and the agent's user where it exists."""
     try:
-        return frozenset({0, pwd.getpwnam(USER).pw_uid})
+        return frozenset({0, pwd.getpwnam(AGENT_USER).pw_uid})
     except KeyError:
         return frozenset({0})
 

@@ -130,7 +130,7 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise StellarError(
             f"cannot load the agent's TLS certificate or key: {exc}",
-            hint="agent.tls_cert/tls_key: PEM files the stellarbase user can read",
+            hint="agent.tls_cert/tls_key: PEM files the stellarbase-agent user can read",
             code=ExitCode.CONFIG,
         ) from None
     return context

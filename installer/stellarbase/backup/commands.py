@@ -23,7 +23,7 @@ import structlog
 from stellarbase import audit, installed
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.output import Result, Status, StepResult
-from stellarbase.paths import GROUP, USER, HostPaths
+from stellarbase.paths import GROUP, POSTGRES_USER, HostPaths
 
 if TYPE_CHECKING:
     from stellarbase import config as cfg
@@ -281,7 +281,7 @@ def backup_restore(
         "backup_id": backup_id,
         "data_dir": where,
         "bindir": ctx.bindir(),
-        "run_as": USER,
+        "run_as": POSTGRES_USER,
         "force": force,
     }
     try:
@@ -314,7 +314,7 @@ def backup_restore(
 def backup_drill(ctx: BackupContext) -> Result:
     from stellarbase.backup import restore
 
-    result = restore.drill(ctx.repo, ctx.key, ctx.bindir(), USER, ctx.paths.state_dir)
+    result = restore.drill(ctx.repo, ctx.key, ctx.bindir(), POSTGRES_USER, ctx.paths.state_dir)
     note = ctx.audit("backup drill", True, result.as_dict())
     return Result(
         "backup drill",
