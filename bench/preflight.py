@@ -51,7 +51,7 @@ def families() -> list[str]:
 def build_checks(spec: dict[str, Any], env: Mapping[str, str] | None = None) -> list[Any]:
     """The checks of every family, in the context the CLI would give them."""
     from stellarbase import log
-    from stellarbase.config import load_config
+    from stellarbase.configload import load_config
     from stellarbase.paths import HostPaths
     from stellarbase.preflight import Check, Context
 

@@ -19,7 +19,7 @@ from stellarbase.paths import HostPaths
 # Each command imports what it needs (config, operations, drivers) itself: `--help` and
 # `preflight` then pay only for their own modules, not for every command's.
 if TYPE_CHECKING:
-    from stellarbase import config as cfg
+    from stellarbase import configload
 
 app = typer.Typer(
     name="stellarbase",
@@ -96,13 +96,13 @@ def _begin(output: Format, debug: bool) -> None:
     logsetup.bind_correlation_id()
 
 
-def _load(config: Path | None, sets: list[str] | None, tier: str | None) -> cfg.LoadedConfig:
-    from stellarbase import config as cfg
+def _load(config: Path | None, sets: list[str] | None, tier: str | None) -> configload.LoadedConfig:
+    from stellarbase import configload
 
-    return cfg.load_config(site_file=config, sets=sets or [], tier=tier)
+    return configload.load_config(site_file=config, sets=sets or [], tier=tier)
 
 
-def _validate(loaded: cfg.LoadedConfig, paths: HostPaths) -> None:
+def _validate(loaded: configload.LoadedConfig, paths: HostPaths) -> None:
     """The config's own checks, before the modules that plan and apply load: a refused
     config answers at once. Install and plan run them again, for callers other than this."""
     from stellarbase import validate

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from stellarbase import config as cfg
-from stellarbase import state
+from stellarbase import configload, state
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.paths import HostPaths
 
@@ -23,14 +23,16 @@ _DOUBLE_QUOTE_ESCAPES = '"\\`$'
 
 def load_site(
     paths: HostPaths, site_file: Path | None, sets: list[str] | None, tier: str | None
-) -> cfg.LoadedConfig:
+) -> configload.LoadedConfig:
     """The site file given with --config (secrets from the environment), else the installed one."""
     if site_file is not None:
-        return cfg.load_config(site_file=site_file, sets=sets or [], tier=tier)
+        return configload.load_config(site_file=site_file, sets=sets or [], tier=tier)
     return load_installed(paths, sets, tier)
 
 
-def load_installed(paths: HostPaths, sets: list[str] | None, tier: str | None) -> cfg.LoadedConfig:
+def load_installed(
+    paths: HostPaths, sets: list[str] | None, tier: str | None
+) -> configload.LoadedConfig:
     """stellarbase.yaml as the site file, with secrets.env layered over the environment."""
     if not paths.config_file.is_file():
         raise StellarError(
@@ -38,14 +40,14 @@ def load_installed(paths: HostPaths, sets: list[str] | None, tier: str | None) -
             hint="run `stellarbase install` first, or pass the site file with --config",
             code=ExitCode.CONFIG,
         )
-    site = cfg.read_site_file(paths.config_file).data
+    site = configload.read_site_file(paths.config_file).data
     secrets = _for_site(read_env_file(paths.secrets_file), site)
-    return cfg.load_config(
+    return configload.load_config(
         site_file=paths.config_file, sets=sets or [], tier=tier, env={**os.environ, **secrets}
     )
 
 
-def postgres_target(loaded: cfg.LoadedConfig, paths: HostPaths) -> tuple[str, str | None]:
+def postgres_target(loaded: configload.LoadedConfig, paths: HostPaths) -> tuple[str, str | None]:
     """The URL (no password in it) and the password of the site's PostgreSQL."""
     pg = loaded.config.postgres
     if pg is not None:

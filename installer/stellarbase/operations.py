@@ -27,7 +27,8 @@ from stellarbase import (
 )
 from stellarbase.agent.targets import AGENT_UNIT
 from stellarbase.apply import Executor, remove_path
-from stellarbase.config import Config, LoadedConfig
+from stellarbase.config import Config
+from stellarbase.configload import LoadedConfig
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.output import Result, Status
 from stellarbase.paths import HostPaths

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from stellarbase import __version__, installed, render, state
+from stellarbase import __version__, configload, installed, render, state
 from stellarbase import config as cfg
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import write_atomic
@@ -140,7 +140,7 @@ def choose_destination(given: Path | None, created: datetime) -> Path:
 
 def collect(paths: HostPaths, request: Request) -> Collected:
     found = Collected()
-    site: cfg.LoadedConfig | None = None
+    site: configload.LoadedConfig | None = None
     with found.guard("config"):
         site = installed.load_site(paths, request.site_file, list(request.sets), request.tier)
         found.add_json("config.json", redacted_config(site))
@@ -164,7 +164,7 @@ def collect(paths: HostPaths, request: Request) -> Collected:
     return found
 
 
-def redacted_config(loaded: cfg.LoadedConfig) -> dict[str, Any]:
+def redacted_config(loaded: configload.LoadedConfig) -> dict[str, Any]:
     """The resolved config with each secret that is set shown as REDACTED, and its sources."""
     data = loaded.config.model_dump(mode="json")
     for section, key in cfg.SECRET_KEYS:
@@ -176,7 +176,7 @@ def redacted_config(loaded: cfg.LoadedConfig) -> dict[str, Any]:
 
 
 def collect_checks(
-    found: Collected, paths: HostPaths, request: Request, site: cfg.LoadedConfig | None
+    found: Collected, paths: HostPaths, request: Request, site: configload.LoadedConfig | None
 ) -> None:
     """preflight.json and doctor.json, as `preflight -o json` and `doctor -o json` print them."""
     from stellarbase import operations
@@ -184,7 +184,7 @@ def collect_checks(
     with found.guard("preflight"):
         # Without a site config, preflight asks what `stellarbase preflight` asks: can this
         # host take the tier defaults?
-        loaded = site or cfg.load_config(sets=list(request.sets), tier=request.tier)
+        loaded = site or configload.load_config(sets=list(request.sets), tier=request.tier)
         for value in cfg.secrets_env(loaded.config).values():
             found.add_secret(value)
         result, _ = operations.preflight(loaded, paths, [])
@@ -290,7 +290,7 @@ def _server_versions(find: Callable[[], tuple[Any, list[Any]]]) -> list[str]:
     return [f"{b.version_text or '?'} at {b.path}" for b in every]
 
 
-def audit_tail(found: Collected, paths: HostPaths, site: cfg.LoadedConfig | None) -> Any:
+def audit_tail(found: Collected, paths: HostPaths, site: configload.LoadedConfig | None) -> Any:
     """The newest AUDIT_ROWS audit rows, oldest first."""
     from stellarbase import audit
 
@@ -306,7 +306,7 @@ def audit_tail(found: Collected, paths: HostPaths, site: cfg.LoadedConfig | None
 
 
 def gather_secrets(
-    found: Collected, paths: HostPaths, request: Request, site: cfg.LoadedConfig | None
+    found: Collected, paths: HostPaths, request: Request, site: configload.LoadedConfig | None
 ) -> None:
     """Every secret value: of the loaded config, and, in case it did not load, of the site
     file and the environment as written; and of the credential files of the host."""
@@ -331,7 +331,7 @@ def raw_site_secrets(path: Path | None) -> list[str]:
     if path is None or not path.is_file():
         return []
     try:
-        data = cfg.read_site_file(path).data
+        data = configload.read_site_file(path).data
     except StellarError:
         return []
     sections = [(data.get(section), key) for section, key in cfg.SECRET_KEYS]

@@ -28,8 +28,17 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from stellarbase import __version__, audit, config, migrate, render, state, systemd, trust
-from stellarbase.config import LoadedConfig
+from stellarbase import (
+    __version__,
+    audit,
+    configload,
+    migrate,
+    render,
+    state,
+    systemd,
+    trust,
+)
+from stellarbase.configload import LoadedConfig
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.installed import postgres_target
 from stellarbase.operations import install, preflight_context, record_audit, require_root
@@ -323,9 +332,9 @@ def release_schema(paths: HostPaths, version: str) -> SchemaSupport:
 def hand_over(binary: Path, version: str) -> None:
     """Run the same command with the verified bundle's own binary, and exit with its exit
     code. Its command line is this one's, which holds no secret: --set refuses them
-    (stellarbase.config.parse_sets), and this checks again before passing it on."""
+    (stellarbase.configload.parse_sets), and this checks again before passing it on."""
     argv = sys.argv[1:]
-    config.parse_sets(_set_values(argv))
+    configload.parse_sets(_set_values(argv))
     log.info("handing over to the bundle's binary", version=version)
     binary.chmod(0o700)  # unpacked as plain data into a private directory
     proc = _run_release([str(binary), *argv], capture=False, timeout=None)

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 from stellarbase import systemd, values
-from stellarbase.config import DependencyMode, LoadedConfig
+from stellarbase.config import DependencyMode
+from stellarbase.configload import LoadedConfig
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.paths import HostPaths
 

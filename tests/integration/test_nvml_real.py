@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stellarbase.config import load_config
+from stellarbase.configload import load_config
 from stellarbase.gpu import serving_devices
 from stellarbase.nvml import NvmlSource
 from stellarbase.paths import HostPaths

@@ -15,7 +15,8 @@ import redis
 from psycopg import sql
 
 from stellarbase import checks
-from stellarbase.config import RedisConfig, load_config
+from stellarbase.config import RedisConfig
+from stellarbase.configload import load_config
 from stellarbase.paths import HostPaths
 from stellarbase.preflight import Context, Finding, Level, deps, run_checks
 from tests import servers

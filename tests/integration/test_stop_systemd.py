@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from stellarbase import config as cfg
-from stellarbase import render
+from stellarbase import configload, render
 from stellarbase.paths import HostPaths
 from tests.integration.conftest import copy_binary, free_port_block, ready, wait_for
 from tests.systemd_sandbox import SystemdSandbox
@@ -56,7 +56,7 @@ os.waitpid(child, 0)
 
 def _config(port: int) -> cfg.Config:
     sets = [f"api.port={port}", f"agent.port={port + 1}", f"worker.port={port + 2}"]
-    return cfg.load_config(tier="pilot", sets=sets, env={}).config
+    return configload.load_config(tier="pilot", sets=sets, env={}).config
 
 
 def _install_worker_unit(sandbox: SystemdSandbox, config: cfg.Config, exec_start: str) -> None:

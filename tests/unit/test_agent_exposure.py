@@ -17,7 +17,7 @@ import pytest
 
 from stellarbase import operations
 from stellarbase.agent.remote import CONNECTION_SECONDS, MAX_CONNECTIONS
-from stellarbase.config import load_config
+from stellarbase.configload import load_config
 from stellarbase.paths import HostPaths
 from tests.servers import free_port
 from tests.unit.test_agent_remote import TOKEN, _get, _self_signed

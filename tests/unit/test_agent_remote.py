@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from stellarbase.config import load_config
+from stellarbase.configload import load_config
 from stellarbase.errors import StellarError
 from tests.servers import free_port
 

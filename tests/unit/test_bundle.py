@@ -381,7 +381,7 @@ def test_install_from_bundle_installs_its_binary(
     tmp_path: Path, build: BuildFn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from stellarbase import operations
-    from stellarbase.config import load_config
+    from stellarbase.configload import load_config
     from stellarbase.paths import HostPaths
 
     paths = HostPaths(tmp_path / "root")

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from stellarbase import resources
-from stellarbase.config import json_schema, load_config, secrets_env
+from stellarbase.config import json_schema, secrets_env
+from stellarbase.configload import load_config
 from stellarbase.errors import ExitCode, StellarError
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stellarbase import gpu, render
-from stellarbase.config import load_config
+from stellarbase.configload import load_config
 from stellarbase.paths import HostPaths
 from stellarbase.plan import Facts, StartUnit, WaitHealthy, make_plan
 

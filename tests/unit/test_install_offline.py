@@ -12,7 +12,7 @@ import pytest
 
 from stellarbase import operations, state
 from stellarbase.apply import Executor
-from stellarbase.config import load_config
+from stellarbase.configload import load_config
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.installed import read_env_file
 from stellarbase.output import Status

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from stellarbase.config import Config, load_config
+from stellarbase.config import Config
+from stellarbase.configload import load_config
 from stellarbase.gpu import FakeSource, Gpu, Inventory, MigDevice
 from stellarbase.paths import HostPaths
 from stellarbase.preflight import Context, Finding, Level, run_checks

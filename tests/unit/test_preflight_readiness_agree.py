@@ -8,7 +8,8 @@ import pytest
 from pydantic import SecretStr
 
 from stellarbase import checks
-from stellarbase.config import PostgresConfig, RedisConfig, load_config
+from stellarbase.config import PostgresConfig, RedisConfig
+from stellarbase.configload import load_config
 from stellarbase.preflight import Level, deps
 from tests.fakes import FakePostgres
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from stellarbase import facts, operations, render
-from stellarbase.config import load_config
+from stellarbase.configload import load_config
 from stellarbase.installed import read_env_file
 from stellarbase.localdeps import ServerBinary
 from stellarbase.paths import LEGACY_USER, HostPaths

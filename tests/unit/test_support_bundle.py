@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from stellarbase import __version__, cli, render, state, support
-from stellarbase.config import load_config
+from stellarbase.configload import load_config
 from stellarbase.errors import ExitCode
 from stellarbase.localdeps import ADMIN_PASSWORD
 from stellarbase.paths import HostPaths

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from stellarbase.config import load_config
+from stellarbase.configload import load_config
 from stellarbase.errors import ExitCode
 from tests.transitions_corpus import BOOTSTRAP, CASES, Context, Deps, sequence
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stellarbase import render
-from stellarbase.config import load_config
+from stellarbase.configload import load_config
 from stellarbase.localdeps import ServerBinary
 from stellarbase.paths import HostPaths
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from stellarbase import operations, systemd
-from stellarbase.config import load_config
+from stellarbase.configload import load_config
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.paths import HostPaths
 from tests.filetree import file_states
