@@ -104,7 +104,7 @@ class AgentConfig(ServiceConfig):
         None, description="PEM certificate (chain) of that listener"
     )
     tls_key: values.Text | None = Field(
-        None, description="PEM private key, readable by the stellarbase user"
+        None, description="PEM private key, readable by the stellarbase-agent user"
     )
 
     @field_validator("tls_cert", "tls_key")

@@ -127,7 +127,7 @@ def check_file_repository(repo: str) -> str:
     if len(parts) < 2 or not all(parts):
         raise ValueError(
             f"{path!r}: use a directory of its own, at least two levels deep "
-            "(install makes it the stellarbase user's), e.g. file:///srv/stellarbase-backups"
+            "(install makes it the stellarbase-agent user's), e.g. file:///srv/stellarbase-backups"
         )
     if any(p in (".", "..") for p in parts):
         raise ValueError(f"{path!r}: write the path without . or .. components")
