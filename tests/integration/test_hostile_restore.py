@@ -25,6 +25,7 @@ from stellarbase.backup import postmaster, restore
 from stellarbase.backup.repo import Repository, repository_from
 from stellarbase.config import BackupConfig
 from stellarbase.errors import ExitCode, StellarError
+from stellarbase.paths import POSTGRES_USER
 from tests.fixtures_systemd import on_both_roots
 from tests.integration.test_backup_restore import RUN_AS, cluster_url, count_t, start_primary
 
@@ -266,7 +267,7 @@ def test_under_systemd_the_recovery_server_runs_sandboxed_and_loads_nothing(
     assert props["NoNewPrivileges"] == "yes" and props["ProtectSystem"] == "strict"
     assert props["PrivateDevices"] == "yes" and props["MemoryDenyWriteExecute"] == "yes"
     assert props["CapabilityBoundingSet"] == "" and props["KillSignal"] == "2"
-    assert props["User"] in ("stellarbase", str(pwd_uid(systemd_sandbox, "stellarbase")))
+    assert props["User"] in (POSTGRES_USER, str(pwd_uid(systemd_sandbox, POSTGRES_USER)))
     assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status
     assert recovery_unit() == "", "the recovery server's unit outlived the restore"
 
