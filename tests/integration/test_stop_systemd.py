@@ -17,7 +17,7 @@ import pytest
 
 from stellarbase import config as cfg
 from stellarbase import configload, render
-from stellarbase.paths import HostPaths
+from stellarbase.paths import GROUP, SERVICE_USERS, HostPaths
 from tests.integration.conftest import copy_binary, free_port_block, ready, wait_for
 from tests.systemd_sandbox import SystemdSandbox
 
@@ -68,6 +68,12 @@ def _install_worker_unit(sandbox: SystemdSandbox, config: cfg.Config, exec_start
     sandbox.systemctl("daemon-reload")
 
 
+def _add_users(sandbox: SystemdSandbox) -> None:
+    """The accounts the worker unit names: its own user, and the group of the site config."""
+    user = SERVICE_USERS["worker"]
+    sandbox.run(["systemd-sysusers", "--inline", f"u {user} - -", f"g {GROUP} -"])
+
+
 def _journal(sandbox: SystemdSandbox, unit: str) -> str:
     return sandbox.run(["journalctl", "--no-pager", "-o", "cat", "-u", unit]).stdout
 
@@ -75,7 +81,7 @@ def _journal(sandbox: SystemdSandbox, unit: str) -> str:
 def test_a_stop_signals_the_child_once_through_its_parent(systemd_sandbox: SystemdSandbox) -> None:
     sandbox = systemd_sandbox
     sandbox.path("/usr/local/bin/forwarder.py").write_text(FORWARDER)
-    sandbox.run(["systemd-sysusers", "--inline", "u stellarbase - -"])
+    _add_users(sandbox)
     _install_worker_unit(sandbox, _config(20000), "/usr/bin/python3 /usr/local/bin/forwarder.py")
     sandbox.systemctl("start", WORKER)
     sandbox.systemctl("stop", WORKER)
@@ -89,7 +95,7 @@ def test_restarts_of_the_real_binary_stop_cleanly_and_quickly(
     """The real bootloader forwards the stop to its child, which exits on its own."""
     sandbox = systemd_sandbox
     inside = copy_binary(sandbox, binary)
-    sandbox.run(["systemd-sysusers", "--inline", "u stellarbase - -"])
+    _add_users(sandbox)
     port = free_port_block(3)
     config = _config(port)
     settings = sandbox.path("/etc/stellarbase-test/worker.json")
