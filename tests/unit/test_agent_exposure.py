@@ -65,11 +65,20 @@ def _start(tmp_path: Path, *, bind: str, remote: bool = False, tls: bool = False
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     running = RunningAgent(proc, local, remote_port)
     deadline = time.monotonic() + 30
-    while not _healthy(local):
+    while not (_healthy(local) and (remote_port is None or _accepting(remote_port))):
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
         assert time.monotonic() < deadline, "the agent never answered"
         time.sleep(0.2)
     return running
+
+
+def _accepting(port: int) -> bool:
+    """The remote listener opens after the local one: wait for it too."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def _healthy(port: int) -> bool:
