@@ -18,6 +18,7 @@ import pytest
 
 from stellarbase.installed import read_env_file
 from tests import servers
+from tests.fixtures_systemd import on_both_roots
 from tests.integration.conftest import copy_binary, free_port_block, wait_for
 from tests.systemd_sandbox import SystemdSandbox
 
@@ -89,6 +90,7 @@ def _as_user(sandbox: SystemdSandbox, user: str, probes: dict[str, str]) -> dict
     return dict(line.split("=", 1) for line in out.stdout.splitlines())
 
 
+@on_both_roots
 def test_a_service_user_reads_no_secret_but_its_own(
     systemd_sandbox: SystemdSandbox, binary: Path, s3_server: servers.S3Server
 ) -> None:
