@@ -320,6 +320,22 @@ class Listing:
 def summarize(catalog: Catalog, backup: Manifest) -> BackupSummary:
     chain = continuity(catalog, backup)
     last = chain.last if chain.restorable else None
+    return _summary_of(
+        backup,
+        restorable_until=catalog.wal_mtime(last) if last else None,
+        restorable_wal=catalog.segment_name(last) if last else None,
+        gap=catalog.segment_name(chain.end) if chain.gap or not chain.restorable else None,
+    )
+
+
+def _summary_of(
+    backup: Manifest,
+    *,
+    restorable_until: datetime | None = None,
+    restorable_wal: str | None = None,
+    gap: str | None = None,
+    problem: str | None = None,
+) -> BackupSummary:
     return BackupSummary(
         id=backup.id,
         time=backup.start_time,
@@ -329,9 +345,10 @@ def summarize(catalog: Catalog, backup: Manifest) -> BackupSummary:
         timeline=backup.timeline,
         start_wal=backup.start_wal,
         stop_wal=backup.stop_wal,
-        restorable_until=catalog.wal_mtime(last) if last else None,
-        restorable_wal=catalog.segment_name(last) if last else None,
-        gap=catalog.segment_name(chain.end) if chain.gap or not chain.restorable else None,
+        restorable_until=restorable_until,
+        restorable_wal=restorable_wal,
+        gap=gap,
+        problem=problem,
     )
 
 
@@ -361,20 +378,7 @@ def _summary(catalog: Catalog, backup: Manifest) -> BackupSummary:
     try:
         return summarize(catalog, backup)
     except StellarError as exc:  # AuthError, CodecError, RepositoryError: say it, go on
-        return BackupSummary(
-            id=backup.id,
-            time=backup.start_time,
-            stop_time=backup.stop_time,
-            raw_bytes=backup.raw_bytes,
-            stored_bytes=backup.stored_bytes,
-            timeline=backup.timeline,
-            start_wal=backup.start_wal,
-            stop_wal=backup.stop_wal,
-            restorable_until=None,
-            restorable_wal=None,
-            gap=None,
-            problem=exc.message,
-        )
+        return _summary_of(backup, problem=exc.message)
 
 
 def listing(catalog: Catalog) -> Listing:
