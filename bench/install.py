@@ -23,7 +23,7 @@ from tests import servers  # noqa: E402
 from tests.integration.conftest import BINARY, Host, copy_binary, site_config  # noqa: E402
 from tests.systemd_sandbox import SystemdSandbox  # noqa: E402
 
-from stellarbase.health import probe  # noqa: E402
+from stellarbase.verify import probe  # noqa: E402
 
 TARGET_FIRST = 10.0
 TARGET_RERUN = 1.5

@@ -29,5 +29,5 @@ def _no_host_commands(
         TimeoutExpired=subprocess.TimeoutExpired,
         CompletedProcess=subprocess.CompletedProcess,
     )
-    monkeypatch.setattr("stellarbase.run.subprocess", fake)
+    monkeypatch.setattr("stellarbase.proc.subprocess", fake)
     yield

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from stellarbase.health import probe
+from stellarbase.verify import probe
 from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]

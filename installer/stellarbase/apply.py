@@ -14,7 +14,16 @@ from pathlib import Path
 
 import structlog
 
-from stellarbase import __version__, facts, health, localdeps, migrate, reown, state, systemd
+from stellarbase import (
+    __version__,
+    facts,
+    install_state,
+    localdeps,
+    migrate,
+    reown,
+    systemd,
+    verify,
+)
 from stellarbase.errors import StellarError
 from stellarbase.files import copy_atomic, file_digest, symlink_atomic, write_atomic
 from stellarbase.output import Status, StepResult
@@ -40,7 +49,7 @@ from stellarbase.plan import (
     WriteFile,
     describe,
 )
-from stellarbase.run import run
+from stellarbase.proc import run
 
 log = structlog.get_logger()
 
@@ -70,7 +79,7 @@ class Executor:
     _undo: list[_Kept] | None = None
 
     def apply(self, plan: Plan) -> list[StepResult]:
-        current = state.load(self.paths.state_file)
+        current = install_state.load(self.paths.state_file)
         self._plan_units = list(
             dict.fromkeys(
                 unit
@@ -106,7 +115,7 @@ class Executor:
             self._save(current)
         return self.results
 
-    def _do(self, step: Step, current: state.State, plan: Plan) -> tuple[str | None, str]:
+    def _do(self, step: Step, current: install_state.State, plan: Plan) -> tuple[str | None, str]:
         handlers: dict[type, Callable[..., tuple[str | None, str]]] = {
             EnsureUser: self._ensure_user,
             EnsureDir: self._ensure_dir,
@@ -176,12 +185,12 @@ class Executor:
             self._units = systemd.show(list(dict.fromkeys([*self._plan_units, *units])))
         return {u: self._units[u] for u in units}
 
-    def _save(self, current: state.State) -> None:
+    def _save(self, current: install_state.State) -> None:
         if self.paths.state_dir.is_dir():
             current.version = __version__
             current.config_source = self.config_source or current.config_source
             current.database_url = self.database_url or current.database_url
-            state.save(self.paths.state_file, current)
+            install_state.save(self.paths.state_file, current)
 
     # --- files ------------------------------------------------------------------------------
 
@@ -193,7 +202,7 @@ class Executor:
                 return -1, -1  # the user is created by an earlier step of the same plan
             raise
 
-    def _ensure_user(self, step: EnsureUser, _: state.State) -> tuple[str | None, str]:
+    def _ensure_user(self, step: EnsureUser, _: install_state.State) -> tuple[str | None, str]:
         missing = [u for u in step.users if not facts.user_exists(self.paths, u)]
         if not missing:
             return None, ""
@@ -204,7 +213,7 @@ class Executor:
             run(argv)
         return "created system users " + ", ".join(missing), ""
 
-    def _ensure_dir(self, step: EnsureDir, _: state.State) -> tuple[str | None, str]:
+    def _ensure_dir(self, step: EnsureDir, _: install_state.State) -> tuple[str | None, str]:
         uid, gid = self._ids(step.owner, step.group)
         try:
             st = step.path.stat()
@@ -225,7 +234,9 @@ class Executor:
             os.chown(step.path, uid, gid)
         return f"owner/mode set to {step.owner}:{step.group} {step.mode:04o}", ""
 
-    def _ensure_data_dir(self, step: EnsureDataDir, _: state.State) -> tuple[str | None, str]:
+    def _ensure_data_dir(
+        self, step: EnsureDataDir, _: install_state.State
+    ) -> tuple[str | None, str]:
         """EnsureDir, and a directory still owned by the previous user re-owned whole."""
         uid, gid = self._ids(step.owner, step.group)
         try:
@@ -260,7 +271,7 @@ class Executor:
             os.close(fd)
         return f"{detail}: {count} entries", ""
 
-    def _write_file(self, step: WriteFile, _: state.State) -> tuple[str | None, str]:
+    def _write_file(self, step: WriteFile, _: install_state.State) -> tuple[str | None, str]:
         uid, gid = self._ids(step.owner, step.group)
         old = _read(step.path)
         if old == step.content and _same_meta(step.path.stat(), step.mode, uid, gid):
@@ -275,7 +286,7 @@ class Executor:
             write_atomic(step.path, step.content, mode=step.mode, uid=uid, gid=gid)
         return detail, diff
 
-    def _copy_file(self, step: CopyFile, _: state.State) -> tuple[str | None, str]:
+    def _copy_file(self, step: CopyFile, _: install_state.State) -> tuple[str | None, str]:
         uid, gid = self._ids(step.owner, step.group)
         exists = step.path.exists()
         if (
@@ -289,7 +300,7 @@ class Executor:
             copy_atomic(step.path, step.source, mode=step.mode, uid=uid, gid=gid)
         return ("replaced" if exists else "created"), ""
 
-    def _symlink(self, step: Symlink, _: state.State) -> tuple[str | None, str]:
+    def _symlink(self, step: Symlink, _: install_state.State) -> tuple[str | None, str]:
         if step.path.is_symlink() and os.readlink(step.path) == step.target:
             return None, ""
         if not self.dry_run:
@@ -297,7 +308,7 @@ class Executor:
             symlink_atomic(step.path, step.target)
         return f"now points to {step.target}", ""
 
-    def _remove_stale(self, step: RemoveStale, _: state.State) -> tuple[str | None, str]:
+    def _remove_stale(self, step: RemoveStale, _: install_state.State) -> tuple[str | None, str]:
         present = [p for p in step.paths if p.exists() or p.is_symlink()]
         if not present:
             return None, ""
@@ -308,7 +319,7 @@ class Executor:
 
     # --- units ------------------------------------------------------------------------------
 
-    def _stop_units(self, step: StopUnits, current: state.State) -> tuple[str | None, str]:
+    def _stop_units(self, step: StopUnits, current: install_state.State) -> tuple[str | None, str]:
         running = [
             u for u, s in self._show(list(step.units)).items() if s.active_state != "inactive"
         ]
@@ -325,7 +336,7 @@ class Executor:
             self._save(current)
         return "stopped " + ", ".join(step.units), ""
 
-    def _daemon_reload(self, step: DaemonReload, _: state.State) -> tuple[str | None, str]:
+    def _daemon_reload(self, step: DaemonReload, _: install_state.State) -> tuple[str | None, str]:
         stale = [u for u, s in self._show(list(step.units)).items() if s.need_daemon_reload]
         if not stale:
             return None, ""
@@ -334,7 +345,7 @@ class Executor:
             systemd.daemon_reload()
         return "units changed on disk: " + ", ".join(stale), ""
 
-    def _start_unit(self, step: StartUnit, current: state.State) -> tuple[str | None, str]:
+    def _start_unit(self, step: StartUnit, current: install_state.State) -> tuple[str | None, str]:
         status = self._show([step.unit])[step.unit]
         running = status.active_state in ("active", "activating", "reloading")
         recorded = current.units.get(step.unit)
@@ -354,7 +365,7 @@ class Executor:
         if running and self.rolling:
             systemd.restart(step.unit, wait=True)
             if step.ready_url:
-                health.wait_healthy([step.unit], [(step.unit, step.ready_url)], self.unit_timeout)
+                verify.wait_healthy([step.unit], [(step.unit, step.ready_url)], self.unit_timeout)
             detail = "restarted and ready: inputs changed"
         elif running:
             systemd.restart(step.unit)
@@ -371,7 +382,7 @@ class Executor:
 
     # --- local dependencies and the schema -------------------------------------------------
 
-    def _init_postgres(self, step: InitPostgres, _: state.State) -> tuple[str | None, str]:
+    def _init_postgres(self, step: InitPostgres, _: install_state.State) -> tuple[str | None, str]:
         if localdeps.cluster_ready(step.data_dir):
             return None, ""
         if not self.dry_run:
@@ -379,7 +390,7 @@ class Executor:
         return "initdb with data checksums and scram-sha-256", ""
 
     def _configure_archiving(
-        self, step: ConfigureArchiving, _: state.State
+        self, step: ConfigureArchiving, _: install_state.State
     ) -> tuple[str | None, str]:
         if self.dry_run:
             return None, ""  # needs the server running; the real run reports what it changed
@@ -396,7 +407,9 @@ class Executor:
             detail += f"; restarted {step.unit} for " + ", ".join(restart)
         return detail, ""
 
-    def _first_backup(self, step: FirstBackup, current: state.State) -> tuple[str | None, str]:
+    def _first_backup(
+        self, step: FirstBackup, current: install_state.State
+    ) -> tuple[str | None, str]:
         if current.features.get("first_backup"):
             return None, ""
         if not self.dry_run:
@@ -406,7 +419,7 @@ class Executor:
         return "started; it runs in the background", ""
 
     def _ensure_database(
-        self, step: EnsureDatabase, current: state.State
+        self, step: EnsureDatabase, current: install_state.State
     ) -> tuple[str | None, str]:
         if self.dry_run:
             return None, ""  # needs the server running; the real run reports what it made
@@ -418,7 +431,7 @@ class Executor:
             self._save(current)
         return (", ".join(changed) or None), ""
 
-    def _migrate(self, step: Migrate, _: state.State) -> tuple[str | None, str]:
+    def _migrate(self, step: Migrate, _: install_state.State) -> tuple[str | None, str]:
         # Test-only: a directory of migrations other than the shipped ones.
         directory = Path(os.environ.get(MIGRATIONS_ENV) or migrate.BUILTIN_DIR)
         try:
@@ -439,10 +452,10 @@ class Executor:
             return None, ""
         return "applied " + ", ".join(m.filename.removesuffix(".sql") for m in done), ""
 
-    def _wait_healthy(self, step: WaitHealthy, _: state.State) -> tuple[str | None, str]:
+    def _wait_healthy(self, step: WaitHealthy, _: install_state.State) -> tuple[str | None, str]:
         if self.dry_run:
             return None, ""
-        health.wait_healthy(list(step.units), list(step.ready_urls), step.timeout)
+        verify.wait_healthy(list(step.units), list(step.ready_urls), step.timeout)
         return None, ""
 
 

@@ -201,7 +201,7 @@ def doctor(
 ) -> None:
     """The preflight checks against the installed system, plus every unit's state."""
     from stellarbase import operations
-    from stellarbase.installed import load_installed
+    from stellarbase.installed_config import load_installed
 
     _begin(output, debug)
     paths = HostPaths(root)
@@ -286,11 +286,11 @@ def upgrade(
     debug: Debug = False,
 ) -> None:
     """Verify, back up, migrate, swap and restart one unit at a time; roll back if unhealthy."""
-    from stellarbase import installed, upgrade
+    from stellarbase import installed_config, upgrade
 
     _begin(output, debug)
     paths = HostPaths(root)
-    loaded = installed.load_site(paths, config, set_, tier)
+    loaded = installed_config.load_site(paths, config, set_, tier)
     result = upgrade.upgrade(loaded, paths, bundle, skip or [], allow_downgrade=allow_downgrade)
     emit(result, output)
 
@@ -312,11 +312,11 @@ def rollback(
 @app.command(hidden=True)
 def activate(root: Root = Path("/"), output: Output = Format.TEXT, debug: Debug = False) -> None:
     """Make this installed release current: units, rolling restart, health gate (rollback)."""
-    from stellarbase import installed, operations
+    from stellarbase import installed_config, operations
 
     _begin(output, debug)
     paths = HostPaths(root)
-    loaded = installed.load_installed(paths, None, None)
+    loaded = installed_config.load_installed(paths, None, None)
     result = operations.install(
         loaded, paths, None, preflight=False, rolling=True, action="activate"
     )
@@ -417,10 +417,12 @@ Limit = Annotated[int, typer.Option("--limit", min=1, help="At most this many (n
 def _postgres(
     root: Path, config: Path | None, sets: list[str] | None, tier: str | None
 ) -> tuple[str, str | None]:
-    from stellarbase import installed
+    from stellarbase import installed_config
 
     paths = HostPaths(root)
-    return installed.postgres_target(installed.load_site(paths, config, sets, tier), paths)
+    return installed_config.postgres_target(
+        installed_config.load_site(paths, config, sets, tier), paths
+    )
 
 
 @migrate_app.command("up")

@@ -9,11 +9,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from stellarbase import __version__, gpu, localdeps, resources, state
+from stellarbase import __version__, gpu, install_state, localdeps, resources
 from stellarbase.config import Config, DependencyMode
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import file_digest
-from stellarbase.installed import read_env_file
+from stellarbase.installed_config import read_env_file
 from stellarbase.localdeps import ADMIN_PASSWORD, ServerBinary
 from stellarbase.paths import HostPaths
 from stellarbase.plan import POSTGRES_PASSWORD, REDIS_PASSWORD, Facts
@@ -22,7 +22,7 @@ from stellarbase.render import LocalServers
 
 def gather(paths: HostPaths, binary: Path | None, config: Config) -> Facts:
     source = binary or release_binary()
-    previous = state.load(paths.state_file)
+    previous = install_state.load(paths.state_file)
     data = {"postgres": paths.postgres_data, "redis": paths.redis_data}
     return replace(
         dependency_facts(paths, config),

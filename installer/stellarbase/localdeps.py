@@ -22,7 +22,7 @@ from stellarbase.files import fsync_dir
 
 if TYPE_CHECKING:
     import psycopg
-from stellarbase.run import run
+from stellarbase.proc import run
 
 MIN_POSTGRES = 14
 MIN_REDIS = 7

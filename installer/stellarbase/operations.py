@@ -16,14 +16,14 @@ from stellarbase import (
     audit,
     facts,
     gpu,
-    health,
+    install_state,
     plan,
     release_key,
     render,
-    state,
     systemd,
     trust,
     validate,
+    verify,
 )
 from stellarbase.agent.targets import AGENT_UNIT
 from stellarbase.apply import Executor, remove_path
@@ -59,7 +59,7 @@ def require_systemd(paths: HostPaths) -> None:
 
 def preflight_context(config: Config, paths: HostPaths) -> Context:
     """Checks of this config; ports this installation already listens on count as free."""
-    current = state.load(paths.state_file)
+    current = install_state.load(paths.state_file)
     own = set(current.ports.values())
     for unit, port in (
         (render.POSTGRES_UNIT, config.local.postgres.port),
@@ -89,7 +89,7 @@ def doctor(loaded: LoadedConfig, paths: HostPaths, skip: list[str]) -> tuple[Res
 
 
 def _unit_findings(paths: HostPaths) -> list[Finding]:
-    current = state.load(paths.state_file)
+    current = install_state.load(paths.state_file)
     if not current.units:
         return [noted("units", "stellarbase is not installed", "run `stellarbase install`")]
     out = []
@@ -265,7 +265,7 @@ def dry_run(
 
 
 def status(paths: HostPaths) -> Result:
-    current = state.load(paths.state_file)
+    current = install_state.load(paths.state_file)
     info: dict[str, Any] = {
         "installed": bool(current.units or current.files),
         "version": current.version or None,
@@ -313,7 +313,7 @@ def status(paths: HostPaths) -> Result:
         elif port:
             ready = _agent_says_ready(agent, unit) if agent is not None else None
             if not ready:  # the agent's view is up to one interval old: ask the service
-                code, _ = health.probe(f"http://127.0.0.1:{port}/readyz")
+                code, _ = verify.probe(f"http://127.0.0.1:{port}/readyz")
                 ready = code == 200
         info["units"].append(
             {
@@ -340,7 +340,7 @@ def agent_readiness(port: int | None) -> dict[str, Any] | None:
     the answers cached."""
     if not port:
         return None
-    code, body = health.probe(f"http://127.0.0.1:{port}/readyz", timeout=2.0)
+    code, body = verify.probe(f"http://127.0.0.1:{port}/readyz", timeout=2.0)
     if code not in (200, 503):
         return None
     try:
@@ -360,7 +360,7 @@ def _agent_says_ready(agent: dict[str, Any], unit: str) -> bool | None:
 def uninstall(paths: HostPaths, *, purge: bool) -> Result:
     require_root(paths)
     require_systemd(paths)
-    current = state.load(paths.state_file)
+    current = install_state.load(paths.state_file)
     result = Result("uninstall")
     if paths.live:
         known = systemd.show([render.TARGET, *(u for u in current.units if u != render.TARGET)])
@@ -392,7 +392,9 @@ def uninstall(paths: HostPaths, *, purge: bool) -> Result:
         systemd.daemon_reload()
     if not purge and paths.state_dir.is_dir():
         still_ours = [view for view in current.files if kept(view)]
-        state.save(paths.state_file, state.State(version=current.version, files=still_ours))
+        install_state.save(
+            paths.state_file, install_state.State(version=current.version, files=still_ours)
+        )
     result.info = {"removed": removed, "purged": purge}
     result.lines.append(f"removed {len(removed)} paths")
     if not purge:

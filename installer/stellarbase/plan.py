@@ -31,7 +31,7 @@ from stellarbase.paths import (
     SERVICE_USERS,
     HostPaths,
 )
-from stellarbase.settings import ServiceName, load_catalog, service_credentials
+from stellarbase.service_settings import ServiceName, load_catalog, service_credentials
 
 NO_LOCAL_SERVERS = render.LocalServers()
 

@@ -22,7 +22,7 @@ from stellarbase.paths import (
     SERVICE_USERS,
     HostPaths,
 )
-from stellarbase.settings import (
+from stellarbase.service_settings import (
     ServiceName,
     load_catalog,
     service_credentials,

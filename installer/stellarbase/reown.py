@@ -23,7 +23,7 @@ from stellarbase.paths import (
     REDIS_USER,
     HostPaths,
 )
-from stellarbase.settings import load_catalog
+from stellarbase.service_settings import load_catalog
 
 
 def reown_tree(top: Path, old_uid: int, uid: int, gid: int) -> int:

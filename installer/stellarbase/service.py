@@ -32,11 +32,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from pydantic import ValidationError
 
-from stellarbase import __version__, checks, gpu, health, notify
+from stellarbase import __version__, checks, gpu, notify, verify
 from stellarbase import log as logsetup
 from stellarbase.agent import FAULT_DIR
 from stellarbase.errors import ExitCode, StellarError
-from stellarbase.settings import ServiceSettings
+from stellarbase.service_settings import ServiceSettings
 
 log = structlog.get_logger()
 
@@ -187,7 +187,7 @@ class Service:
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1" if host == "0.0.0.0" else "::1"
         host = f"[{host}]" if ":" in host else host
-        code, _ = health.probe(f"http://{host}:{self.port}/healthz", timeout=2.0)
+        code, _ = verify.probe(f"http://{host}:{self.port}/healthz", timeout=2.0)
         # Any answer proves the server is not hung; an unhealthy /healthz is the agent's to
         # act on (it restarts through systemd), not a reason to be killed by the watchdog.
         return code != 0

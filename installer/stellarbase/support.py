@@ -28,13 +28,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from stellarbase import __version__, configload, installed, render, state
+from stellarbase import __version__, configload, install_state, installed_config, render
 from stellarbase import config as cfg
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import write_atomic
 from stellarbase.output import Result
 from stellarbase.paths import HostPaths
-from stellarbase.run import BASE_ENV, run, running_as_root
+from stellarbase.proc import BASE_ENV, run, running_as_root
 
 REDACTED = "<redacted>"
 AUDIT_ROWS = 200
@@ -142,7 +142,9 @@ def collect(paths: HostPaths, request: Request) -> Collected:
     found = Collected()
     site: configload.LoadedConfig | None = None
     with found.guard("config"):
-        site = installed.load_site(paths, request.site_file, list(request.sets), request.tier)
+        site = installed_config.load_site(
+            paths, request.site_file, list(request.sets), request.tier
+        )
         found.add_json("config.json", redacted_config(site))
     gather_secrets(found, paths, request, site)
     collect_checks(found, paths, request, site)
@@ -155,7 +157,7 @@ def collect(paths: HostPaths, request: Request) -> Collected:
     with found.guard("units"):
         found.members |= unit_files(paths)
     with found.guard("journal"):
-        units = list(state.load(paths.state_file).units)
+        units = list(install_state.load(paths.state_file).units)
         collect_journal(found, paths, units, request.journal_lines)
     with found.guard("versions"):
         found.add_json("versions.json", versions(paths))
@@ -296,7 +298,7 @@ def audit_tail(found: Collected, paths: HostPaths, site: configload.LoadedConfig
 
     if site is None:
         raise StellarError("not read: the database is named by the site config, which did not load")
-    conninfo, password = installed.postgres_target(site, paths)
+    conninfo, password = installed_config.postgres_target(site, paths)
     found.add_secret(password)
     rows = audit.read(conninfo, password, limit=AUDIT_ROWS)
     return {"database": conninfo, "rows": [row.as_dict() for row in rows]}
@@ -356,7 +358,7 @@ def credential_values(text: str) -> list[str]:
 
 def _unquoted(raw: str) -> str:
     try:
-        return installed.parse_env_file(f"VALUE={raw}", "secret").get("VALUE", raw)
+        return installed_config.parse_env_file(f"VALUE={raw}", "secret").get("VALUE", raw)
     except StellarError:
         return raw
 

@@ -6,7 +6,7 @@ import re
 import shutil
 from dataclasses import dataclass
 
-from stellarbase.run import BASE_ENV, run
+from stellarbase.proc import BASE_ENV, run
 
 SHOW_PROPS = ("ActiveState", "SubState", "MainPID", "NRestarts", "NeedDaemonReload", "LoadState")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from stellarbase import state
+from stellarbase import install_state
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import write_atomic
 from stellarbase.paths import HostPaths
@@ -80,7 +80,7 @@ def check_release_allowed(
             "`stellarbase status` lists the revoked releases",
             code=ExitCode.BUNDLE,
         )
-    installed = state.load(paths.state_file).version
+    installed = install_state.load(paths.state_file).version
     if not installed or allow_downgrade or version_key(version) >= version_key(installed):
         return
     raise StellarError(

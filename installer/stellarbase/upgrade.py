@@ -32,15 +32,15 @@ from stellarbase import (
     __version__,
     audit,
     configload,
+    install_state,
     migrate,
     render,
-    state,
     systemd,
     trust,
 )
 from stellarbase.configload import LoadedConfig
 from stellarbase.errors import ExitCode, StellarError
-from stellarbase.installed import postgres_target
+from stellarbase.installed_config import postgres_target
 from stellarbase.operations import install, preflight_context, record_audit, require_root
 from stellarbase.output import Result
 from stellarbase.paths import HostPaths
@@ -108,7 +108,7 @@ def upgrade(
     from stellarbase.bundle import verify_bundle
 
     require_root(paths)
-    before = state.load(paths.state_file)
+    before = install_state.load(paths.state_file)
     if not before.version:
         raise StellarError(
             "stellarbase is not installed on this host: nothing to upgrade",
@@ -160,7 +160,7 @@ def upgrade(
         details["migrations"] = [m.filename for m in applied]
         earlier = before.previous_version
         before.previous_version = before.version
-        state.save(paths.state_file, before)
+        install_state.save(paths.state_file, before)
         try:
             done = install(
                 loaded, paths, verified.binary, skip, preflight=False, rolling=True,
@@ -170,9 +170,9 @@ def upgrade(
             log.warning("upgrade failed; rolling back", error=exc.message)
             # install() audited the failure; the rollback and the activation audit themselves
             back = _roll_back_to(paths, before.version, database, details, exc, record=False)
-            after = state.load(paths.state_file)
+            after = install_state.load(paths.state_file)
             after.previous_version = earlier
-            state.save(paths.state_file, after)
+            install_state.save(paths.state_file, after)
             raise StellarError(
                 f"upgrade to {release.version} failed and was rolled back to "
                 f"{before.version}, which is healthy again: {exc.message}",
@@ -191,10 +191,10 @@ def upgrade(
 
 def rollback(paths: HostPaths, to: str | None) -> Result:
     """Return to the release before the last upgrade (or `to`), and prove it healthy."""
-    from stellarbase.installed import load_installed
+    from stellarbase.installed_config import load_installed
 
     require_root(paths)
-    now = state.load(paths.state_file)
+    now = install_state.load(paths.state_file)
     target = to or now.previous_version
     if not now.version:
         raise StellarError(
@@ -239,9 +239,9 @@ def rollback(paths: HostPaths, to: str | None) -> Result:
             hint=exc.hint,
             code=ExitCode.UPGRADE,
         ).with_details([*exc.details, *back]) from None
-    after = state.load(paths.state_file)
+    after = install_state.load(paths.state_file)
     after.previous_version = now.version
-    state.save(paths.state_file, after)
+    install_state.save(paths.state_file, after)
     record_audit(database, "rollback", "success", details)
     result = Result("rollback", info=details)
     result.lines.append(f"rolled back {now.version} → {target}; services are healthy")
@@ -306,7 +306,7 @@ def _hand_back_if_older(paths: HostPaths, version: str) -> None:
     except (ValueError, AttributeError):
         return  # not a release that answers: its activate says what is wrong
     from stellarbase import reown
-    from stellarbase.installed import load_installed
+    from stellarbase.installed_config import load_installed
 
     repository = load_installed(paths, None, None).config.backup.repository
     for line in reown.hand_back(paths, repository):
@@ -375,7 +375,7 @@ def _current_release(paths: HostPaths) -> str:
         return ""
 
 
-def _fresh_backup(installed: state.State) -> str:
+def _fresh_backup(installed: install_state.State) -> str:
     """A base backup before the schema changes, when backups are on; '' when they are off."""
     if render.BACKUP_TIMER not in installed.units:
         return ""

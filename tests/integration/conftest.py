@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from stellarbase.health import probe
+from stellarbase.verify import probe
 from tests.systemd_sandbox import SystemdSandbox
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stellarbase.health import probe
+from stellarbase.verify import probe
 from tests.fixtures_systemd import on_both_roots
 from tests.integration.conftest import copy_binary, free_port_block, wait_for
 from tests.systemd_sandbox import SystemdSandbox

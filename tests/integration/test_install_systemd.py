@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from stellarbase.health import probe
+from stellarbase.verify import probe
 from tests.integration.conftest import Host, ready, wait_for
 
 pytestmark = [pytest.mark.systemd, pytest.mark.integration]

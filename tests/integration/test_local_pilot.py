@@ -9,7 +9,7 @@ import pytest
 
 from stellarbase import migrate
 from stellarbase.errors import ExitCode
-from stellarbase.installed import read_env_file
+from stellarbase.installed_config import read_env_file
 from tests.filetree import Entry, file_states
 from tests.fixtures_systemd import SandboxRoot, on_both_roots
 from tests.integration.conftest import copy_binary, free_port_block, ready, wait_for

@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from stellarbase.errors import ExitCode
-from stellarbase.installed import read_env_file
+from stellarbase.installed_config import read_env_file
 from tests import servers
 from tests.filetree import Entry, file_states
 from tests.integration.conftest import copy_binary, free_port_block, wait_for

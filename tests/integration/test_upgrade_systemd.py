@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from stellarbase.errors import ExitCode
-from stellarbase.installed import read_env_file
+from stellarbase.installed_config import read_env_file
 from tests.fixtures_systemd import on_both_roots
 from tests.integration.conftest import free_port_block, ready, wait_for
 from tests.release_builds import (

@@ -25,7 +25,7 @@ from stellarbase.agent.runtime import Agent
 from stellarbase.agent.targets import Target, Targets, render_targets, targets_file
 from stellarbase.gpu import FakeSource
 from stellarbase.paths import HostPaths
-from stellarbase.settings import ServiceSettings
+from stellarbase.service_settings import ServiceSettings
 
 GIB = 1 << 30
 FAKE_GPUS = {

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from stellarbase import operations, state
+from stellarbase import install_state, operations
 from stellarbase.apply import Executor
 from stellarbase.configload import load_config
 from stellarbase.errors import ExitCode, StellarError
-from stellarbase.installed import read_env_file
+from stellarbase.installed_config import read_env_file
 from stellarbase.output import Status
 from stellarbase.paths import HostPaths
 from stellarbase.plan import (
@@ -129,7 +129,7 @@ def test_uninstall_keeps_config_unless_purged(tmp_path: Path, binary: Path) -> N
     assert not list(paths.unit_dir.glob("stellarbase*"))
     assert not paths.opt.exists()
     assert paths.config_file.exists() and paths.state_dir.is_dir()
-    assert state.load(paths.state_file).units == {}
+    assert install_state.load(paths.state_file).units == {}
     _install(root, binary)
     operations.uninstall(paths, purge=True)
     assert not paths.etc.exists() and not paths.state_dir.exists()

@@ -16,7 +16,7 @@ import pytest
 import structlog
 
 from stellarbase import notify
-from stellarbase.health import probe
+from stellarbase.verify import probe
 from tests.servers import free_port
 
 

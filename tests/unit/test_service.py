@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from stellarbase.health import probe
-from stellarbase.settings import ServiceSettings
+from stellarbase.service_settings import ServiceSettings
+from stellarbase.verify import probe
 from tests.servers import free_port
 
 

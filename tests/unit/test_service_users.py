@@ -14,12 +14,12 @@ import pytest
 
 from stellarbase import facts, operations, render
 from stellarbase.configload import load_config
-from stellarbase.installed import read_env_file
+from stellarbase.installed_config import read_env_file
 from stellarbase.localdeps import ServerBinary
 from stellarbase.paths import LEGACY_USER, HostPaths
 from stellarbase.plan import Facts, with_local_servers
 from stellarbase.reown import hand_back, reown_tree
-from stellarbase.settings import service_credentials
+from stellarbase.service_settings import service_credentials
 from tests.filetree import file_states
 
 pytestmark = pytest.mark.host_commands  # systemd-sysusers --root=<tmp> creates the users

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from stellarbase import __version__, cli, render, state, support
+from stellarbase import __version__, cli, install_state, render, support
 from stellarbase.configload import load_config
 from stellarbase.errors import ExitCode
 from stellarbase.localdeps import ADMIN_PASSWORD
@@ -89,9 +89,9 @@ def _install_files(root: Path, site_file: Path) -> None:
     )
     (drop_ins / "notes.txt").write_text("not a drop-in\n")
     paths.state_dir.mkdir(parents=True)
-    state.save(
+    install_state.save(
         paths.state_file,
-        state.State(
+        install_state.State(
             version="0.1.0",
             units={"stellarbase.target": "a", UNIT: "b"},
             # JSON escapes the quotes of this password: the scrub must know that spelling.

@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stellarbase import checks, db, gpu, health, migrate, pgwire
+from stellarbase import checks, db, gpu, migrate, pgwire, verify
 from stellarbase.agent.targets import Target
 from stellarbase.config import PostgresConfig, RedisConfig, S3Config
 from stellarbase.errors import ExitCode, StellarError
-from stellarbase.run import run
+from stellarbase.proc import run
 
 UNIT_PROPS = ("ActiveState", "SubState", "NRestarts", "MemoryCurrent", "CPUUsageNSec")
 UNSET = 2**64 - 1  # systemd's "[not set]" for an unsigned property without accounting
@@ -116,9 +116,9 @@ def probe_services(
     def one(target: Target) -> ServiceProbe:
         base = f"http://{host}:{target.port}"
         start = time.monotonic()
-        code, body = health.probe(f"{base}/healthz", timeout=2.0)
+        code, body = verify.probe(f"{base}/healthz", timeout=2.0)
         seconds = time.monotonic() - start
-        ready_code, ready_body = health.probe(f"{base}/readyz", timeout=ready_timeout)
+        ready_code, ready_body = verify.probe(f"{base}/readyz", timeout=ready_timeout)
         return ServiceProbe(
             healthy=code == 200,
             healthz_seconds=seconds,

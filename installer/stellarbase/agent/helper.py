@@ -32,7 +32,7 @@ import structlog
 from stellarbase import systemd
 from stellarbase.agent.targets import Targets, TargetsReader, targets_file
 from stellarbase.paths import AGENT_USER, HostPaths
-from stellarbase.run import CommandError, run
+from stellarbase.proc import CommandError, run
 
 log = structlog.get_logger()
 

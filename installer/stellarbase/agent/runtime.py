@@ -50,7 +50,7 @@ from stellarbase.agent.targets import Targets, TargetsReader, targets_file
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.paths import HostPaths
 from stellarbase.service import REMOTE_TOKEN_ENV, BackupCollector, Service, _handler
-from stellarbase.settings import AgentSettings, ServiceSettings
+from stellarbase.service_settings import AgentSettings, ServiceSettings
 
 log = structlog.get_logger()
 

@@ -23,7 +23,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from stellarbase.settings import AgentSettings
+from stellarbase.service_settings import AgentSettings
 
 
 class Action(enum.StrEnum):

@@ -27,7 +27,7 @@ from stellarbase.backup.parts import PART_BYTES, store_parts
 from stellarbase.backup.repo import ClusterIdentity, Repository, ensure_identity
 from stellarbase.config import BackupConfig
 from stellarbase.errors import ExitCode, StellarError
-from stellarbase.run import BASE_ENV
+from stellarbase.proc import BASE_ENV
 
 log = structlog.get_logger()
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from stellarbase import audit, installed
+from stellarbase import audit, installed_config
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.output import Result, Status, StepResult
 from stellarbase.paths import GROUP, POSTGRES_USER, HostPaths
@@ -57,7 +57,7 @@ class BackupContext:
         from stellarbase import localdeps
 
         name = localdeps.ADMIN_PASSWORD
-        password = installed.read_env_file(self.paths.admin_secrets_file).get(name)
+        password = installed_config.read_env_file(self.paths.admin_secrets_file).get(name)
         if not password:
             raise StellarError(
                 f"{self.paths.admin_secrets_file}: no local PostgreSQL superuser password",
@@ -82,8 +82,8 @@ class BackupContext:
 
     def audit(self, action: str, ok: bool, details: dict[str, Any]) -> str:
         try:
-            url, password = installed.postgres_target(
-                installed.load_installed(self.paths, None, None), self.paths
+            url, password = installed_config.postgres_target(
+                installed_config.load_installed(self.paths, None, None), self.paths
             )
         except StellarError as exc:
             return f"not recorded: {exc.message}"
@@ -100,7 +100,7 @@ class BackupContext:
 
 def context(root: Path, site_file: Path | None, sets: list[str] | None) -> BackupContext:
     paths = HostPaths(root)
-    loaded = installed.load_site(paths, site_file, sets, None)
+    loaded = installed_config.load_site(paths, site_file, sets, None)
     if not loaded.config.backup.enabled:
         raise StellarError(
             "backups are off: backup.repository is none",

@@ -37,7 +37,7 @@ import structlog
 from stellarbase import fdops, resources, systemd
 from stellarbase.backup.prefetch import Prefetcher
 from stellarbase.errors import ExitCode, StellarError
-from stellarbase.run import run
+from stellarbase.proc import run
 
 log = structlog.get_logger()
 

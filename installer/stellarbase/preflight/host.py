@@ -23,7 +23,7 @@ from stellarbase.config import Config
 from stellarbase.errors import StellarError
 from stellarbase.paths import HostPaths
 from stellarbase.preflight import Check, Context, Finding, failed, noted, passed, warned
-from stellarbase.run import BASE_ENV, run, running_as_root
+from stellarbase.proc import BASE_ENV, run, running_as_root
 
 GIB = 1 << 30
 SUPPORTED_OS: dict[str, tuple[str, ...]] = {

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from stellarbase import config as cfg
-from stellarbase import configload, state
+from stellarbase import configload, install_state
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.paths import HostPaths
 
@@ -81,7 +81,7 @@ def _for_site(secrets: dict[str, str], site: dict[str, object]) -> dict[str, str
 
 def _installed_database_url(paths: HostPaths) -> str:
     try:
-        return state.load(paths.state_file).database_url
+        return install_state.load(paths.state_file).database_url
     except (OSError, ValueError, TypeError):
         return ""  # no readable state: nothing installed here to fall back on
 
