@@ -11,9 +11,9 @@ from pathlib import Path
 
 from stellarbase import __version__, gpu, install_state, localdeps, resources
 from stellarbase.config import Config, DependencyMode
+from stellarbase.envfile import read_env_file
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import file_digest
-from stellarbase.installed_config import read_env_file
 from stellarbase.localdeps import ADMIN_PASSWORD, ServerBinary
 from stellarbase.paths import HostPaths
 from stellarbase.plan import POSTGRES_PASSWORD, REDIS_PASSWORD, Facts

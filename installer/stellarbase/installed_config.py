@@ -8,17 +8,13 @@ credentials from systemd instead (see `service.credentials`).
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from stellarbase import config as cfg
 from stellarbase import configload, install_state
+from stellarbase.envfile import read_env_file
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.paths import HostPaths
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# Inside double quotes systemd unescapes only these; any other backslash stays as it is.
-_DOUBLE_QUOTE_ESCAPES = '"\\`$'
 
 
 def load_site(
@@ -84,65 +80,3 @@ def _installed_database_url(paths: HostPaths) -> str:
         return install_state.load(paths.state_file).database_url
     except (OSError, ValueError, TypeError):
         return ""  # no readable state: nothing installed here to fall back on
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """KEY=value pairs of a systemd EnvironmentFile; a missing file has none."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return {}
-    except (PermissionError, UnicodeDecodeError) as exc:
-        raise StellarError(
-            f"{path}: cannot read the secrets ({exc.__class__.__name__})",
-            hint="run as root: the file is readable by root only",
-            code=ExitCode.CONFIG,
-        ) from None
-    return parse_env_file(text, str(path))
-
-
-def parse_env_file(text: str, name: str) -> dict[str, str]:
-    """systemd EnvironmentFile= syntax, one assignment a line.
-
-    Values are bare, 'single quoted' (taken literally) or "double quoted" (a backslash
-    escapes " \\ ` $). Errors name the line, never its value: it may be a secret.
-    """
-    values: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if not stripped or stripped[0] in "#;":
-            continue
-        key, sep, raw = stripped.partition("=")
-        key = key.strip()
-        value = _unquote(raw.strip()) if sep else None
-        if value is None or not _ENV_NAME.fullmatch(key):
-            raise StellarError(
-                f"{name}: line {number} is not KEY=value",
-                hint="fix the line, or run `stellarbase install` again to rewrite the file",
-                code=ExitCode.CONFIG,
-            )
-        values[key] = value
-    return values
-
-
-def _unquote(raw: str) -> str | None:
-    """The value of one assignment, or None when its quotes do not close."""
-    if raw[:1] == "'":
-        end = raw.find("'", 1)
-        return raw[1:end] if end != -1 and not raw[end + 1 :].strip() else None
-    if raw[:1] != '"':
-        return re.sub(r"\\(.)", r"\1", raw)
-    out: list[str] = []
-    i = 1
-    while i < len(raw):
-        char = raw[i]
-        if char == "\\" and i + 1 < len(raw):
-            follower = raw[i + 1]
-            out.append(follower if follower in _DOUBLE_QUOTE_ESCAPES else char + follower)
-            i += 2
-            continue
-        if char == '"':
-            return "".join(out) if not raw[i + 1 :].strip() else None
-        out.append(char)
-        i += 1
-    return None

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import SecretStr
 
 from stellarbase import config as cfg
-from stellarbase import render
+from stellarbase import envfile, render
 from stellarbase.agent import local_address
 from stellarbase.agent.targets import targets_file
 from stellarbase.errors import ExitCode, StellarError
@@ -375,7 +375,7 @@ def make_plan(
     local_inputs: dict[str, bytes] = {}
     if local.postgres:
         admin = {ADMIN_PASSWORD: facts.secret(ADMIN_PASSWORD)}
-        admin_env = render.render_env_file(admin, "Local PostgreSQL superuser; root only.")
+        admin_env = envfile.render_env_file(admin, "Local PostgreSQL superuser; root only.")
         mine(WriteFile(paths.admin_secrets_file, admin_env.encode(), "root", "root", 0o600, True))
         if paths.live:
             pw = facts.secret(ADMIN_PASSWORD)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 import jinja2
 import yaml
 
 from stellarbase import config as cfg
-from stellarbase import resources
+from stellarbase import envfile, resources
 from stellarbase.agent import SUPERVISE_SOCKET as SUPERVISE_SOCKET_PATH
 from stellarbase.agent.targets import Target, Targets, render_targets, targets_file
 from stellarbase.localdeps import ServerBinary
@@ -249,7 +248,7 @@ def render_redis_conf(config: cfg.Config, paths: HostPaths) -> str:
 
 def render_redis_auth(password: str) -> str:
     # Redis config strings take double quotes with backslash escapes, like env files.
-    return f"requirepass {_env_quote(password)}\n"
+    return f"requirepass {envfile.quote(password)}\n"
 
 
 def supplementary_groups(name: ServiceName) -> list[str]:
@@ -284,7 +283,7 @@ def render_site_config(config: cfg.Config) -> str:
 
 
 def render_secrets(config: cfg.Config) -> str:
-    return render_env_file(
+    return envfile.render_env_file(
         cfg.secrets_env(config),
         "Every credential of the site, root only; each unit loads its own from "
         "credentials/<service>.env. Never copy into unit files.",
@@ -293,7 +292,7 @@ def render_secrets(config: cfg.Config) -> str:
 
 def render_credentials(config: cfg.Config, name: ServiceName) -> str:
     """The env file of one service's own secrets."""
-    return render_env_file(
+    return envfile.render_env_file(
         service_credentials(config, name),
         f"The secrets of stellarbase-{name} and no other's; root only, loaded by systemd.",
     )
@@ -302,19 +301,3 @@ def render_credentials(config: cfg.Config, name: ServiceName) -> str:
 def render_service_settings(config: cfg.Config, name: ServiceName) -> str:
     settings = service_settings(config, name)
     return json.dumps(settings.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
-
-
-def render_env_file(values: dict[str, str], header: str) -> str:
-    lines = [f"{k}={_env_quote(v)}\n" for k, v in sorted(values.items())]
-    return f"# {header}\n" + "".join(lines)
-
-
-def env_escape(value: str) -> str:
-    """The value as written between systemd EnvironmentFile= (and Redis) double quotes: a
-    backslash escapes " \\ ` $. Newlines cannot be written this way; config validation
-    refuses them in secrets."""
-    return re.sub(r'(["\\\\`$])', r"\\\1", value)
-
-
-def _env_quote(value: str) -> str:
-    return f'"{env_escape(value)}"'

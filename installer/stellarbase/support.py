@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from stellarbase import __version__, configload, install_state, installed_config, render
+from stellarbase import __version__, configload, envfile, install_state, installed_config
 from stellarbase import config as cfg
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import write_atomic
@@ -39,7 +39,6 @@ from stellarbase.proc import BASE_ENV, run, running_as_root
 REDACTED = "<redacted>"
 AUDIT_ROWS = 200
 JOURNAL_TIMEOUT = 30.0
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # One assignment of an Environment= line: "NAME=value with spaces" or NAME=value.
 _ASSIGNMENT = re.compile(r'"([A-Za-z_][A-Za-z0-9_]*)=([^"]*)"|([A-Za-z_][A-Za-z0-9_]*)=(\S*)')
 
@@ -320,7 +319,7 @@ def gather_secrets(
         values += raw_site_secrets(site_file)
     for path in (paths.secrets_file, paths.admin_secrets_file, paths.redis_auth):
         try:
-            values += credential_values(path.read_text(errors="replace"))
+            values += envfile.loose_values(path.read_text(errors="replace"))
         except FileNotFoundError:
             continue
         except OSError as exc:
@@ -338,29 +337,6 @@ def raw_site_secrets(path: Path | None) -> list[str]:
         return []
     sections = [(data.get(section), key) for section, key in cfg.SECRET_KEYS]
     return [str(part[key]) for part, key in sections if isinstance(part, dict) and part.get(key)]
-
-
-def credential_values(text: str) -> list[str]:
-    """The value of each `KEY=value` (env file) or `directive value` (redis-auth.conf) line,
-    as written and unquoted: a file that no longer parses is scrubbed all the same."""
-    values: list[str] = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped or stripped[0] in "#;":
-            continue
-        key, sep, raw = stripped.partition("=")
-        if not sep or not _ENV_NAME.fullmatch(key.strip()):
-            _, _, raw = stripped.partition(" ")
-        raw = raw.strip()
-        values += [raw, raw.strip("\"'"), _unquoted(raw)]
-    return values
-
-
-def _unquoted(raw: str) -> str:
-    try:
-        return installed_config.parse_env_file(f"VALUE={raw}", "secret").get("VALUE", raw)
-    except StellarError:
-        return raw
 
 
 # Base64 spans shorter than this are left alone: they would match by chance.
@@ -381,7 +357,7 @@ def spellings(value: str) -> dict[str, str]:
 
     add("plain", value)
     add("json-escaped", json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1])
-    add("quoted", render.env_escape(value), value.replace("'", "''"), shlex.quote(value),
+    add("quoted", envfile.env_escape(value), value.replace("'", "''"), shlex.quote(value),
         repr(value)[1:-1])  # fmt: skip
     for encoded in (urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value)):
         add("url-encoded", encoded, re.sub(r"%[0-9A-F]{2}", lambda m: m[0].lower(), encoded))

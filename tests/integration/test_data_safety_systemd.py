@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from stellarbase.envfile import read_env_file
 from stellarbase.errors import ExitCode
-from stellarbase.installed_config import read_env_file
 from tests.filetree import Entry, file_states
 from tests.integration.conftest import copy_binary, ready
 from tests.integration.test_local_pilot import APP_UNITS, LOCAL_UNITS, _ports

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from stellarbase import migrate
+from stellarbase.envfile import read_env_file
 from stellarbase.errors import ExitCode
-from stellarbase.installed_config import read_env_file
 from tests.filetree import Entry, file_states
 from tests.fixtures_systemd import SandboxRoot, on_both_roots
 from tests.integration.conftest import copy_binary, free_port_block, ready, wait_for

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from stellarbase.installed_config import read_env_file
+from stellarbase.envfile import read_env_file
 from tests import servers
 from tests.fixtures_systemd import on_both_roots
 from tests.integration.conftest import copy_binary, free_port_block, wait_for

@@ -34,8 +34,8 @@ from typing import Any
 import pytest
 import yaml
 
+from stellarbase.envfile import read_env_file
 from stellarbase.errors import ExitCode
-from stellarbase.installed_config import read_env_file
 from tests import servers
 from tests.filetree import Entry, file_states
 from tests.integration.conftest import copy_binary, free_port_block, wait_for

@@ -22,8 +22,8 @@ import psycopg
 import pytest
 import yaml
 
+from stellarbase.envfile import read_env_file
 from stellarbase.errors import ExitCode
-from stellarbase.installed_config import read_env_file
 from tests.fixtures_systemd import on_both_roots
 from tests.integration.conftest import free_port_block, ready, wait_for
 from tests.release_builds import (

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stellarbase.installed_config import read_env_file
+from stellarbase.envfile import read_env_file
 from tests.integration.conftest import free_port_block, wait_for
 from tests.release_builds import REPO, SigningKey, Variant, build_variant, make_bundle
 from tests.systemd_sandbox import SystemdSandbox

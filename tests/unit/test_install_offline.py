@@ -13,8 +13,8 @@ import pytest
 from stellarbase import install_state, operations
 from stellarbase.apply import Executor
 from stellarbase.configload import load_config
+from stellarbase.envfile import read_env_file
 from stellarbase.errors import ExitCode, StellarError
-from stellarbase.installed_config import read_env_file
 from stellarbase.output import Status
 from stellarbase.paths import HostPaths
 from stellarbase.plan import (

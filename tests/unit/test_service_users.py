@@ -14,7 +14,7 @@ import pytest
 
 from stellarbase import facts, operations, render
 from stellarbase.configload import load_config
-from stellarbase.installed_config import read_env_file
+from stellarbase.envfile import read_env_file
 from stellarbase.localdeps import ServerBinary
 from stellarbase.paths import LEGACY_USER, HostPaths
 from stellarbase.plan import Facts, with_local_servers

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from stellarbase import __version__, cli, install_state, render, support
+from stellarbase import __version__, cli, envfile, install_state, render, support
 from stellarbase.configload import load_config
 from stellarbase.errors import ExitCode
 from stellarbase.localdeps import ADMIN_PASSWORD
@@ -71,7 +71,7 @@ def _install_files(root: Path, site_file: Path) -> None:
     paths.config_file.write_text(render.render_site_config(config))
     paths.secrets_file.write_text(render.render_secrets(config))
     paths.admin_secrets_file.write_text(
-        render.render_env_file({ADMIN_PASSWORD: ADMIN_SECRET}, "admin")
+        envfile.render_env_file({ADMIN_PASSWORD: ADMIN_SECRET}, "admin")
     )
     paths.redis_auth.write_text(render.render_redis_auth(REDIS_AUTH_SECRET))
     paths.unit_dir.mkdir(parents=True)
@@ -250,7 +250,7 @@ def test_missing_journalctl_is_recorded(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_credential_files_are_scrubbed_even_when_they_do_not_parse() -> None:
-    values = support.credential_values(
+    values = envfile.loose_values(
         'GOOD="a\\"b"\nbroken line without equals\nrequirepass "redis pw"\n# comment\n'
     )
     assert {'a"b', "redis pw", "line without equals"} <= set(values)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from stellarbase import audit, installed_config
+from stellarbase import audit, envfile, installed_config
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.output import Result, Status, StepResult
 from stellarbase.paths import GROUP, POSTGRES_USER, HostPaths
@@ -57,7 +57,7 @@ class BackupContext:
         from stellarbase import localdeps
 
         name = localdeps.ADMIN_PASSWORD
-        password = installed_config.read_env_file(self.paths.admin_secrets_file).get(name)
+        password = envfile.read_env_file(self.paths.admin_secrets_file).get(name)
         if not password:
             raise StellarError(
                 f"{self.paths.admin_secrets_file}: no local PostgreSQL superuser password",
