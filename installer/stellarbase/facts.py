@@ -14,10 +14,10 @@ from stellarbase.config import Config, DependencyMode
 from stellarbase.envfile import read_env_file
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import file_digest
+from stellarbase.layout import LocalServers
 from stellarbase.localdeps import ADMIN_PASSWORD, ServerBinary
 from stellarbase.paths import HostPaths
 from stellarbase.plan import POSTGRES_PASSWORD, REDIS_PASSWORD, Facts
-from stellarbase.render import LocalServers
 
 
 def gather(paths: HostPaths, binary: Path | None, config: Config) -> Facts:

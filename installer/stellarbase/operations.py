@@ -17,9 +17,9 @@ from stellarbase import (
     facts,
     gpu,
     install_state,
+    layout,
     plan,
     release_key,
-    render,
     systemd,
     trust,
     validate,
@@ -62,8 +62,8 @@ def preflight_context(config: Config, paths: HostPaths) -> Context:
     current = install_state.load(paths.state_file)
     own = set(current.ports.values())
     for unit, port in (
-        (render.POSTGRES_UNIT, config.local.postgres.port),
-        (render.REDIS_UNIT, config.local.redis.port),
+        (layout.POSTGRES_UNIT, config.local.postgres.port),
+        (layout.REDIS_UNIT, config.local.redis.port),
     ):
         if unit in current.units:
             own.add(port)
@@ -363,7 +363,7 @@ def uninstall(paths: HostPaths, *, purge: bool) -> Result:
     current = install_state.load(paths.state_file)
     result = Result("uninstall")
     if paths.live:
-        known = systemd.show([render.TARGET, *(u for u in current.units if u != render.TARGET)])
+        known = systemd.show([layout.TARGET, *(u for u in current.units if u != layout.TARGET)])
         loaded = [u for u, s in known.items() if s.load_state == "loaded"]
         if current.database_url:  # written while a local PostgreSQL still runs
             password = facts.generated_secrets(paths).get(plan.POSTGRES_PASSWORD)

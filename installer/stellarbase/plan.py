@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import SecretStr
 
 from stellarbase import config as cfg
-from stellarbase import envfile, render
+from stellarbase import envfile, layout, render
 from stellarbase.agent import local_address
 from stellarbase.agent.targets import targets_file
 from stellarbase.errors import ExitCode, StellarError
@@ -33,7 +33,7 @@ from stellarbase.paths import (
 )
 from stellarbase.service_settings import ServiceName, load_catalog, service_credentials
 
-NO_LOCAL_SERVERS = render.LocalServers()
+NO_LOCAL_SERVERS = layout.LocalServers()
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Facts:
     binary_digest: str
     previous_files: tuple[str, ...] = ()  # host paths an earlier install owns
     previous_units: tuple[str, ...] = ()  # units an earlier install started
-    local: render.LocalServers = NO_LOCAL_SERVERS  # binaries of local dependencies
+    local: layout.LocalServers = NO_LOCAL_SERVERS  # binaries of local dependencies
     found: tuple[tuple[str, tuple[ServerBinary, ...]], ...] = ()  # all servers seen, by dep
     gpu_devices: tuple[str, ...] = ()  # CUDA_VISIBLE_DEVICES ids that get an inference unit
     # Passwords the installer generates (local servers), reused from the last install.
@@ -340,10 +340,10 @@ def make_plan(
     data_dirs: list[EnsureDataDir] = []
     if local.postgres:  # 0750 with group access (initdb -g): the agent, in it, reads the WAL
         data_dirs.append(EnsureDataDir(paths.postgres_data, POSTGRES_USER, POSTGRES_USER, 0o750,
-                                       (render.POSTGRES_UNIT,)))  # fmt: skip
+                                       (layout.POSTGRES_UNIT,)))  # fmt: skip
     if local.redis:
         data_dirs.append(EnsureDataDir(paths.redis_data, REDIS_USER, REDIS_USER, 0o750,
-                                       (render.REDIS_UNIT,)))  # fmt: skip
+                                       (layout.REDIS_UNIT,)))  # fmt: skip
     backups = render.backups_on(config, local)
     if backups:  # 0755: archive_command runs as the PostgreSQL user and reads the markers
         data_dirs.append(EnsureDataDir(paths.wal_spool, AGENT_USER, AGENT_USER, 0o755,
@@ -385,7 +385,7 @@ def make_plan(
         redis_auth = render.render_redis_auth(facts.secret(REDIS_PASSWORD)).encode()
         mine(WriteFile(paths.redis_conf, redis_conf, "root", REDIS_USER, 0o640))
         mine(WriteFile(paths.redis_auth, redis_auth, "root", REDIS_USER, 0o640, secret=True))
-        local_inputs[render.REDIS_UNIT] = redis_conf + b"\0" + redis_auth
+        local_inputs[layout.REDIS_UNIT] = redis_conf + b"\0" + redis_auth
     devices = facts.gpu_devices
     settings: dict[str, bytes] = {}
     credentials: dict[str, bytes] = {}  # each service's own secrets, an input of its units
@@ -419,7 +419,7 @@ def make_plan(
     probed = {
         u.name
         for u in instances
-        if u.service != "inference" or config.inference.command == render.DEFAULT_INFERENCE_COMMAND
+        if u.service != "inference" or config.inference.command == layout.DEFAULT_INFERENCE_COMMAND
     }
     # Not an input of the agent's unit: the agent reads it again each round, so a new
     # worker or port does not restart it. On a live host it is written only once the
@@ -436,7 +436,7 @@ def make_plan(
         mine(WriteFile(paths.unit_dir / unit_name, content.encode(), "root", "root", 0o644))
     wants = paths.unit_dir / "multi-user.target.wants"
     steps.append(EnsureDir(wants, "root", "root", 0o755))
-    mine(Symlink(wants / render.TARGET, paths.host_view(paths.unit_dir / render.TARGET)))
+    mine(Symlink(wants / layout.TARGET, paths.host_view(paths.unit_dir / layout.TARGET)))
 
     owned_views = tuple(paths.host_view(p) for p in owned)
     kept = kept_data(config, paths)
@@ -451,11 +451,11 @@ def make_plan(
     ]
     wanted_units: set[str] = set()
     if paths.live:
-        wanted_units = {*local.units(), render.SUPERVISE_SOCKET, *(u.name for u in instances)}
+        wanted_units = {*local.units(), layout.SUPERVISE_SOCKET, *(u.name for u in instances)}
         if backups:
-            wanted_units.add(render.BACKUP_TIMER)
+            wanted_units.add(layout.BACKUP_TIMER)
         gone = tuple(
-            u for u in facts.previous_units if u not in wanted_units and u != render.TARGET
+            u for u in facts.previous_units if u not in wanted_units and u != layout.TARGET
         )
         if gone:  # stopped before their unit files and settings go
             steps.append(StopUnits(gone))
@@ -499,7 +499,7 @@ def make_plan(
                     config.local.postgres.port,
                     facts.secret(ADMIN_PASSWORD),
                     archive_settings(config, paths, backups),
-                    render.POSTGRES_UNIT,
+                    layout.POSTGRES_UNIT,
                     timeout,
                 )
             )
@@ -507,9 +507,9 @@ def make_plan(
             steps.append(Migrate(*database, timeout))
         steps.append(targets)
         socket_inputs = b"\0".join(
-            unit_files[u].encode() for u in (render.SUPERVISE_SOCKET, render.SUPERVISE_TEMPLATE)
+            unit_files[u].encode() for u in (layout.SUPERVISE_SOCKET, layout.SUPERVISE_TEMPLATE)
         )
-        steps.append(StartUnit(render.SUPERVISE_SOCKET, digest(socket_inputs)))
+        steps.append(StartUnit(layout.SUPERVISE_SOCKET, digest(socket_inputs)))
         for unit in instances:
             inputs = b"\0".join(
                 [
@@ -524,25 +524,25 @@ def make_plan(
             steps.append(StartUnit(unit.name, digest(inputs), port=unit.port, ready_url=ready_url))
         if backups:
             timer = (
-                unit_files[render.BACKUP_TIMER].encode() + unit_files[render.BACKUP_UNIT].encode()
+                unit_files[layout.BACKUP_TIMER].encode() + unit_files[layout.BACKUP_UNIT].encode()
             )
-            steps.append(StartUnit(render.BACKUP_TIMER, digest(timer)))
+            steps.append(StartUnit(layout.BACKUP_TIMER, digest(timer)))
         # Restarting the target would restart every service (PartOf=): only ever start it.
-        steps.append(StartUnit(render.TARGET, "", restart_on_change=False))
+        steps.append(StartUnit(layout.TARGET, "", restart_on_change=False))
         steps.append(
             WaitHealthy(
                 units=(
                     *local.units(),
-                    render.SUPERVISE_SOCKET,
+                    layout.SUPERVISE_SOCKET,
                     *(u.name for u in instances),
-                    render.TARGET,
+                    layout.TARGET,
                 ),
                 ready_urls=tuple(ready_urls.items()),
                 timeout=config.health.timeout_seconds,
             )
         )
         if backups:  # after the gate: the agent must archive for a backup to complete
-            steps.append(FirstBackup(render.BACKUP_UNIT))
+            steps.append(FirstBackup(layout.BACKUP_UNIT))
     return Plan(tuple(steps), owned_views, endpoints, database)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import jinja2
 import yaml
@@ -12,7 +11,18 @@ from stellarbase import config as cfg
 from stellarbase import envfile, resources
 from stellarbase.agent import SUPERVISE_SOCKET as SUPERVISE_SOCKET_PATH
 from stellarbase.agent.targets import Target, Targets, render_targets, targets_file
-from stellarbase.localdeps import ServerBinary
+from stellarbase.layout import (
+    BACKUP_TIMER,
+    BACKUP_UNIT,
+    INFERENCE_TEMPLATE,
+    POSTGRES_UNIT,
+    REDIS_UNIT,
+    SUPERVISE_SOCKET,
+    SUPERVISE_TEMPLATE,
+    TARGET,
+    LocalServers,
+    UnitInstance,
+)
 from stellarbase.paths import (
     AGENT_USER,
     GROUP,
@@ -28,15 +38,6 @@ from stellarbase.service_settings import (
     service_settings,
 )
 
-TARGET = "stellarbase.target"
-INFERENCE_TEMPLATE = "stellarbase-inference@.service"
-DEFAULT_INFERENCE_COMMAND = "/opt/stellarbase/current/stellarbase run inference"
-POSTGRES_UNIT = "stellarbase-postgres.service"
-REDIS_UNIT = "stellarbase-redis.service"
-BACKUP_UNIT = "stellarbase-backup.service"
-BACKUP_TIMER = "stellarbase-backup.timer"
-SUPERVISE_SOCKET = "stellarbase-supervise.socket"
-SUPERVISE_TEMPLATE = "stellarbase-supervise@.service"
 # The agent reads host CPU, memory and load from /proc (ProcSubset=pid hides them) and, on
 # a GPU host, asks NVML, which needs the NVIDIA devices.
 AGENT_EXTRA = ("ProcSubset=all",)
@@ -46,27 +47,6 @@ AGENT_GPU_EXTRA = (
     "DeviceAllow=char-nvidia-frontend r",
     "DeviceAllow=char-nvidia-caps r",
 )
-
-
-@dataclass(frozen=True)
-class LocalServers:
-    """The host's server binaries for the dependencies that run locally (None: external)."""
-
-    postgres: ServerBinary | None = None
-    redis: ServerBinary | None = None
-
-    def units(self) -> list[str]:
-        return [u for u, b in ((POSTGRES_UNIT, self.postgres), (REDIS_UNIT, self.redis)) if b]
-
-
-@dataclass(frozen=True)
-class UnitInstance:
-    """A unit the installer runs: `template` is the file on disk (worker@.service)."""
-
-    name: str
-    template: str
-    service: str
-    port: int
 
 
 def environment() -> jinja2.Environment:

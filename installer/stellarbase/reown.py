@@ -14,7 +14,7 @@ import os
 import stat
 from pathlib import Path
 
-from stellarbase import facts, render, systemd
+from stellarbase import facts, layout, systemd
 from stellarbase.paths import (
     AGENT_USER,
     GROUP,
@@ -64,8 +64,8 @@ def hand_back(paths: HostPaths, repository: str) -> list[str]:
         return []  # that release never ran on this host
     agent = load_catalog().services["agent"].unit
     dirs = [
-        (paths.postgres_data, POSTGRES_USER, render.POSTGRES_UNIT),
-        (paths.redis_data, REDIS_USER, render.REDIS_UNIT),
+        (paths.postgres_data, POSTGRES_USER, layout.POSTGRES_UNIT),
+        (paths.redis_data, REDIS_USER, layout.REDIS_UNIT),
         (paths.wal_spool, AGENT_USER, agent),
     ]
     if repository.startswith("file://"):

@@ -33,8 +33,8 @@ from stellarbase import (
     audit,
     configload,
     install_state,
+    layout,
     migrate,
-    render,
     systemd,
     trust,
 )
@@ -377,14 +377,14 @@ def _current_release(paths: HostPaths) -> str:
 
 def _fresh_backup(installed: install_state.State) -> str:
     """A base backup before the schema changes, when backups are on; '' when they are off."""
-    if render.BACKUP_TIMER not in installed.units:
+    if layout.BACKUP_TIMER not in installed.units:
         return ""
     try:
-        systemd.start(render.BACKUP_UNIT, wait=True)
+        systemd.start(layout.BACKUP_UNIT, wait=True)
     except StellarError as exc:
         raise StellarError(
             f"the base backup before the upgrade failed: {exc.message}",
-            hint=f"nothing was changed; see `journalctl -u {render.BACKUP_UNIT}` and "
+            hint=f"nothing was changed; see `journalctl -u {layout.BACKUP_UNIT}` and "
             "`stellarbase backup list`",
             code=ExitCode.BACKUP,
         ) from None

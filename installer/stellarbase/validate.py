@@ -104,7 +104,7 @@ def _check_tls_files(loaded: LoadedConfig) -> None:
 
 
 def _check_inference_command(loaded: LoadedConfig) -> None:
-    from stellarbase.render import DEFAULT_INFERENCE_COMMAND
+    from stellarbase.layout import DEFAULT_INFERENCE_COMMAND
 
     command = loaded.config.inference.command
     if command == DEFAULT_INFERENCE_COMMAND:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from stellarbase import config as cfg
-from stellarbase import configload, render
+from stellarbase import configload, layout, render
 from stellarbase.paths import GROUP, SERVICE_USERS, HostPaths
 from tests.integration.conftest import copy_binary, free_port_block, ready, wait_for
 from tests.systemd_sandbox import SystemdSandbox
@@ -61,7 +61,7 @@ def _config(port: int) -> cfg.Config:
 
 def _install_worker_unit(sandbox: SystemdSandbox, config: cfg.Config, exec_start: str) -> None:
     """The worker unit as install renders it, with no dependency units and another command."""
-    unit = render.render_units(config, HostPaths(), render.LocalServers())[TEMPLATE]
+    unit = render.render_units(config, HostPaths(), layout.LocalServers())[TEMPLATE]
     unit = re.sub(r"(?m)^ExecStart=.*$", lambda _: f"ExecStart={exec_start}", unit)
     unit = re.sub(r"(?m)^EnvironmentFile=.*\n", "", unit)
     sandbox.path(f"/etc/systemd/system/{TEMPLATE}").write_text(unit)

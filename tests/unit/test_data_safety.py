@@ -14,6 +14,7 @@ from stellarbase import operations
 from stellarbase.apply import Executor
 from stellarbase.configload import load_config
 from stellarbase.errors import ExitCode, StellarError
+from stellarbase.layout import POSTGRES_UNIT, REDIS_UNIT, LocalServers
 from stellarbase.localdeps import ServerBinary
 from stellarbase.paths import HostPaths
 from stellarbase.plan import (
@@ -25,7 +26,6 @@ from stellarbase.plan import (
     StopUnits,
     make_plan,
 )
-from stellarbase.render import POSTGRES_UNIT, REDIS_UNIT, LocalServers
 from tests.filetree import file_states
 
 pytestmark = pytest.mark.host_commands  # systemd-sysusers --root=<tmp> creates the user

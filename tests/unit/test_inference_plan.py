@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from stellarbase import gpu, render
+from stellarbase import gpu, layout
 from stellarbase.configload import load_config
 from stellarbase.paths import HostPaths
 from stellarbase.plan import Facts, StartUnit, WaitHealthy, make_plan
@@ -69,7 +69,7 @@ def test_two_gpus_one_in_mig_mode_give_four_units(fake_nvml: Path) -> None:
     template = next(
         s.content.decode()
         for s in steps
-        if getattr(s, "path", None) == HostPaths().unit_dir / render.INFERENCE_TEMPLATE
+        if getattr(s, "path", None) == HostPaths().unit_dir / layout.INFERENCE_TEMPLATE
     )
     assert "Environment=CUDA_VISIBLE_DEVICES=%i" in template
     assert "PrivateDevices=yes" not in template and "DeviceAllow=char-nvidia-uvm rw" in template

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stellarbase import facts, operations, render
+from stellarbase import facts, layout, operations, render
 from stellarbase.configload import load_config
 from stellarbase.envfile import read_env_file
 from stellarbase.localdeps import ServerBinary
@@ -145,7 +145,7 @@ def test_each_unit_names_its_own_user_and_only_its_own_credentials(binary: Path)
         "STELLARBASE_AGENT__METRICS_TOKEN": "tok",
     }
     sets = ["s3.bucket=backups", "backup.repository=s3", "agent.remote_port=9443"]
-    local = render.LocalServers(
+    local = layout.LocalServers(
         ServerBinary(Path("/usr/lib/postgresql/15/bin"), (15,)),
         ServerBinary(Path("/usr/bin/redis-server"), (7, 0)),
     )

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stellarbase import render
+from stellarbase import layout, render
 from stellarbase.configload import load_config
 from stellarbase.localdeps import ServerBinary
 from stellarbase.paths import HostPaths
 
-LOCAL = render.LocalServers(
+LOCAL = layout.LocalServers(
     ServerBinary(Path("/usr/lib/postgresql/17/bin"), (17, 2)),
     ServerBinary(Path("/usr/bin/redis-server"), (7, 2)),
 )
