@@ -39,3 +39,10 @@ class StellarError(Exception):
         """Attach extra lines (a journal tail, say) shown after the message."""
         self.details = lines
         return self
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line for a message: its text with the white space folded,
+    or its class name when it has none. Callers add what they know better (a server's
+    SQLSTATE, an OS error's strerror) before falling back to this."""
+    return " ".join(str(exc).split())[:limit] or exc.__class__.__name__
