@@ -9,6 +9,14 @@ import pytest
 pytest_plugins = ["tests.fixtures_servers", "tests.fixtures_systemd"]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs real servers or a real systemd is slow, wherever it lives:
+    `pytest -m "not slow"` leaves it out."""
+    for item in items:
+        if item.get_closest_marker("integration") or item.get_closest_marker("systemd"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _no_host_commands(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch

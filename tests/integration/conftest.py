@@ -23,6 +23,15 @@ REPO = Path(__file__).resolve().parents[2]
 BINARY = REPO / "dist" / "stellarbase"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test in this directory is an integration test, and slow."""
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(here):
+            item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def binary() -> Path:
     """The packaged binary: the systemd tests run it, not the source tree."""

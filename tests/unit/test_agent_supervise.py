@@ -162,6 +162,7 @@ def test_the_helper_answers_no_uid_but_the_agents(tmp_path: Path) -> None:
     assert not ok and done == []
 
 
+@pytest.mark.slow  # waits out the helper's read deadline
 def test_a_caller_that_never_finishes_its_request_is_cut(tmp_path: Path) -> None:
     paths = _paths(tmp_path)
     server, client = socket.socketpair()
