@@ -1,6 +1,6 @@
 """What the agent reads each round: thin adapters over systemctl, HTTP, the dependency
-checks, psutil, NVML and the migrations table. Each returns plain data and may raise; the
-runner turns a raise or a hang into that collector's failure."""
+checks, psutil, NVML, the migrations table and the WAL archiver. Each returns plain data and
+may raise; the runner turns a raise or a hang into that collector's failure."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector as RegistryCollector
 
 from stellarbase import checks, db, gpu, migrate, pgwire, verify
 from stellarbase.agent.targets import Target
@@ -222,3 +226,66 @@ def _pg_error(exc: BaseException) -> str:
     if isinstance(exc, pgwire.ServerError) and exc.sqlstate:
         return f"{exc.message} (SQLSTATE {exc.sqlstate})"
     return db.one_line(exc)
+
+
+class BackupCollector(RegistryCollector):
+    """Backup metrics read fresh at scrape time: the archiver's counters, the last backup."""
+
+    def __init__(self, archiver: Any, status_file: Path) -> None:
+        self.archiver = archiver
+        self.status_file = status_file
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.archiver.stats()
+        yield GaugeMetricFamily(
+            "stellarbase_backup_wal_archive_lag_segments",
+            "WAL files PostgreSQL has finished that are not yet durable in the repository",
+            value=stats.pending,
+        )
+        yield GaugeMetricFamily(
+            "stellarbase_backup_wal_archive_lag_seconds",
+            "Age of the oldest WAL file not yet durable in the repository (0: none waiting)",
+            value=stats.lag_seconds,
+        )
+        yield GaugeMetricFamily(
+            "stellarbase_backup_wal_last_archived_timestamp_seconds",
+            "When the last WAL file became durable in the repository (Unix time)",
+            value=stats.last_archived_at or 0,
+        )
+        uploaded = CounterMetricFamily(
+            "stellarbase_backup_uploaded_bytes",
+            "Bytes stored in the repository, by operation",
+            labels=["operation"],
+        )
+        uploaded.add_metric(["wal"], stats.bytes_uploaded_total)
+        yield uploaded
+        uploads = CounterMetricFamily(
+            "stellarbase_backup_uploads", "Objects stored, by operation", labels=["operation"]
+        )
+        uploads.add_metric(["wal"], stats.uploads_total)
+        yield uploads
+        status = _read_json(self.status_file)
+        failures = CounterMetricFamily(
+            "stellarbase_backup_failures", "Failed attempts, by operation", labels=["operation"]
+        )
+        failures.add_metric(["wal"], stats.failures_total)
+        failures.add_metric(["base_backup"], float(status.get("failures", 0)))
+        yield failures
+        yield GaugeMetricFamily(
+            "stellarbase_backup_last_success_timestamp_seconds",
+            "When the last base backup finished (Unix time; 0: none yet on this host)",
+            value=float(status.get("last_success", 0)),
+        )
+        yield GaugeMetricFamily(
+            "stellarbase_backup_last_size_bytes",
+            "Stored size of the last base backup",
+            value=float(status.get("last_stored_bytes", 0)),
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
