@@ -18,10 +18,11 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector as RegistryCollector
 
-from stellarbase import checks, db, gpu, migrate, pgwire, verify
+from stellarbase import checks, db, migrate, pgwire, verify
 from stellarbase.agent.targets import Target
 from stellarbase.config import PostgresConfig, RedisConfig, S3Config
 from stellarbase.errors import ExitCode, StellarError
+from stellarbase.gpu.inventory import GpuSource, Inventory
 from stellarbase.proc import run
 
 UNIT_PROPS = ("ActiveState", "SubState", "NRestarts", "MemoryCurrent", "CPUUsageNSec")
@@ -68,7 +69,7 @@ class HostSample:
 
 @dataclass(frozen=True)
 class GpuSample:
-    inventory: gpu.Inventory
+    inventory: Inventory
     xid: dict[str, int] = field(default_factory=dict)  # GPU UUID → XIDs seen (watcher)
 
 
@@ -187,7 +188,7 @@ def host(data_dir: Path) -> HostSample:
     )
 
 
-def gpus(source: gpu.GpuSource, watcher: object | None, expect: bool) -> GpuSample:
+def gpus(source: GpuSource, watcher: object | None, expect: bool) -> GpuSample:
     """The GPUs; an NVML that cannot be read fails the collector only where GPUs serve."""
     inventory = source.inventory()
     if inventory.error and expect:

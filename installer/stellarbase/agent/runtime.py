@@ -48,6 +48,7 @@ from stellarbase.agent.snapshot import (
 from stellarbase.agent.supervise import Action, Policy, Supervisor, request_restart
 from stellarbase.agent.targets import Targets, TargetsReader, targets_file
 from stellarbase.errors import ExitCode, StellarError
+from stellarbase.gpu.inventory import GpuSource
 from stellarbase.paths import HostPaths
 from stellarbase.service_runtime import Service, handler
 from stellarbase.service_settings import AgentSettings, ServiceSettings
@@ -69,7 +70,7 @@ class Agent(Service):
         settings: ServiceSettings,
         *,
         paths: HostPaths | None = None,
-        gpu_source: gpu.GpuSource | None = None,
+        gpu_source: GpuSource | None = None,
         supervise_socket: Path = SUPERVISE_SOCKET,
         fault_dir: Path = FAULT_DIR,
         clock: Callable[[], float] = time.monotonic,
@@ -127,7 +128,7 @@ class Agent(Service):
         log.info("wal archiver started", pg_wal=str(self.paths.postgres_data / "pg_wal"))
 
     def _start_xid_watcher(self) -> Any:
-        from stellarbase.nvml import NvmlSource, XidWatcher
+        from stellarbase.gpu.nvml import NvmlSource, XidWatcher
 
         if not isinstance(self.gpu_source, NvmlSource):
             return None

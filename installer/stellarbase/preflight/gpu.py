@@ -12,7 +12,8 @@ import re
 
 from stellarbase import facts
 from stellarbase.config import Config
-from stellarbase.gpu import Gpu, Inventory, serving_devices
+from stellarbase.gpu import serving_devices
+from stellarbase.gpu.inventory import Gpu, Inventory
 from stellarbase.preflight import Check, Context, Finding, failed, noted, passed, warned
 
 GIB = 1 << 30
