@@ -206,7 +206,7 @@ def migrations(postgres: PostgresConfig, timeout: float) -> MigrationSample:
         conn = pgwire.connect(target, time.monotonic() + timeout)
     except (OSError, pgwire.ServerError) as exc:
         raise StellarError(
-            f"cannot connect to PostgreSQL at {db.where(postgres.url)}: {_pg_error(exc)}",
+            f"cannot connect to PostgreSQL at {db.where(postgres.url)}: {db.one_line(exc)}",
             code=ExitCode.DEPENDENCY,
         ) from None
     with conn:
@@ -216,17 +216,11 @@ def migrations(postgres: PostgresConfig, timeout: float) -> MigrationSample:
             rows = conn.simple_query(f"SELECT version FROM {migrate.TABLE}") if found else []
         except pgwire.ServerError as exc:
             raise StellarError(
-                f"PostgreSQL refused reading the applied migrations: {_pg_error(exc)}",
+                f"PostgreSQL refused reading the applied migrations: {db.one_line(exc)}",
                 code=ExitCode.MIGRATION,
             ) from None
     applied = {int(version) for (version,) in rows if version is not None}
     return MigrationSample(max(applied, default=0), len(shipped - applied))
-
-
-def _pg_error(exc: BaseException) -> str:
-    if isinstance(exc, pgwire.ServerError) and exc.sqlstate:
-        return f"{exc.message} (SQLSTATE {exc.sqlstate})"
-    return db.one_line(exc)
 
 
 class BackupCollector(RegistryCollector):
