@@ -18,12 +18,11 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector as RegistryCollector
 
-from stellarbase import checks, db, migrate, pgwire, verify
+from stellarbase import checks, db, migrate, pgwire, systemd, verify
 from stellarbase.agent.targets import Target
 from stellarbase.config import PostgresConfig, RedisConfig, S3Config
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.gpu.inventory import GpuSource, Inventory
-from stellarbase.proc import run
 
 UNIT_PROPS = ("ActiveState", "SubState", "NRestarts", "MemoryCurrent", "CPUUsageNSec")
 UNSET = 2**64 - 1  # systemd's "[not set]" for an unsigned property without accounting
@@ -81,17 +80,8 @@ class MigrationSample:
 
 def unit_states(units: Sequence[str]) -> dict[str, UnitSample]:
     """Every unit's state in one `systemctl show` (one fork per round, never per scrape)."""
-    if not units:
-        return {}
-    props = ",".join(("Id", *UNIT_PROPS))
-    out = run(["systemctl", "show", f"--property={props}", "--", *units], timeout=10)
-    return parse_show(out.stdout, units)
-
-
-def parse_show(text: str, units: Sequence[str]) -> dict[str, UnitSample]:
     found: dict[str, UnitSample] = {}
-    for block, unit in zip(text.strip().split("\n\n"), units, strict=False):
-        p = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+    for unit, p in systemd.show_properties(units, UNIT_PROPS, timeout=10).items():
         memory = _unsigned(p.get("MemoryCurrent"))
         cpu = _unsigned(p.get("CPUUsageNSec"))
         found[unit] = UnitSample(
