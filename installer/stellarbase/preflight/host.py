@@ -269,22 +269,31 @@ def config_ports(config: Config) -> list[tuple[str, str, int]]:
     return ports
 
 
+def port_taken(address: str, port: int) -> tuple[str, str] | None:
+    """None when `port` is free on `address`; else ("in use", who holds it) or
+    ("cannot bind", the system's reason)."""
+    try:
+        in_use = facts.port_in_use(address, port)
+    except OSError as exc:
+        return "cannot bind", str(exc.strerror)
+    return ("in use", facts.port_owner(port)) if in_use else None
+
+
 def ports_finding(config: Config, own_ports: frozenset[int]) -> Finding:
     ports = config_ports(config)
     busy: list[str] = []
     hint_key = ""
     for key, address, port in ports:
-        if port in own_ports:
+        taken = None if port in own_ports else port_taken(address, port)
+        if taken is None:
             continue
-        try:
-            in_use = facts.port_in_use(address, port)
-        except OSError as exc:
-            busy.append(f"{key} {port}: cannot bind {address} ({exc.strerror})")
-            hint_key = hint_key or "bind"
-            continue
-        if in_use:
-            busy.append(f"{key} {port} in use by {facts.port_owner(port)}")
+        reason, why = taken
+        if reason == "in use":
+            busy.append(f"{key} {port} in use by {why}")
             hint_key = hint_key or key.split("+")[0]
+        else:
+            busy.append(f"{key} {port}: cannot bind {address} ({why})")
+            hint_key = hint_key or "bind"
     requirement = "free (or held by this installation)"
     if not busy:
         shown = ", ".join(f"{port}" for _, _, port in ports)
