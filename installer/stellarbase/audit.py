@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack
 
 import structlog
 
@@ -110,28 +110,23 @@ def _audit_log(
             raise _no_table(conninfo) from None
 
 
-def try_record(
-    conninfo: str,
-    password: str | None,
-    *,
-    action: str,
-    outcome: Outcome,
-    details: Mapping[str, Any],
-    correlation_id: str,
-) -> StellarError | None:
+class Entry(TypedDict):
+    """What one row says (the rest, who and where, `record` finds itself)."""
+
+    action: str
+    outcome: Outcome
+    details: Mapping[str, Any]
+    correlation_id: str
+
+
+def try_record(conninfo: str, password: str | None, **entry: Unpack[Entry]) -> StellarError | None:
     """`record` for callers that must not fail on the audit log: the error, or None.
 
     The error of a missing table has code MIGRATION: the migrations have not created it yet.
     """
+    action, outcome = entry["action"], entry["outcome"]
     try:
-        record(
-            conninfo,
-            password,
-            action=action,
-            outcome=outcome,
-            details=details,
-            correlation_id=correlation_id,
-        )
+        record(conninfo, password, **entry)
     except StellarError as exc:
         # A missing table means the migrations have not run yet; a failed operation often
         # failed for want of this very database, and its own error already says so.
