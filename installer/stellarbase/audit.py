@@ -8,15 +8,20 @@ import pwd
 import re
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack
 
 import structlog
 
 from stellarbase import db
 from stellarbase.errors import ExitCode, StellarError
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg.rows import TupleRow
 
 log = structlog.get_logger()
 
@@ -66,8 +71,6 @@ def record(
     connect_timeout: float = 5,
 ) -> None:
     """Append one row; a StellarError when the database or the audit_log table is missing."""
-    import psycopg
-
     row = (
         actor or invoking_user(),
         socket.gethostname(),
@@ -76,45 +79,54 @@ def record(
         json.dumps(scrub(details), default=str),
         correlation_id,
     )
-    with db.connect(conninfo, password, connect_timeout=connect_timeout, purpose="audit") as conn:
+    hint = "the role in postgres.url must be allowed to insert into audit_log"
+    with _audit_log(conninfo, password, connect_timeout, doing="write", hint=hint) as conn:
+        conn.execute(
+            "INSERT INTO audit_log (actor, host, action, outcome, details, correlation_id)"
+            " VALUES (%s, %s, %s, %s, %s::jsonb, %s)",
+            row,
+        )
+
+
+@contextmanager
+def _audit_log(
+    conninfo: str, password: str | None, connect_timeout: float, *, doing: str, hint: str
+) -> Iterator[psycopg.Connection[TupleRow]]:
+    """A connection whose errors name the audit log: a missing table (MIGRATION: not
+    created yet), or what the server refused."""
+    import psycopg
+
+    with (
+        db.connect(conninfo, password, connect_timeout=connect_timeout, purpose="audit") as conn,
+        db.server_errors(
+            f"cannot {doing} the audit log at {db.where(conninfo)}",
+            hint=hint,
+            code=ExitCode.DEPENDENCY,
+        ),
+    ):
         try:
-            conn.execute(
-                "INSERT INTO audit_log (actor, host, action, outcome, details, correlation_id)"
-                " VALUES (%s, %s, %s, %s, %s::jsonb, %s)",
-                row,
-            )
+            yield conn
         except psycopg.errors.UndefinedTable:
             raise _no_table(conninfo) from None
-        except psycopg.Error as exc:
-            raise StellarError(
-                f"cannot write the audit log at {db.where(conninfo)}: {db.one_line(exc)}",
-                hint="the role in postgres.url must be allowed to insert into audit_log",
-                code=ExitCode.DEPENDENCY,
-            ) from None
 
 
-def try_record(
-    conninfo: str,
-    password: str | None,
-    *,
-    action: str,
-    outcome: Outcome,
-    details: Mapping[str, Any],
-    correlation_id: str,
-) -> StellarError | None:
+class Entry(TypedDict):
+    """What one row says (the rest, who and where, `record` finds itself)."""
+
+    action: str
+    outcome: Outcome
+    details: Mapping[str, Any]
+    correlation_id: str
+
+
+def try_record(conninfo: str, password: str | None, **entry: Unpack[Entry]) -> StellarError | None:
     """`record` for callers that must not fail on the audit log: the error, or None.
 
     The error of a missing table has code MIGRATION: the migrations have not created it yet.
     """
+    action, outcome = entry["action"], entry["outcome"]
     try:
-        record(
-            conninfo,
-            password,
-            action=action,
-            outcome=outcome,
-            details=details,
-            correlation_id=correlation_id,
-        )
+        record(conninfo, password, **entry)
     except StellarError as exc:
         # A missing table means the migrations have not run yet; a failed operation often
         # failed for want of this very database, and its own error already says so.
@@ -135,8 +147,6 @@ def read(
     connect_timeout: float = 5,
 ) -> list[AuditRow]:
     """The newest `limit` rows at or after `since` (naive means local time), oldest first."""
-    import psycopg
-
     if limit < 1:
         raise StellarError(
             f"--limit {limit}: must be 1 or more",
@@ -145,27 +155,19 @@ def read(
         )
     if since is not None and since.tzinfo is None:
         since = since.astimezone()
-    with db.connect(conninfo, password, connect_timeout=connect_timeout, purpose="audit") as conn:
-        try:
-            rows = conn.execute(
-                """
-                SELECT id, at, actor, host, action, outcome, details, correlation_id FROM (
-                    SELECT * FROM audit_log
-                     WHERE %(since)s::timestamptz IS NULL OR at >= %(since)s::timestamptz
-                     ORDER BY at DESC, id DESC
-                     LIMIT %(limit)s
-                ) newest ORDER BY at, id
-                """,
-                {"since": since, "limit": limit},
-            ).fetchall()
-        except psycopg.errors.UndefinedTable:
-            raise _no_table(conninfo) from None
-        except psycopg.Error as exc:
-            raise StellarError(
-                f"cannot read the audit log at {db.where(conninfo)}: {db.one_line(exc)}",
-                hint="the role in postgres.url must be allowed to read audit_log",
-                code=ExitCode.DEPENDENCY,
-            ) from None
+    hint = "the role in postgres.url must be allowed to read audit_log"
+    with _audit_log(conninfo, password, connect_timeout, doing="read", hint=hint) as conn:
+        rows = conn.execute(
+            """
+            SELECT id, at, actor, host, action, outcome, details, correlation_id FROM (
+                SELECT * FROM audit_log
+                 WHERE %(since)s::timestamptz IS NULL OR at >= %(since)s::timestamptz
+                 ORDER BY at DESC, id DESC
+                 LIMIT %(limit)s
+            ) newest ORDER BY at, id
+            """,
+            {"since": since, "limit": limit},
+        ).fetchall()
     return [AuditRow(*row) for row in rows]
 
 

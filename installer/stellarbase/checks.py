@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stellarbase.config import PostgresConfig, RedisConfig, S3Config
+from stellarbase.errors import one_line
 
 
 class CheckStatus(enum.StrEnum):
@@ -82,7 +83,7 @@ def run_check(name: str, probe: Callable[[], str]) -> CheckResult:
     try:
         message = probe()
     except Exception as exc:  # a check reports any failure as its result
-        return CheckResult(name, CheckStatus.FAIL, _one_line(exc), time.monotonic() - start)
+        return CheckResult(name, CheckStatus.FAIL, one_line(exc), time.monotonic() - start)
     return CheckResult(name, CheckStatus.PASS, message, time.monotonic() - start)
 
 
@@ -104,8 +105,3 @@ def dependency_checks(
         return []
     with ThreadPoolExecutor(max_workers=len(probes)) as pool:
         return list(pool.map(lambda p: run_check(*p), probes))
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or exc.__class__.__name__
-    return text[:300]

@@ -1,4 +1,5 @@
-"""The installer's own PostgreSQL connections (migrations, audit log): connect and explain."""
+"""The installer's own PostgreSQL connections (migrations, audit log, the agent's reads):
+connect, and turn a server's refusal into one StellarError line."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from stellarbase import errors, pgwire
 from stellarbase.errors import ExitCode, StellarError
 
 if TYPE_CHECKING:
@@ -23,7 +25,12 @@ def connect(
     """An autocommit connection; a failure to connect is a StellarError (DEPENDENCY)."""
     import psycopg
 
-    try:
+    with server_errors(
+        f"cannot connect to PostgreSQL at {where(conninfo)}",
+        hint="check postgres.url, the password (STELLARBASE_POSTGRES__PASSWORD) "
+        "and that the server is up",
+        code=ExitCode.DEPENDENCY,
+    ):
         conn = psycopg.connect(
             conninfo,
             password=password,
@@ -31,13 +38,6 @@ def connect(
             autocommit=True,
             application_name=f"{APPLICATION_NAME} {purpose}".strip(),
         )
-    except psycopg.Error as exc:
-        raise StellarError(
-            f"cannot connect to PostgreSQL at {where(conninfo)}: {one_line(exc)}",
-            hint="check postgres.url, the password (STELLARBASE_POSTGRES__PASSWORD) "
-            "and that the server is up",
-            code=ExitCode.DEPENDENCY,
-        ) from None
     with conn:
         yield conn
 
@@ -50,12 +50,25 @@ def where(conninfo: str) -> str:
     return f"{parts.hostname}:{parts.port or 5432}{parts.path}"
 
 
+@contextmanager
+def server_errors(what: str, *, hint: str, code: ExitCode) -> Iterator[None]:
+    """A psycopg error inside the block becomes a StellarError "<what>: <server's line>"."""
+    import psycopg
+
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise StellarError(f"{what}: {one_line(exc)}", hint=hint, code=code) from None
+
+
 def one_line(exc: BaseException) -> str:
-    """The server's primary message and SQLSTATE, or the exception text on one line."""
+    """The server's primary message and SQLSTATE (psycopg or pgwire), else the exception
+    text on one line."""
     diag = getattr(exc, "diag", None)
     primary = getattr(diag, "message_primary", None)
     sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(exc, pgwire.ServerError) and exc.sqlstate:
+        primary = exc.message
     if primary:
         return f"{primary} (SQLSTATE {sqlstate})" if sqlstate else str(primary)
-    text = " ".join(str(exc).split()) or exc.__class__.__name__
-    return text[:300]
+    return errors.one_line(exc)

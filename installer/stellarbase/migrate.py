@@ -17,7 +17,7 @@ import hashlib
 import re
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -337,24 +337,20 @@ def _applied(conn: Connection) -> dict[int, AppliedRow]:
 
 
 def _apply(conn: Connection, m: Migration) -> None:
-    import psycopg
-
     log.info("applying migration", migration=m.filename)
-    try:
-        with conn.transaction():
-            conn.execute(m.sql)
-            conn.execute(
-                f"INSERT INTO {TABLE} (version, name, checksum, compatible_from) "
-                "VALUES (%s, %s, %s, %s)",
-                (m.version, m.name, m.checksum, m.compatible_from),
-            )
-    except psycopg.Error as exc:
-        raise StellarError(
-            f"migration {m.filename} failed: {db.one_line(exc)}",
-            hint="nothing of it was applied and earlier migrations stay; "
-            "fix the cause and run `stellarbase migrate up` again",
-            code=ExitCode.MIGRATION,
-        ) from None
+    failed = db.server_errors(
+        f"migration {m.filename} failed",
+        hint="nothing of it was applied and earlier migrations stay; "
+        "fix the cause and run `stellarbase migrate up` again",
+        code=ExitCode.MIGRATION,
+    )
+    with failed, conn.transaction():
+        conn.execute(m.sql)
+        conn.execute(
+            f"INSERT INTO {TABLE} (version, name, checksum, compatible_from) "
+            "VALUES (%s, %s, %s, %s)",
+            (m.version, m.name, m.checksum, m.compatible_from),
+        )
 
 
 @contextmanager
@@ -404,15 +400,9 @@ def _lock_holder(conn: Connection) -> str:
     return f" (server PID {row[0]}, from {row[1]})" if row else ""
 
 
-@contextmanager
-def _server_errors(doing: str) -> Iterator[None]:
-    import psycopg
-
-    try:
-        yield
-    except psycopg.Error as exc:
-        raise StellarError(
-            f"PostgreSQL refused {doing}: {db.one_line(exc)}",
-            hint="the role in postgres.url must own the database (or may create tables in it)",
-            code=ExitCode.MIGRATION,
-        ) from None
+def _server_errors(doing: str) -> AbstractContextManager[None]:
+    return db.server_errors(
+        f"PostgreSQL refused {doing}",
+        hint="the role in postgres.url must own the database (or may create tables in it)",
+        code=ExitCode.MIGRATION,
+    )

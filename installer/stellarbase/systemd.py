@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stellarbase.proc import BASE_ENV, run
@@ -44,6 +45,20 @@ def show(units: list[str]) -> dict[str, UnitStatus]:
             need_daemon_reload=props.get("NeedDaemonReload") == "yes",
         )
     return statuses
+
+
+def show_properties(
+    units: Sequence[str], props: Sequence[str], *, timeout: float = 60.0
+) -> dict[str, dict[str, str]]:
+    """Raw properties of several units in one `systemctl show`: unit → {property: value}."""
+    if not units:
+        return {}
+    argv = ["systemctl", "show", "--property=" + ",".join(("Id", *props)), "--", *units]
+    blocks = run(argv, timeout=timeout).stdout.strip().split("\n\n")
+    return {
+        unit: dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        for block, unit in zip(blocks, units, strict=False)
+    }
 
 
 def daemon_reload() -> None:

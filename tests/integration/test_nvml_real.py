@@ -11,7 +11,7 @@ import pytest
 
 from stellarbase.configload import load_config
 from stellarbase.gpu import serving_devices
-from stellarbase.nvml import NvmlSource
+from stellarbase.gpu.nvml import NvmlSource
 from stellarbase.paths import HostPaths
 from stellarbase.preflight import Context, Level, run_checks
 from stellarbase.preflight import gpu as gpu_checks

@@ -23,7 +23,7 @@ from stellarbase.agent.collectors import UnitSample
 from stellarbase.agent.runner import Collector, Runner
 from stellarbase.agent.runtime import Agent
 from stellarbase.agent.targets import Target, Targets, render_targets, targets_file
-from stellarbase.gpu import FakeSource
+from stellarbase.gpu.fake import FakeSource
 from stellarbase.paths import HostPaths
 from stellarbase.service_settings import ServiceSettings
 

@@ -9,8 +9,10 @@ from typing import Any
 import pynvml
 import pytest
 
-from stellarbase.gpu import FAKE_ENV, FakeSource, Inventory, default_source, serving_devices
-from stellarbase.nvml import NvmlSource, cuda_version
+from stellarbase.gpu import default_source, serving_devices
+from stellarbase.gpu.fake import FAKE_ENV, FakeSource
+from stellarbase.gpu.inventory import Inventory
+from stellarbase.gpu.nvml import NvmlSource, cuda_version
 
 GIB = 1 << 30
 TWO_GPUS = {

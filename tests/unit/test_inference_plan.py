@@ -12,6 +12,7 @@ import pytest
 
 from stellarbase import gpu, layout
 from stellarbase.configload import load_config
+from stellarbase.gpu.fake import FAKE_ENV, FakeSource
 from stellarbase.paths import HostPaths
 from stellarbase.plan import Facts, StartUnit, WaitHealthy, make_plan
 
@@ -51,7 +52,7 @@ def _plan(devices: list[str], *sets: str) -> list[object]:
 
 
 def test_two_gpus_one_in_mig_mode_give_four_units(fake_nvml: Path) -> None:
-    inventory = gpu.FakeSource(fake_nvml).inventory()
+    inventory = FakeSource(fake_nvml).inventory()
     devices = gpu.serving_devices(inventory, "all", "slices")
     assert devices == SLICES
     steps = _plan(devices)
@@ -76,7 +77,7 @@ def test_two_gpus_one_in_mig_mode_give_four_units(fake_nvml: Path) -> None:
 
 
 def test_whole_gpus_counts_and_lists(fake_nvml: Path) -> None:
-    inventory = gpu.FakeSource(fake_nvml).inventory()
+    inventory = FakeSource(fake_nvml).inventory()
     whole = gpu.serving_devices(inventory, "all", "whole")
     assert whole == [g["uuid"] for g in TWO_GPUS["gpus"]]  # type: ignore[index]
     assert gpu.serving_devices(inventory, 2, "slices") == SLICES[:2]
@@ -96,7 +97,7 @@ def test_plan_cli_follows_the_fake_nvml(fake_nvml: Path, tmp_path: Path) -> None
     root = tmp_path / "root"
     env = {
         **os.environ,
-        gpu.FAKE_ENV: str(fake_nvml),
+        FAKE_ENV: str(fake_nvml),
         "STELLARBASE_POSTGRES__PASSWORD": "pg-pw",
         "STELLARBASE_REDIS__PASSWORD": "r-pw",
     }

@@ -14,7 +14,8 @@ import pytest
 
 from stellarbase.config import Config
 from stellarbase.configload import load_config
-from stellarbase.gpu import FakeSource, Gpu, Inventory, MigDevice
+from stellarbase.gpu.fake import FakeSource
+from stellarbase.gpu.inventory import Gpu, Inventory, MigDevice
 from stellarbase.paths import HostPaths
 from stellarbase.preflight import Context, Finding, Level, run_checks
 from stellarbase.preflight import gpu as gpu_checks

@@ -48,7 +48,7 @@ def test_unreadable_settings_is_a_config_error(tmp_path: Path) -> None:
 _REENTERED_STOP = """
 import os, signal, sys, threading, time
 from types import SimpleNamespace
-from stellarbase.service import Service
+from stellarbase.service_runtime import Service
 
 class SignalledInsideSet(threading.Event):
     # The second SIGTERM lands while set() holds the event's lock, as it did when systemd

@@ -1,6 +1,6 @@
 """What the agent reads each round: thin adapters over systemctl, HTTP, the dependency
-checks, psutil, NVML and the migrations table. Each returns plain data and may raise; the
-runner turns a raise or a hang into that collector's failure."""
+checks, psutil, NVML, the migrations table and the WAL archiver. Each returns plain data and
+may raise; the runner turns a raise or a hang into that collector's failure."""
 
 from __future__ import annotations
 
@@ -9,16 +9,20 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from stellarbase import checks, db, gpu, migrate, pgwire, verify
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector as RegistryCollector
+
+from stellarbase import checks, db, migrate, pgwire, systemd, verify
 from stellarbase.agent.targets import Target
 from stellarbase.config import PostgresConfig, RedisConfig, S3Config
 from stellarbase.errors import ExitCode, StellarError
-from stellarbase.proc import run
+from stellarbase.gpu.inventory import GpuSource, Inventory
 
 UNIT_PROPS = ("ActiveState", "SubState", "NRestarts", "MemoryCurrent", "CPUUsageNSec")
 UNSET = 2**64 - 1  # systemd's "[not set]" for an unsigned property without accounting
@@ -64,7 +68,7 @@ class HostSample:
 
 @dataclass(frozen=True)
 class GpuSample:
-    inventory: gpu.Inventory
+    inventory: Inventory
     xid: dict[str, int] = field(default_factory=dict)  # GPU UUID → XIDs seen (watcher)
 
 
@@ -76,17 +80,8 @@ class MigrationSample:
 
 def unit_states(units: Sequence[str]) -> dict[str, UnitSample]:
     """Every unit's state in one `systemctl show` (one fork per round, never per scrape)."""
-    if not units:
-        return {}
-    props = ",".join(("Id", *UNIT_PROPS))
-    out = run(["systemctl", "show", f"--property={props}", "--", *units], timeout=10)
-    return parse_show(out.stdout, units)
-
-
-def parse_show(text: str, units: Sequence[str]) -> dict[str, UnitSample]:
     found: dict[str, UnitSample] = {}
-    for block, unit in zip(text.strip().split("\n\n"), units, strict=False):
-        p = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+    for unit, p in systemd.show_properties(units, UNIT_PROPS, timeout=10).items():
         memory = _unsigned(p.get("MemoryCurrent"))
         cpu = _unsigned(p.get("CPUUsageNSec"))
         found[unit] = UnitSample(
@@ -183,7 +178,7 @@ def host(data_dir: Path) -> HostSample:
     )
 
 
-def gpus(source: gpu.GpuSource, watcher: object | None, expect: bool) -> GpuSample:
+def gpus(source: GpuSource, watcher: object | None, expect: bool) -> GpuSample:
     """The GPUs; an NVML that cannot be read fails the collector only where GPUs serve."""
     inventory = source.inventory()
     if inventory.error and expect:
@@ -201,7 +196,7 @@ def migrations(postgres: PostgresConfig, timeout: float) -> MigrationSample:
         conn = pgwire.connect(target, time.monotonic() + timeout)
     except (OSError, pgwire.ServerError) as exc:
         raise StellarError(
-            f"cannot connect to PostgreSQL at {db.where(postgres.url)}: {_pg_error(exc)}",
+            f"cannot connect to PostgreSQL at {db.where(postgres.url)}: {db.one_line(exc)}",
             code=ExitCode.DEPENDENCY,
         ) from None
     with conn:
@@ -211,14 +206,71 @@ def migrations(postgres: PostgresConfig, timeout: float) -> MigrationSample:
             rows = conn.simple_query(f"SELECT version FROM {migrate.TABLE}") if found else []
         except pgwire.ServerError as exc:
             raise StellarError(
-                f"PostgreSQL refused reading the applied migrations: {_pg_error(exc)}",
+                f"PostgreSQL refused reading the applied migrations: {db.one_line(exc)}",
                 code=ExitCode.MIGRATION,
             ) from None
     applied = {int(version) for (version,) in rows if version is not None}
     return MigrationSample(max(applied, default=0), len(shipped - applied))
 
 
-def _pg_error(exc: BaseException) -> str:
-    if isinstance(exc, pgwire.ServerError) and exc.sqlstate:
-        return f"{exc.message} (SQLSTATE {exc.sqlstate})"
-    return db.one_line(exc)
+class BackupCollector(RegistryCollector):
+    """Backup metrics read fresh at scrape time: the archiver's counters, the last backup."""
+
+    def __init__(self, archiver: Any, status_file: Path) -> None:
+        self.archiver = archiver
+        self.status_file = status_file
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.archiver.stats()
+        yield GaugeMetricFamily(
+            "stellarbase_backup_wal_archive_lag_segments",
+            "WAL files PostgreSQL has finished that are not yet durable in the repository",
+            value=stats.pending,
+        )
+        yield GaugeMetricFamily(
+            "stellarbase_backup_wal_archive_lag_seconds",
+            "Age of the oldest WAL file not yet durable in the repository (0: none waiting)",
+            value=stats.lag_seconds,
+        )
+        yield GaugeMetricFamily(
+            "stellarbase_backup_wal_last_archived_timestamp_seconds",
+            "When the last WAL file became durable in the repository (Unix time)",
+            value=stats.last_archived_at or 0,
+        )
+        uploaded = CounterMetricFamily(
+            "stellarbase_backup_uploaded_bytes",
+            "Bytes stored in the repository, by operation",
+            labels=["operation"],
+        )
+        uploaded.add_metric(["wal"], stats.bytes_uploaded_total)
+        yield uploaded
+        uploads = CounterMetricFamily(
+            "stellarbase_backup_uploads", "Objects stored, by operation", labels=["operation"]
+        )
+        uploads.add_metric(["wal"], stats.uploads_total)
+        yield uploads
+        status = _read_json(self.status_file)
+        failures = CounterMetricFamily(
+            "stellarbase_backup_failures", "Failed attempts, by operation", labels=["operation"]
+        )
+        failures.add_metric(["wal"], stats.failures_total)
+        failures.add_metric(["base_backup"], float(status.get("failures", 0)))
+        yield failures
+        yield GaugeMetricFamily(
+            "stellarbase_backup_last_success_timestamp_seconds",
+            "When the last base backup finished (Unix time; 0: none yet on this host)",
+            value=float(status.get("last_success", 0)),
+        )
+        yield GaugeMetricFamily(
+            "stellarbase_backup_last_size_bytes",
+            "Stored size of the last base backup",
+            value=float(status.get("last_stored_bytes", 0)),
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

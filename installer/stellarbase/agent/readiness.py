@@ -7,11 +7,13 @@ target, and `readyz:<unit>` for every service's own /readyz.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from stellarbase.agent.snapshot import DEPENDENCIES, SERVICES, UNITS, Snapshot
+
+S = TypeVar("S")
 
 STALE_ROUNDS = 3  # a snapshot older than this many intervals means the loop is stuck
 
@@ -71,37 +73,49 @@ def _dependency_checks(snap: Snapshot) -> list[Check]:
 
 
 def _unit_checks(snap: Snapshot) -> list[Check]:
-    units = snap.units()
-    out = []
-    for target in snap.targets.units:
-        if target.unit == snap.own_unit:  # the agent answering is its own proof
-            continue
-        name = f"unit:{target.unit}"
-        if units is None:
-            out.append(Check(name, False, 0.0, f"unit states unknown: {snap.error(UNITS)}"))
-            continue
-        sample = units.get(target.unit)
-        if sample is None:
-            out.append(Check(name, False, 0.0, "not reported by systemd"))
-            continue
-        state = f"{sample.active_state}/{sample.sub_state}"
-        out.append(Check(name, sample.active_state == "active", 0.0, state))
-    return out
+    # The agent answering is its own proof: its unit is left out.
+    return _per_target(
+        "unit",
+        [t.unit for t in snap.targets.units if t.unit != snap.own_unit],
+        snap.units(),
+        lambda: f"unit states unknown: {snap.error(UNITS)}",
+        "not reported by systemd",
+        lambda name, u: Check(
+            name, u.active_state == "active", 0.0, f"{u.active_state}/{u.sub_state}"
+        ),
+    )
 
 
 def _service_checks(snap: Snapshot) -> list[Check]:
-    probes = snap.services()
+    return _per_target(
+        "readyz",
+        [t.unit for t in snap.targets.probed()],
+        snap.services(),
+        lambda: f"not probed: {snap.error(SERVICES)}",
+        "not probed yet",
+        lambda name, p: Check(name, p.ready, p.healthz_seconds, p.ready_message),
+    )
+
+
+def _per_target(
+    kind: str,
+    units: Sequence[str],
+    samples: Mapping[str, S] | None,
+    unknown: Callable[[], str],
+    missing: str,
+    judge: Callable[[str, S], Check],
+) -> list[Check]:
+    """One check `<kind>:<unit>` per unit: failed while the collector has no samples
+    (`unknown`) or none for that unit (`missing`), else what `judge` makes of its sample."""
     out = []
-    for target in snap.targets.probed():
-        name = f"readyz:{target.unit}"
-        if probes is None:
-            out.append(Check(name, False, 0.0, f"not probed: {snap.error(SERVICES)}"))
-            continue
-        probe = probes.get(target.unit)
-        if probe is None:
-            out.append(Check(name, False, 0.0, "not probed yet"))
-            continue
-        out.append(Check(name, probe.ready, probe.healthz_seconds, probe.ready_message))
+    for unit in units:
+        name = f"{kind}:{unit}"
+        if samples is None:
+            out.append(Check(name, False, 0.0, unknown()))
+        elif (sample := samples.get(unit)) is None:
+            out.append(Check(name, False, 0.0, missing))
+        else:
+            out.append(judge(name, sample))
     return out
 
 

@@ -27,6 +27,7 @@ from stellarbase.errors import ExitCode, StellarError
 
 log = structlog.get_logger()
 
+TOKEN_ENV = "STELLARBASE_AGENT__METRICS_TOKEN"  # the bearer token, from secrets.env
 MAX_CONNECTIONS = 16  # concurrent connections (and worker threads); Prometheus needs one
 CONNECTION_SECONDS = 10.0  # handshake + request + answer, whatever the client's pace
 REFUSED_LOG_EVERY = 60.0

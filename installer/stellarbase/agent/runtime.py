@@ -48,8 +48,9 @@ from stellarbase.agent.snapshot import (
 from stellarbase.agent.supervise import Action, Policy, Supervisor, request_restart
 from stellarbase.agent.targets import Targets, TargetsReader, targets_file
 from stellarbase.errors import ExitCode, StellarError
+from stellarbase.gpu.inventory import GpuSource
 from stellarbase.paths import HostPaths
-from stellarbase.service import REMOTE_TOKEN_ENV, BackupCollector, Service, _handler
+from stellarbase.service_runtime import Service, handler
 from stellarbase.service_settings import AgentSettings, ServiceSettings
 
 log = structlog.get_logger()
@@ -69,7 +70,7 @@ class Agent(Service):
         settings: ServiceSettings,
         *,
         paths: HostPaths | None = None,
-        gpu_source: gpu.GpuSource | None = None,
+        gpu_source: GpuSource | None = None,
         supervise_socket: Path = SUPERVISE_SOCKET,
         fault_dir: Path = FAULT_DIR,
         clock: Callable[[], float] = time.monotonic,
@@ -88,7 +89,7 @@ class Agent(Service):
         self._reader = TargetsReader(targets_file(self.paths))
         self._restart_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="supervise")
         super().__init__(settings, None)
-        self.backup_collector: BackupCollector | None = None
+        self.backup_collector: collectors.BackupCollector | None = None
         if settings.backup is not None:
             self._start_archiver()
         self.gpu_source = gpu_source or gpu.default_source()
@@ -117,7 +118,9 @@ class Agent(Service):
             key=codec.encryption_key(backup),
             concurrency=backup.upload_concurrency,
         )
-        self.backup_collector = BackupCollector(self.archiver, self.paths.backup_status_file)
+        self.backup_collector = collectors.BackupCollector(
+            self.archiver, self.paths.backup_status_file
+        )
         thread = threading.Thread(
             target=self.archiver.run, args=(self._stop,), name="archiver", daemon=True
         )
@@ -125,7 +128,7 @@ class Agent(Service):
         log.info("wal archiver started", pg_wal=str(self.paths.postgres_data / "pg_wal"))
 
     def _start_xid_watcher(self) -> Any:
-        from stellarbase.nvml import NvmlSource, XidWatcher
+        from stellarbase.gpu.nvml import NvmlSource, XidWatcher
 
         if not isinstance(self.gpu_source, NvmlSource):
             return None
@@ -196,10 +199,10 @@ class Agent(Service):
         agent = self.settings.agent
         if agent is None or agent.remote_port is None or agent.remote_bind is None:
             return None
-        token = os.environ.get(REMOTE_TOKEN_ENV, "")
+        token = os.environ.get(remote.TOKEN_ENV, "")
         if not token:
             raise StellarError(
-                f"agent.remote_port is set but {REMOTE_TOKEN_ENV} is not in the environment",
+                f"agent.remote_port is set but {remote.TOKEN_ENV} is not in the environment",
                 hint="set agent.metrics_token and re-run `stellarbase install`",
                 code=ExitCode.CONFIG,
             )
@@ -208,7 +211,7 @@ class Agent(Service):
             context = remote.tls_context(agent.tls_cert, agent.tls_key)
         server = remote.BoundedServer(
             (str(agent.remote_bind), agent.remote_port),
-            _handler(self, token=token),
+            handler(self, token=token),
             context=context,
         )
         threading.Thread(target=server.serve_forever, name="http-remote", daemon=True).start()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stellarbase.config import Config
+from stellarbase.errors import one_line
 from stellarbase.paths import HostPaths
 
 
@@ -121,8 +122,8 @@ def _run_one(check: Check, slots: dict[str, list[Finding]], done: threading.Even
     try:
         results = check.run()
     except Exception as exc:  # a check that breaks is a failed check, not a crashed run
-        text = " ".join(str(exc).split())[:300] or exc.__class__.__name__
-        results = [Finding(check.name, Level.FAIL, text, "", f"see `{check.name}` above")]
+        why = one_line(exc)
+        results = [Finding(check.name, Level.FAIL, why, "", f"see `{check.name}` above")]
     took = time.monotonic() - start
     slots[check.name] = [
         f if f.seconds else Finding(f.check, f.level, f.value, f.requirement, f.hint, took)

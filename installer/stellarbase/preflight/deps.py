@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from stellarbase import netio, pgwire, resp, s3probe
 from stellarbase.config import Config, PostgresConfig, RedisConfig, S3Config, secret_env_name
+from stellarbase.errors import one_line
 from stellarbase.preflight import Check, Context, Finding, Level, failed, noted, passed
 
 PG_MIN_MAJOR = 14
@@ -540,8 +541,7 @@ def _why(exc: BaseException, budget: float) -> str:
         return f"no answer within {budget:.3g}s"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
-    text = " ".join(str(exc).split())
-    return text[:300] or exc.__class__.__name__
+    return one_line(exc)
 
 
 def _host_and_port(url: str, default_port: int) -> tuple[str, int]:

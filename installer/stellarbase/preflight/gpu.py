@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import re
 
-from stellarbase import facts
 from stellarbase.config import Config
-from stellarbase.gpu import Gpu, Inventory, serving_devices
+from stellarbase.gpu import serving_devices
+from stellarbase.gpu.inventory import Gpu, Inventory
 from stellarbase.preflight import Check, Context, Finding, failed, noted, passed, warned
+from stellarbase.preflight.host import port_taken
 
 GIB = 1 << 30
 # nvmlInit alone can take seconds per GPU when persistence mode is off.
@@ -187,15 +188,13 @@ def serving_finding(config: Config, inventory: Inventory, own_ports: frozenset[i
 def _busy_ports(host: str, ports: list[int], own_ports: frozenset[int]) -> list[str]:
     busy = []
     for port in ports:
-        if port in own_ports:
+        taken = None if port in own_ports else port_taken(host, port)
+        if taken is None:
             continue
-        try:
-            in_use = facts.port_in_use(host, port)
-        except OSError as exc:
-            busy.append(f"{port} (cannot bind {host}: {exc.strerror})")
-            continue
-        if in_use:
-            busy.append(f"{port} by {facts.port_owner(port)}")
+        reason, why = taken
+        busy.append(
+            f"{port} by {why}" if reason == "in use" else f"{port} (cannot bind {host}: {why})"
+        )
     return busy
 
 
@@ -241,29 +240,25 @@ def mig_finding(gpus: list[Gpu], mig: str) -> Finding:
             part += f" ({'on' if g.mig_pending else 'off'} after a GPU reset)"
         parts.append(part)
     value = "; ".join(parts) + f" (inference.mig={mig})"
-    pending = [
-        g.index for g in gpus if g.mig_pending is not None and g.mig_pending != g.mig_enabled
-    ]
-    if pending:
-        ids = ",".join(str(i) for i in pending)
-        return warned(
-            "gpu.mig",
-            value,
+    unsettled = (
+        (
+            [g.index for g in gpus if g.mig_pending is not None and g.mig_pending != g.mig_enabled],
             "MIG mode settled",
-            f"a MIG mode change waits for a GPU reset: `nvidia-smi -r -i {ids}` "
+            "a MIG mode change waits for a GPU reset: `nvidia-smi -r -i {ids}` "
             "when the GPU is idle, or reboot",
-        )
-    empty = [g.index for g in gpus if g.mig_enabled and not g.mig_devices]
-    if empty:
-        ids = ",".join(str(i) for i in empty)
-        return warned(
-            "gpu.mig",
-            value,
+        ),
+        (
+            [g.index for g in gpus if g.mig_enabled and not g.mig_devices],
             "a GPU in MIG mode has MIG devices",
-            f"CUDA cannot use a MIG GPU without instances: create them "
-            f"(`nvidia-smi mig -i {ids} -cgi PROFILE -C`) or turn MIG off "
-            f"(`nvidia-smi -i {ids} -mig 0`)",
-        )
+            "CUDA cannot use a MIG GPU without instances: create them "
+            "(`nvidia-smi mig -i {ids} -cgi PROFILE -C`) or turn MIG off "
+            "(`nvidia-smi -i {ids} -mig 0`)",
+        ),
+    )
+    for indexes, requirement, hint in unsettled:
+        if indexes:
+            ids = ",".join(str(i) for i in indexes)
+            return warned("gpu.mig", value, requirement, hint.format(ids=ids))
     return noted("gpu.mig", value)
 
 

@@ -193,19 +193,17 @@ def memory_finding(total: int, minimum_gib: float) -> Finding:
 def disk_finding(paths: HostPaths, minimum_gib: float) -> Finding:
     """Free space where the data dir is (or will be: its nearest existing parent)."""
     target = paths.state_dir
-    at = target
-    while not at.exists() and at != at.parent:
-        at = at.parent
+    at = _nearest_existing(target)
     free = shutil.disk_usage(at).free
-    value = f"{free / GIB:.1f} GiB free at {_shown(paths, at)}"
-    requirement = f"≥ {minimum_gib:g} GiB free for {_shown(paths, target)}"
+    value = f"{free / GIB:.1f} GiB free at {at}"
+    requirement = f"≥ {minimum_gib:g} GiB free for {target}"
     if free >= minimum_gib * GIB:
         return passed("host.disk", value, requirement)
     return failed(
         "host.disk",
         value,
         requirement,
-        f"free space there or mount a larger volume at {_shown(paths, target)}, "
+        f"free space there or mount a larger volume at {target}, "
         "or lower requirements.min_disk_gib",
     )
 
@@ -221,19 +219,16 @@ def backup_finding(config: Config, paths: HostPaths) -> Finding:
     if repo == "s3":
         return passed("host.backup", f"WAL and base backups to s3://{_bucket(config)}")
     target = paths.at(repo.removeprefix("file://"))
-    at = target
-    while not at.exists() and at != at.parent:
-        at = at.parent
+    at = _nearest_existing(target)
     if not at.is_dir() or not os.access(at, os.W_OK | os.X_OK):
         return failed(
             "host.backup",
-            f"{_shown(paths, at)} is not a writable directory",
+            f"{at} is not a writable directory",
             f"a writable directory for {repo}",
-            f"create it (`install -d -m 0750 {_shown(paths, target)}`) or point "
-            "backup.repository elsewhere",
+            f"create it (`install -d -m 0750 {target}`) or point backup.repository elsewhere",
         )
     free = shutil.disk_usage(at).free
-    value = f"WAL and base backups to {_shown(paths, target)} ({free / GIB:.1f} GiB free)"
+    value = f"WAL and base backups to {target} ({free / GIB:.1f} GiB free)"
     return passed("host.backup", value, "a writable directory; another disk than the data")
 
 
@@ -241,11 +236,11 @@ def _bucket(config: Config) -> str:
     return config.s3.bucket if config.s3 is not None else "?"
 
 
-def _shown(paths: HostPaths, path: Path) -> str:
-    try:
-        return paths.host_view(path) if paths.live else str(path)
-    except ValueError:
-        return str(path)
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest parent that exists (where it will be created)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 # --- ports ----------------------------------------------------------------------------
@@ -269,22 +264,31 @@ def config_ports(config: Config) -> list[tuple[str, str, int]]:
     return ports
 
 
+def port_taken(address: str, port: int) -> tuple[str, str] | None:
+    """None when `port` is free on `address`; else ("in use", who holds it) or
+    ("cannot bind", the system's reason)."""
+    try:
+        in_use = facts.port_in_use(address, port)
+    except OSError as exc:
+        return "cannot bind", str(exc.strerror)
+    return ("in use", facts.port_owner(port)) if in_use else None
+
+
 def ports_finding(config: Config, own_ports: frozenset[int]) -> Finding:
     ports = config_ports(config)
     busy: list[str] = []
     hint_key = ""
     for key, address, port in ports:
-        if port in own_ports:
+        taken = None if port in own_ports else port_taken(address, port)
+        if taken is None:
             continue
-        try:
-            in_use = facts.port_in_use(address, port)
-        except OSError as exc:
-            busy.append(f"{key} {port}: cannot bind {address} ({exc.strerror})")
-            hint_key = hint_key or "bind"
-            continue
-        if in_use:
-            busy.append(f"{key} {port} in use by {facts.port_owner(port)}")
+        reason, why = taken
+        if reason == "in use":
+            busy.append(f"{key} {port} in use by {why}")
             hint_key = hint_key or key.split("+")[0]
+        else:
+            busy.append(f"{key} {port}: cannot bind {address} ({why})")
+            hint_key = hint_key or "bind"
     requirement = "free (or held by this installation)"
     if not busy:
         shown = ", ".join(f"{port}" for _, _, port in ports)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
-from stellarbase.gpu import Gpu, Inventory, MigDevice
+from stellarbase.errors import one_line
+from stellarbase.gpu.inventory import Gpu, Inventory, MigDevice
 
 T = TypeVar("T")
 
@@ -55,7 +56,7 @@ class NvmlSource:
         try:
             return _read(nvml)
         except nvml.NVMLError as exc:
-            return Inventory(error=f"NVML: {_text(exc)}")
+            return Inventory(error=f"NVML: {one_line(exc)}")
         finally:
             with contextlib.suppress(nvml.NVMLError):
                 nvml.nvmlShutdown()
@@ -129,7 +130,7 @@ def _read(nvml: Any) -> Inventory:
         try:
             gpus.append(_gpu(nvml, index))
         except nvml.NVMLError as exc:
-            problems.append(f"GPU {index}: {_text(exc)}")
+            problems.append(f"GPU {index}: {one_line(exc)}")
     return Inventory(
         driver_version=driver, cuda_version=cuda, gpus=tuple(gpus), problems=tuple(problems)
     )
@@ -210,16 +211,12 @@ def _optional(nvml: Any, read: Callable[[], T]) -> T | None:
 
 
 def _init_error(nvml: Any, exc: Exception) -> str:
-    return _INIT_ERRORS.get(_kind(exc)) or f"NVML could not start: {_text(exc)}"
+    return _INIT_ERRORS.get(_kind(exc)) or f"NVML could not start: {one_line(exc)}"
 
 
 def _kind(exc: Exception) -> str:
     """NVMLError_NotSupported → "NotSupported"; pynvml makes one subclass per error code."""
     return type(exc).__name__.removeprefix("NVMLError_")
-
-
-def _text(exc: Exception) -> str:
-    return str(exc) or _kind(exc)
 
 
 def _str(value: str | bytes) -> str:
