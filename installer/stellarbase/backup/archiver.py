@@ -30,13 +30,8 @@ import structlog
 
 from stellarbase.backup import auth, codec, walnames
 from stellarbase.backup.pgcommand import command_path
-from stellarbase.backup.repo import (
-    ClusterIdentity,
-    Repository,
-    ensure_identity,
-    read_identity,
-    repository_from,
-)
+from stellarbase.backup.repo import ClusterIdentity, ensure_identity, read_identity, repository_from
+from stellarbase.backup.store import Repository
 from stellarbase.errors import ExitCode, StellarError
 
 if TYPE_CHECKING:

@@ -24,7 +24,8 @@ import structlog
 from stellarbase.backup import auth, codec, walnames
 from stellarbase.backup.manifest import MANIFEST_FORMAT
 from stellarbase.backup.parts import PART_BYTES, store_parts
-from stellarbase.backup.repo import ClusterIdentity, Repository, ensure_identity
+from stellarbase.backup.repo import ClusterIdentity, ensure_identity
+from stellarbase.backup.store import Repository
 from stellarbase.config import BackupConfig
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.proc import BASE_ENV

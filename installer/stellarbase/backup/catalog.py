@@ -27,12 +27,8 @@ from stellarbase.backup.manifest import Manifest as Manifest
 from stellarbase.backup.manifest import Part as Part
 from stellarbase.backup.manifest import id_time as id_time
 from stellarbase.backup.manifest import read_manifest as read_manifest
-from stellarbase.backup.repo import (
-    ObjectInfo,
-    ObjectNotFound,
-    Repository,
-    read_identity,
-)
+from stellarbase.backup.repo import read_identity
+from stellarbase.backup.store import ObjectInfo, ObjectNotFound, Repository
 from stellarbase.errors import StellarError
 
 WAL_PREFIX = "wal/"

@@ -23,7 +23,7 @@ from types import TracebackType
 from stellarbase.backup import codec
 from stellarbase.backup.codec import CodecError
 from stellarbase.backup.manifest import Manifest, Part
-from stellarbase.backup.repo import Repository
+from stellarbase.backup.store import Repository
 from stellarbase.backup.tarstream import TarError, TarExtractor
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import fsync_dir

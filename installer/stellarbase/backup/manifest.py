@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from stellarbase.backup import auth, codec, walnames
-from stellarbase.backup.repo import Repository
+from stellarbase.backup.store import Repository
 
 BACKUPS_PREFIX = "backups/"
 MANIFEST = "manifest.json"

@@ -31,7 +31,7 @@ from stellarbase.backup.extract import extract_backup
 from stellarbase.backup.pgcommand import command_path
 from stellarbase.backup.postmaster import Cluster, chown_tree, start_postmaster, wait_promoted
 from stellarbase.backup.prefetch import SPOOL_NAME, Prefetcher
-from stellarbase.backup.repo import Repository
+from stellarbase.backup.store import Repository
 from stellarbase.backup.verify import authenticate_restore
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import write_atomic

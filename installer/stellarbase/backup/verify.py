@@ -25,7 +25,7 @@ from stellarbase.backup.catalog import (
     continuity,
     load_catalog,
 )
-from stellarbase.backup.repo import Repository, RepositoryError
+from stellarbase.backup.store import Repository, RepositoryError
 from stellarbase.errors import StellarError
 
 VERIFY_CONCURRENCY = 8
