@@ -30,6 +30,7 @@ from stellarbase.backup.store import (
     RepositoryError,
     check_key,
 )
+from stellarbase.errors import one_line
 from stellarbase.values import RepositoryKind
 
 if TYPE_CHECKING:
@@ -55,11 +56,6 @@ def _md5_b64(data: bytes | bytearray | memoryview | BinaryIO) -> str:
 # --------------------------------------------------------------------------- S3
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def _error_code(exc: BaseException) -> str:
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
@@ -78,7 +74,7 @@ class S3Repository:
         return f"{self.prefix}/{check_key(key)}"
 
     def _fail(self, action: str, key: str, exc: BaseException) -> RepositoryError:
-        return RepositoryError(f"{self.description}: {action} {key} failed: {_one_line(exc)}")
+        return RepositoryError(f"{self.description}: {action} {key} failed: {one_line(exc)}")
 
     @contextlib.contextmanager
     def _calling(self, action: str, key: str) -> Iterator[None]:
