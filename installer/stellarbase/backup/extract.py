@@ -18,7 +18,6 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
-from types import TracebackType
 
 from stellarbase.backup import codec
 from stellarbase.backup.codec import CodecError
@@ -79,9 +78,7 @@ class _ReadAhead:
     def __enter__(self) -> _ReadAhead:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         self._closed.set()
         self._thread.join()
 
