@@ -243,15 +243,15 @@ def take_backup(
     manifest = Manifest(
         id=backup_id,
         label=label,
-        system_identifier=ident.system_identifier,
-        pg_version=ident.pg_version,
-        wal_segment_size=size,
         timeline=timeline,
         start_lsn=start_lsn,
         stop_lsn=stop_lsn,
         start_wal=walnames.segment_of(start_lsn, timeline, size).name(size),
         # The last segment the backup needs holds the byte before the end point.
         stop_wal=walnames.segment_of(max(stop_lsn - 1, start_lsn), stop_tli, size).name(size),
+        system_identifier=ident.system_identifier,
+        pg_version=ident.pg_version,
+        wal_segment_size=size,
         start_time=started,
         stop_time=finished,
         raw_bytes=sum(p.raw_bytes for p in parts),
