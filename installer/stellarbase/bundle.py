@@ -27,7 +27,6 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from types import TracebackType
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -90,12 +89,7 @@ class VerifiedBundle:
     def __enter__(self) -> VerifiedBundle:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         self.remove()
 
 

@@ -14,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     field_validator,
     model_validator,
@@ -231,11 +232,24 @@ class BackupConfig(Model):
         description="base64 of 32 random bytes: client-side AES-256-GCM; kept in secrets.env",
     )
 
+    _location: values.RepositoryLocation = PrivateAttr()
+
+    @property
+    def location(self) -> values.RepositoryLocation:
+        """`repository` as a type: test its kind, take its directory; never parse the text."""
+        return self._location
+
     @property
     def enabled(self) -> bool:
-        return self.repository != "none"
+        return self._location.enabled
 
-    _check_repository = field_validator("repository")(values.check_file_repository)
+    _check_repository = field_validator("repository")(values.check_repository)
+
+    @model_validator(mode="after")
+    def _parse_repository(self) -> BackupConfig:
+        self._location = values.RepositoryLocation.parse(self.repository)  # checked: cannot fail
+        return self
+
     _check_schedule = field_validator("schedule")(values.check_schedule)
 
     @model_validator(mode="after")

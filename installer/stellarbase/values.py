@@ -4,9 +4,11 @@ sizes), the servers (URLs) and the file system (paths). Pure; the config model u
 
 from __future__ import annotations
 
+import enum
 import re
 import shlex
 import unicodedata
+from dataclasses import dataclass
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -115,29 +117,56 @@ def check_command(command: str) -> str:
     return command
 
 
-def check_file_repository(repo: str) -> str:
+class RepositoryKind(enum.StrEnum):
+    NONE = "none"
+    S3 = "s3"  # the s3 section's bucket, under backup.prefix
+    FILE = "file"  # a directory of the host (pilot only), under backup.prefix
+
+
+@dataclass(frozen=True)
+class RepositoryLocation:
+    """backup.repository, parsed once where the config is validated."""
+
+    kind: RepositoryKind
+    directory: str | None = None  # file://: the absolute path, without a trailing slash
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != RepositoryKind.NONE
+
+    def __str__(self) -> str:
+        return f"file://{self.directory}" if self.directory is not None else self.kind.value
+
+    @classmethod
+    def parse(cls, repo: str) -> RepositoryLocation:
+        """none, s3 or file:///PATH; a ValueError says what is wrong with anything else."""
+        if repo in ("none", "s3"):
+            return cls(RepositoryKind(repo))
+        if not repo.startswith("file:///"):
+            raise ValueError("is not none, s3 or file:///ABSOLUTE/PATH")
+        path = repo.removeprefix("file://")
+        path = path.rstrip("/") if path != "/" else path
+        parts = path.split("/")[1:]
+        if len(parts) < 2 or not all(parts):
+            raise ValueError(
+                f"{path!r}: use a directory of its own, at least two levels deep "
+                "(install makes it the stellarbase-agent user's), "
+                "e.g. file:///srv/stellarbase-backups"
+            )
+        if any(p in (".", "..") for p in parts):
+            raise ValueError(f"{path!r}: write the path without . or .. components")
+        bad = re.search(r"[^A-Za-z0-9._@+-]", "".join(parts))
+        if bad:
+            raise ValueError(
+                f"{path!r} has the character {bad.group()!r}: systemd reads this path in "
+                "ReadWritePaths=; use letters, digits and . _ - + @"
+            )
+        return cls(RepositoryKind.FILE, path)
+
+
+def check_repository(repo: str) -> str:
     """backup.repository; a file:// path comes back without a trailing slash."""
-    if repo in ("none", "s3"):
-        return repo
-    if not repo.startswith("file:///"):
-        raise ValueError("is not none, s3 or file:///ABSOLUTE/PATH")
-    path = repo.removeprefix("file://")
-    path = path.rstrip("/") if path != "/" else path
-    parts = path.split("/")[1:]
-    if len(parts) < 2 or not all(parts):
-        raise ValueError(
-            f"{path!r}: use a directory of its own, at least two levels deep "
-            "(install makes it the stellarbase-agent user's), e.g. file:///srv/stellarbase-backups"
-        )
-    if any(p in (".", "..") for p in parts):
-        raise ValueError(f"{path!r}: write the path without . or .. components")
-    bad = re.search(r"[^A-Za-z0-9._@+-]", "".join(parts))
-    if bad:
-        raise ValueError(
-            f"{path!r} has the character {bad.group()!r}: systemd reads this path in "
-            "ReadWritePaths=; use letters, digits and . _ - + @"
-        )
-    return "file://" + path
+    return str(RepositoryLocation.parse(repo))
 
 
 def repository_location_problem(path: str) -> str | None:

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from stellarbase.backup import restore, verify
-from stellarbase.backup.repo import Repository, repository_from
+from stellarbase.backup.repo import repository_from
+from stellarbase.backup.store import Repository
 from stellarbase.config import BackupConfig, S3Config
 from tests import servers
 from tests.integration.test_backup_restore import (

@@ -32,7 +32,8 @@ from stellarbase.backup import catalog, postmaster, restore, verify
 from stellarbase.backup.archiver import Archiver, archive_command
 from stellarbase.backup.basebackup import take_backup
 from stellarbase.backup.postmaster import start_postmaster, wait_promoted
-from stellarbase.backup.repo import Repository, repository_from
+from stellarbase.backup.repo import repository_from
+from stellarbase.backup.store import Repository
 from stellarbase.config import BackupConfig, S3Config
 from stellarbase.errors import StellarError
 from tests import servers

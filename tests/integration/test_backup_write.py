@@ -27,17 +27,15 @@ import pytest
 from stellarbase.backup import codec, walnames
 from stellarbase.backup.archiver import Archiver, archive_command, file_identity
 from stellarbase.backup.basebackup import BackupError, take_backup
+from stellarbase.backup.filerepo import FileRepository
 from stellarbase.backup.repo import (
     PART_SIZE,
     ClusterIdentity,
-    FileRepository,
-    ObjectNotFound,
-    Repository,
-    RepositoryError,
     ensure_identity,
     read_identity,
     repository_from,
 )
+from stellarbase.backup.store import ObjectNotFound, Repository, RepositoryError
 from stellarbase.config import BackupConfig, S3Config
 from stellarbase.errors import StellarError
 from tests import servers

@@ -22,7 +22,8 @@ import psycopg
 import pytest
 
 from stellarbase.backup import postmaster, restore
-from stellarbase.backup.repo import Repository, repository_from
+from stellarbase.backup.repo import repository_from
+from stellarbase.backup.store import Repository
 from stellarbase.config import BackupConfig
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.paths import POSTGRES_USER

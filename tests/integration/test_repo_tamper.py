@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 from stellarbase.backup import catalog, codec, restore, verify
-from stellarbase.backup.repo import Repository, repository_from
+from stellarbase.backup.repo import repository_from
+from stellarbase.backup.store import Repository
 from stellarbase.config import BackupConfig, S3Config
 from stellarbase.errors import StellarError
 from tests import servers

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from stellarbase.backup import auth, catalog, codec, verify
-from stellarbase.backup.repo import FileRepository
+from stellarbase.backup.filerepo import FileRepository
 from tests.unit.test_backup_codec import KEY, store
 
 WAL = "wal/000000010000000000000003"

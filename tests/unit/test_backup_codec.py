@@ -23,7 +23,7 @@ import zstandard
 
 from stellarbase.backup import codec, extract, parts, tarstream
 from stellarbase.backup.catalog import Manifest, Part
-from stellarbase.backup.repo import FileRepository
+from stellarbase.backup.filerepo import FileRepository
 from stellarbase.config import BackupConfig
 from stellarbase.errors import StellarError
 

@@ -14,7 +14,7 @@ from stellarbase.backup.pgcommand import (
     command_path,
     unexpected_placeholders,
 )
-from stellarbase.backup.restore import restore_command
+from stellarbase.backup.prefetch import restore_command
 from stellarbase.errors import StellarError
 
 AWKWARD = Path("/srv/pg restore/100%x/it's")

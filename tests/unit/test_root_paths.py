@@ -22,8 +22,8 @@ import pytest
 
 from stellarbase import fdops
 from stellarbase.backup import postmaster, restore
+from stellarbase.backup.filerepo import FileRepository
 from stellarbase.backup.prefetch import HEARTBEAT, Prefetcher
-from stellarbase.backup.repo import FileRepository
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import copy_atomic, write_atomic
 

@@ -30,14 +30,9 @@ import structlog
 
 from stellarbase.backup import auth, codec, walnames
 from stellarbase.backup.pgcommand import command_path
-from stellarbase.backup.repo import (
-    ClusterIdentity,
-    Repository,
-    ensure_identity,
-    read_identity,
-    repository_from,
-)
-from stellarbase.errors import ExitCode, StellarError
+from stellarbase.backup.repo import ClusterIdentity, ensure_identity, read_identity, repository_from
+from stellarbase.backup.store import Repository
+from stellarbase.errors import ExitCode, StellarError, one_line
 
 if TYPE_CHECKING:
     from stellarbase.config import Config
@@ -451,7 +446,11 @@ class Archiver:
                 self._uploads += 1
 
     def _record_failure(self, name: str, exc: BaseException) -> None:
-        message = exc.message if isinstance(exc, StellarError) else f"{type(exc).__name__}: {exc}"
+        message = (
+            exc.message
+            if isinstance(exc, StellarError)
+            else f"{type(exc).__name__}: {one_line(exc)}"
+        )
         with self._lock:
             self._failures += 1
             self._last_error = message

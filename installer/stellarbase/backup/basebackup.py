@@ -8,7 +8,6 @@ without one is visibly incomplete.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import re
@@ -22,9 +21,10 @@ from typing import IO, Any
 import structlog
 
 from stellarbase.backup import auth, codec, walnames
-from stellarbase.backup.manifest import MANIFEST_FORMAT
+from stellarbase.backup.manifest import ID_FORMAT, Manifest, manifest_key
 from stellarbase.backup.parts import PART_BYTES, store_parts
-from stellarbase.backup.repo import ClusterIdentity, Repository, ensure_identity
+from stellarbase.backup.repo import ClusterIdentity, ensure_identity
+from stellarbase.backup.store import Repository
 from stellarbase.config import BackupConfig
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.proc import BASE_ENV
@@ -45,10 +45,6 @@ class BackupError(StellarError):
             hint=hint or "look at the PostgreSQL log; run again with --debug for details",
             code=ExitCode.BACKUP,
         )
-
-
-def _iso(t: dt.datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def cluster_identity(conninfo: str) -> tuple[ClusterIdentity, list[str]]:
@@ -115,8 +111,8 @@ def _reseal_histories(
 def _new_id(repo: Repository) -> tuple[str, dt.datetime]:
     while True:
         now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-        backup_id = now.strftime("%Y%m%dT%H%M%SZ")
-        if repo.head(f"backups/{backup_id}/manifest.json") is None:
+        backup_id = now.strftime(ID_FORMAT)
+        if repo.head(manifest_key(backup_id)) is None:
             return backup_id, now
         time.sleep(1.0)  # two backups in one second: the id is the start time
 
@@ -189,7 +185,8 @@ def take_backup(
     label: str,
     part_bytes: int = PART_BYTES,
 ) -> dict[str, Any]:
-    """Take a full base backup into the repository and return its manifest.
+    """Take a full base backup into the repository and return its manifest document as
+    stored (`Manifest.to_json`, with its MAC when a key is set: what `backup now` reports).
 
     The tar stream is cut into parts of about `part_bytes` (whole files each), which are
     compressed and written at once, up to `backup.upload_concurrency` of them; restore
@@ -243,36 +240,35 @@ def take_backup(
     start_lsn, timeline, stop_lsn, stop_tli = _positions(stored.files)
     finished = dt.datetime.now(dt.UTC).replace(microsecond=0)
     size = ident.wal_segment_size
-    manifest: dict[str, Any] = {
-        "format": MANIFEST_FORMAT,
-        "id": backup_id,
-        "label": label,
-        "system_identifier": ident.system_identifier,
-        "pg_version": ident.pg_version,
-        "wal_segment_size": size,
-        "timeline": timeline,
-        "start_lsn": walnames.format_lsn(start_lsn),
-        "stop_lsn": walnames.format_lsn(stop_lsn),
-        "start_wal": walnames.segment_of(start_lsn, timeline, size).name(size),
+    manifest = Manifest(
+        id=backup_id,
+        label=label,
+        timeline=timeline,
+        start_lsn=start_lsn,
+        stop_lsn=stop_lsn,
+        start_wal=walnames.segment_of(start_lsn, timeline, size).name(size),
         # The last segment the backup needs holds the byte before the end point.
-        "stop_wal": walnames.segment_of(max(stop_lsn - 1, start_lsn), stop_tli, size).name(size),
-        "start_time": _iso(started),
-        "stop_time": _iso(finished),
-        "raw_bytes": sum(p.raw_bytes for p in parts),
-        "stored_bytes": sum(p.stored_bytes for p in parts),
-        "codec": codec_name,
-        "parts": [dataclasses.asdict(p) for p in parts],
-    }
-    name = f"backups/{backup_id}/manifest.json"
+        stop_wal=walnames.segment_of(max(stop_lsn - 1, start_lsn), stop_tli, size).name(size),
+        system_identifier=ident.system_identifier,
+        pg_version=ident.pg_version,
+        wal_segment_size=size,
+        start_time=started,
+        stop_time=finished,
+        raw_bytes=sum(p.raw_bytes for p in parts),
+        stored_bytes=sum(p.stored_bytes for p in parts),
+        codec=codec_name,
+        parts=tuple(parts),
+    )
+    name = manifest_key(backup_id)
+    doc = manifest.to_json()
     if key is not None:
-        manifest = auth.sign_manifest(key, name, manifest)
-    body = (json.dumps(manifest, indent=2) + "\n").encode()
-    repo.put(name, body, {})
+        doc = auth.sign_manifest(key, name, doc)
+    repo.put(name, (json.dumps(doc, indent=2) + "\n").encode(), {})
     log.info(
         "base backup done",
         id=backup_id,
         parts=len(parts),
-        raw_bytes=manifest["raw_bytes"],
-        stored_bytes=manifest["stored_bytes"],
+        raw_bytes=manifest.raw_bytes,
+        stored_bytes=manifest.stored_bytes,
     )
-    return manifest
+    return doc

@@ -26,13 +26,10 @@ from stellarbase.backup.manifest import MANIFEST_FORMAT as MANIFEST_FORMAT
 from stellarbase.backup.manifest import Manifest as Manifest
 from stellarbase.backup.manifest import Part as Part
 from stellarbase.backup.manifest import id_time as id_time
+from stellarbase.backup.manifest import manifest_key
 from stellarbase.backup.manifest import read_manifest as read_manifest
-from stellarbase.backup.repo import (
-    ObjectInfo,
-    ObjectNotFound,
-    Repository,
-    read_identity,
-)
+from stellarbase.backup.repo import read_identity
+from stellarbase.backup.store import ObjectInfo, ObjectNotFound, Repository
 from stellarbase.errors import StellarError
 
 WAL_PREFIX = "wal/"
@@ -152,8 +149,8 @@ def load_catalog(
     tampered: dict[str, str] = {}
     legacy: auth.LegacyFormat | None = None  # the newest manifest of an older format
     for backup_id, infos in sorted(by_backup.items()):
-        manifest_key = f"{BACKUPS_PREFIX}{backup_id}/{MANIFEST}"
-        if not any(i.key == manifest_key for i in infos):
+        name = manifest_key(backup_id)
+        if not any(i.key == name for i in infos):
             incomplete.append(backup_id)
             continue
         try:
@@ -163,10 +160,10 @@ def load_catalog(
             unreadable[backup_id] = exc.message
             incomplete.append(backup_id)
         except auth.AuthError as exc:
-            tampered[manifest_key] = exc.message
+            tampered[name] = exc.message
             incomplete.append(backup_id)
         except (ValueError, KeyError, TypeError) as exc:
-            unreadable[backup_id] = f"{manifest_key} is malformed: {exc}"
+            unreadable[backup_id] = f"{name} is malformed: {exc}"
             incomplete.append(backup_id)
     wal = {
         info.key[len(WAL_PREFIX) :]: info
@@ -519,7 +516,7 @@ def expire(
     if dry_run:
         return plan
     for backup_id in plan.backups:
-        repo.delete([f"{BACKUPS_PREFIX}{backup_id}/{MANIFEST}"])
+        repo.delete([manifest_key(backup_id)])
     doomed = [
         info.key
         for backup_id in (*plan.backups, *plan.incomplete)

@@ -27,7 +27,7 @@ from stellarbase.paths import GROUP, POSTGRES_USER, HostPaths
 
 if TYPE_CHECKING:
     from stellarbase import config as cfg
-    from stellarbase.backup.repo import Repository
+    from stellarbase.backup.store import Repository
 
 log = structlog.get_logger()
 

@@ -18,12 +18,11 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
-from types import TracebackType
 
 from stellarbase.backup import codec
 from stellarbase.backup.codec import CodecError
 from stellarbase.backup.manifest import Manifest, Part
-from stellarbase.backup.repo import Repository
+from stellarbase.backup.store import Repository
 from stellarbase.backup.tarstream import TarError, TarExtractor
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import fsync_dir
@@ -79,9 +78,7 @@ class _ReadAhead:
     def __enter__(self) -> _ReadAhead:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         self._closed.set()
         self._thread.join()
 

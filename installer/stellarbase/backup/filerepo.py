@@ -1,4 +1,4 @@
-"""The `file://` repository: a directory, for a pilot. Imported through `repo`.
+"""The `file://` repository: a directory, for a pilot. `repo.repository_from` opens it.
 
 The agent's archiver writes it as `stellarbase`; `backup now`, `expire` and `restore` run
 as root. So the directory holds what an unprivileged account can change, and root opens
@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from stellarbase import fdops
-from stellarbase.backup.repo import (
-    _META_SUFFIX,
+from stellarbase.backup.store import (
+    META_SUFFIX,
     ObjectInfo,
     ObjectNotFound,
     ObjectWriter,
     RepositoryError,
-    _check_key,
+    check_key,
 )
 
 _MODE = 0o640
@@ -56,7 +56,7 @@ class FileRepository:
 
     @contextlib.contextmanager
     def _dir_of(self, key: str, create: bool = False) -> Iterator[tuple[int, str]]:
-        parent, _, name = _check_key(key).rpartition("/")
+        parent, _, name = check_key(key).rpartition("/")
         with fdops.opened(self._open_dir(parent, create)) as dir_fd:
             yield dir_fd, name
 
@@ -81,8 +81,8 @@ class FileRepository:
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
                 if not stat.S_ISREG(st.st_mode):
                     raise fdops.UnsafePath(self._where(key), "is not a regular file")
-                where = self._where(key) + _META_SUFFIX
-                raw = fdops.read_at(dir_fd, name + _META_SUFFIX, where, _META_LIMIT)
+                where = self._where(key) + META_SUFFIX
+                raw = fdops.read_at(dir_fd, name + META_SUFFIX, where, _META_LIMIT)
         except ObjectNotFound:
             return None
         try:
@@ -102,7 +102,7 @@ class FileRepository:
 
     def open_write(self, key: str, meta: Mapping[str, str]) -> ObjectWriter:
         with self._calling("open", key):
-            parent, _, name = _check_key(key).rpartition("/")
+            parent, _, name = check_key(key).rpartition("/")
             dir_fd = self._open_dir(parent, create=True)
             try:
                 temp = f".{name}.{os.urandom(4).hex()}"
@@ -125,7 +125,7 @@ class FileRepository:
                     dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                     rel = os.path.normpath(os.path.join(base, dirpath)).lstrip("./")
                     for name in filenames:
-                        if name.startswith(".") or name.endswith(_META_SUFFIX):
+                        if name.startswith(".") or name.endswith(META_SUFFIX):
                             continue
                         key = f"{rel}/{name}" if rel else name
                         if not key.startswith(prefix):
@@ -140,7 +140,7 @@ class FileRepository:
         for key in keys:
             try:
                 with self._calling("delete", key), self._dir_of(key) as (dir_fd, name):
-                    for entry in (name, name + _META_SUFFIX):
+                    for entry in (name, name + META_SUFFIX):
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(entry, dir_fd=dir_fd)  # a link itself, never its target
                     os.fsync(dir_fd)
@@ -150,7 +150,7 @@ class FileRepository:
 
 def _write_meta(dir_fd: int, name: str, meta: Mapping[str, str]) -> None:
     text = json.dumps(dict(meta), sort_keys=True).encode()
-    fdops.replace_at(dir_fd, name + _META_SUFFIX, lambda out: out.write(text), mode=_MODE)
+    fdops.replace_at(dir_fd, name + META_SUFFIX, lambda out: out.write(text), mode=_MODE)
 
 
 class _FileWriter:

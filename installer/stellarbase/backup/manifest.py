@@ -7,6 +7,7 @@ re-exports these names), `basebackup` (the format it writes), `verify`, `restore
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from stellarbase.backup import auth, codec, walnames
-from stellarbase.backup.repo import Repository
+from stellarbase.backup.store import Repository
 
 BACKUPS_PREFIX = "backups/"
 MANIFEST = "manifest.json"
@@ -108,10 +109,37 @@ class Manifest:
             parts=parts,
         )
 
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as `take_backup` writes it (the current format; the MAC is added
+        over exactly these fields, so their names, values and order stay as they are)."""
+        return {
+            "format": MANIFEST_FORMAT,
+            "id": self.id,
+            "label": self.label,
+            "system_identifier": self.system_identifier,
+            "pg_version": self.pg_version,
+            "wal_segment_size": self.wal_segment_size,
+            "timeline": self.timeline,
+            "start_lsn": walnames.format_lsn(self.start_lsn),
+            "stop_lsn": walnames.format_lsn(self.stop_lsn),
+            "start_wal": self.start_wal,
+            "stop_wal": self.stop_wal,
+            "start_time": _format_time(self.start_time),
+            "stop_time": _format_time(self.stop_time),
+            "raw_bytes": self.raw_bytes,
+            "stored_bytes": self.stored_bytes,
+            "codec": self.codec,
+            "parts": [dataclasses.asdict(p) for p in self.parts],
+        }
+
     @property
     def objects(self) -> tuple[str, ...]:
         """The keys of the backup's data objects (not the manifest)."""
         return tuple(p.key for p in self.parts)
+
+
+def _format_time(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _parse_time(text: str) -> datetime:
@@ -119,6 +147,10 @@ def _parse_time(text: str) -> datetime:
     if value.tzinfo is None:
         raise ValueError(f"time without a zone: {text!r}")
     return value.astimezone(UTC)
+
+
+def manifest_key(backup_id: str) -> str:
+    return f"{BACKUPS_PREFIX}{backup_id}/{MANIFEST}"
 
 
 def id_time(backup_id: str) -> datetime | None:
@@ -134,7 +166,7 @@ def read_manifest(repo: Repository, key: bytes | None, backup_id: str) -> Manife
 
     Raises AuthError (tampered, or of an older format), ValueError, KeyError or TypeError.
     """
-    name = f"{BACKUPS_PREFIX}{backup_id}/{MANIFEST}"
+    name = manifest_key(backup_id)
     doc = json.loads(repo.get(name))
     if not isinstance(doc, dict):
         raise TypeError("a manifest is a JSON object")

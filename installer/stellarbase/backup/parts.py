@@ -21,7 +21,7 @@ import structlog
 
 from stellarbase.backup import codec
 from stellarbase.backup.manifest import Part
-from stellarbase.backup.repo import ObjectWriter, Repository, RepositoryError
+from stellarbase.backup.store import ObjectWriter, Repository, RepositoryError
 from stellarbase.backup.tarstream import END_OF_ARCHIVE, TarScanner
 from stellarbase.errors import ExitCode, StellarError
 

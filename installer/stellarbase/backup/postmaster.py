@@ -145,6 +145,21 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def running_postmaster(data_dir: Path) -> int | None:
+    """The PID in postmaster.pid when that process is alive."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, owned by another user
+    return pid
+
+
 def _remove_stale_pidfile(data_dir: Path, pid: int) -> None:
     """postmaster.pid of our postmaster, now dead (a killed one cannot remove it)."""
     with (

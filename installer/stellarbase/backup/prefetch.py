@@ -1,6 +1,6 @@
-"""The restore side of the WAL spool: answer restore_command's requests, read ahead.
+"""The WAL spool between recovery and the restore: both its sides, the shell and the thread.
 
-restore_command (see `restore.restore_command`) drops `<name>.want` into the spool and
+The restore_command (`restore_command`, built here) drops `<name>.want` into the spool and
 waits for `<name>` or `<name>.missing`. This thread answers every request, downloads the
 next segments of the chain in parallel within a bounded window, checks each file's sha256
 after decoding, and touches `.alive` about once a second. A damaged file that recovery
@@ -24,23 +24,44 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import structlog
 
 from stellarbase import fdops
 from stellarbase.backup import codec
 from stellarbase.backup.catalog import WAL_PREFIX, Catalog
+from stellarbase.backup.pgcommand import command_path
 from stellarbase.errors import StellarError
 
 log = structlog.get_logger()
 
 SPOOL_NAME = "stellarbase-restore"
 HEARTBEAT = ".alive"
+HEARTBEAT_STALE_S = 10  # restore_command gives up on a heartbeat older than this
 CONCURRENCY = 8
 WINDOW = 32  # segments on disk or in flight ahead of recovery
 _POLL_S = 0.02
 _BEAT_S = 1.0
+
+
+def restore_command(spool_dir: Path) -> str:
+    """The restore_command: wait for the prefetcher's file (or its `.missing` answer).
+
+    Exit status 126 (a stale heartbeat) makes PostgreSQL abort recovery rather than take
+    the missing file as the end of WAL. Every `%` that is not a placeholder, the spool
+    path's included, is written `%%` (see `pgcommand`).
+    """
+    s = command_path(spool_dir, "restore spool path")
+    return (
+        f's={s}; touch "$s/%f.want" || exit 126; i=0; '
+        f'while :; do if [ -f "$s/%f" ]; then rm -f "$s/%f.want"; '
+        f'mv -f "$s/%f" "%p" || exit 126; exit 0; fi; '
+        f'if [ -f "$s/%f.missing" ]; then rm -f "$s/%f.want"; exit 1; fi; '
+        f"i=$((i+1)); if [ $i -ge 20 ]; then i=0; "
+        f'a=$(stat -c %%Y "$s/.alive" 2>/dev/null || echo 0); '
+        f"if [ $(($(date +%%s)-a)) -gt {HEARTBEAT_STALE_S} ]; then exit 126; fi; fi; "
+        f"sleep 0.05; done"
+    )
 
 
 class Damaged(Exception):
@@ -90,12 +111,7 @@ class Prefetcher:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         self.stop()
 
     def start(self) -> None:

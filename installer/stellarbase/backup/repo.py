@@ -1,9 +1,11 @@
 """Backup repositories: an S3 bucket and prefix, or a directory (`file://`) for a pilot.
 
-Both answer the same small API. A put is durable and verified when it returns: S3 gets
-Content-MD5 on every request that carries bytes, so the store rejects anything that
-arrived damaged; the file repository (`filerepo`) writes a temp file, fsyncs it, renames
-it into place and fsyncs the directory. Every failure is a RepositoryError naming the store.
+Here: the S3 store, opening the store `backup.repository` names, and repo.json (the
+cluster a repository belongs to); both stores answer the small API of `store`. A put is
+durable and verified when it returns: S3 gets Content-MD5 on every request that carries
+bytes, so the store rejects anything that arrived damaged; the file repository
+(`filerepo`) writes a temp file, fsyncs it, renames it into place and fsyncs the
+directory. Every failure is a RepositoryError naming the store.
 """
 
 from __future__ import annotations
@@ -15,81 +17,29 @@ import hashlib
 import io
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from stellarbase.errors import ExitCode, StellarError
+from stellarbase.backup.filerepo import FileRepository
+from stellarbase.backup.store import (
+    ObjectInfo,
+    ObjectNotFound,
+    ObjectWriter,
+    Repository,
+    RepositoryError,
+    check_key,
+)
+from stellarbase.errors import one_line
+from stellarbase.values import RepositoryKind
 
 if TYPE_CHECKING:
     from stellarbase.config import BackupConfig, Config, S3Config
 
 PART_SIZE = 16 * 1024 * 1024
-_META_SUFFIX = ".meta.json"
 _DELETE_BATCH = 1000
 REPO_FORMAT = 1
 REPO_JSON = "repo.json"
-
-
-class RepositoryError(StellarError):
-    """The repository is unreachable, refused a request, or holds something unexpected."""
-
-    def __init__(self, message: str, *, hint: str = "") -> None:
-        super().__init__(
-            message,
-            hint=hint or "check the backup repository settings and that the store is reachable",
-            code=ExitCode.DEPENDENCY,
-        )
-
-
-class ObjectNotFound(RepositoryError):
-    """get/open_read of a key the repository does not hold."""
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    key: str  # relative to the prefix, e.g. "wal/000000010000000000000003"
-    size: int  # stored bytes
-    meta: Mapping[str, str] = field(default_factory=dict)  # filled by head(); list() leaves it
-
-
-class ObjectWriter(Protocol):
-    def write(self, data: bytes) -> None: ...
-
-    def commit(self) -> int:
-        """Finish the object and return its stored size; it is visible only after this."""
-        ...
-
-    def abort(self) -> None: ...
-
-
-class Repository(Protocol):
-    description: str  # "s3://bucket/prefix" or "file:///dir/prefix"
-
-    def put(self, key: str, data: bytes | BinaryIO, meta: Mapping[str, str]) -> None:
-        """Store `data` (bytes, or a seekable file read from its current position)."""
-        ...
-
-    def head(self, key: str) -> ObjectInfo | None: ...
-
-    def get(self, key: str) -> bytes: ...
-
-    def open_read(self, key: str) -> BinaryIO: ...
-
-    def open_write(self, key: str, meta: Mapping[str, str]) -> ObjectWriter: ...
-
-    def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
-
-    def delete(self, keys: Sequence[str]) -> None: ...
-
-
-def _check_key(key: str) -> str:
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"not a repository key: {key!r}")
-    if key.endswith(_META_SUFFIX) or any(p.startswith(".") for p in parts):
-        raise ValueError(f"repository keys cannot end in {_META_SUFFIX} or start with '.'")
-    return key
 
 
 def _md5_b64(data: bytes | bytearray | memoryview | BinaryIO) -> str:
@@ -104,11 +54,6 @@ def _md5_b64(data: bytes | bytearray | memoryview | BinaryIO) -> str:
 
 
 # --------------------------------------------------------------------------- S3
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _error_code(exc: BaseException) -> str:
@@ -126,10 +71,10 @@ class S3Repository:
         self.description = f"s3://{bucket}/{self.prefix}"
 
     def _key(self, key: str) -> str:
-        return f"{self.prefix}/{_check_key(key)}"
+        return f"{self.prefix}/{check_key(key)}"
 
     def _fail(self, action: str, key: str, exc: BaseException) -> RepositoryError:
-        return RepositoryError(f"{self.description}: {action} {key} failed: {_one_line(exc)}")
+        return RepositoryError(f"{self.description}: {action} {key} failed: {one_line(exc)}")
 
     @contextlib.contextmanager
     def _calling(self, action: str, key: str) -> Iterator[None]:
@@ -314,18 +259,6 @@ class _S3Writer:
                 )
 
 
-# --------------------------------------------------------------------------- file://
-
-
-def __getattr__(name: str) -> Any:
-    """`FileRepository` lives in `filerepo`, which imports this module's names."""
-    if name == "FileRepository":
-        from stellarbase.backup.filerepo import FileRepository
-
-        return FileRepository
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 # --------------------------------------------------------------------------- opening
 
 
@@ -355,20 +288,18 @@ def _s3_client(s3: S3Config, timeout: float) -> Any:
 
 def repository_from(backup: BackupConfig, s3: S3Config | None, timeout: float = 30.0) -> Repository:
     """The repository that `backup.repository` names (s3 uses the `s3` section's bucket)."""
-    where = backup.repository
-    if where == "s3":
+    where = backup.location
+    if where.kind == RepositoryKind.S3:
         if s3 is None:
             raise RepositoryError(
                 "backup.repository is s3 but there is no s3 section",
                 hint="configure s3 (endpoint, bucket, keys) or use file:///PATH",
             )
         return S3Repository(_s3_client(s3, timeout), s3.bucket, backup.prefix)
-    if where.startswith("file:///"):
-        from stellarbase.backup.filerepo import FileRepository
-
-        return FileRepository(Path(where[len("file://") :]) / backup.prefix)
+    if where.directory is not None:
+        return FileRepository(Path(where.directory) / backup.prefix)
     raise RepositoryError(
-        f"backups are not configured (backup.repository is {where!r})",
+        f"backups are not configured (backup.repository is {str(where)!r})",
         hint="set backup.repository to s3 or file:///PATH",
     )
 

@@ -28,17 +28,15 @@ from stellarbase import fdops
 from stellarbase.backup import postmaster, walnames
 from stellarbase.backup.catalog import Catalog, Manifest, continuity, load_catalog
 from stellarbase.backup.extract import extract_backup
-from stellarbase.backup.pgcommand import command_path
 from stellarbase.backup.postmaster import Cluster, chown_tree, start_postmaster, wait_promoted
-from stellarbase.backup.prefetch import SPOOL_NAME, Prefetcher
-from stellarbase.backup.repo import Repository
+from stellarbase.backup.prefetch import SPOOL_NAME, Prefetcher, restore_command
+from stellarbase.backup.store import Repository
 from stellarbase.backup.verify import authenticate_restore
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import write_atomic
 
 log = structlog.get_logger()
 
-HEARTBEAT_STALE_S = 10
 RECOVERY_DEADLINE_S = 6 * 3600.0
 _BLOCK_BEGIN = "# stellarbase restore: settings below are removed once recovery has finished"
 _BLOCK_END = "# stellarbase restore: end"
@@ -221,23 +219,8 @@ def _first_completed_after(
 # --------------------------------------------------------------------------- the data dir
 
 
-def running_postmaster(data_dir: Path) -> int | None:
-    """The PID in postmaster.pid when that process is alive."""
-    try:
-        pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
-    except (OSError, ValueError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, owned by another user
-    return pid
-
-
 def check_data_dir(data_dir: Path, force: bool) -> None:
-    pid = running_postmaster(data_dir)
+    pid = postmaster.running_postmaster(data_dir)
     if pid is not None:
         raise _refuse(
             f"{data_dir} belongs to a running PostgreSQL (postmaster PID {pid})",
@@ -264,26 +247,6 @@ def _prepare_data_dir(
 
 
 # --------------------------------------------------------------------------- settings
-
-
-def restore_command(spool_dir: Path) -> str:
-    """The restore_command: wait for the prefetcher's file (or its `.missing` answer).
-
-    Exit status 126 (a stale heartbeat) makes PostgreSQL abort recovery rather than take
-    the missing file as the end of WAL. Every `%` that is not a placeholder, the spool
-    path's included, is written `%%` (see `pgcommand`).
-    """
-    s = command_path(spool_dir, "restore spool path")
-    return (
-        f's={s}; touch "$s/%f.want" || exit 126; i=0; '
-        f'while :; do if [ -f "$s/%f" ]; then rm -f "$s/%f.want"; '
-        f'mv -f "$s/%f" "%p" || exit 126; exit 0; fi; '
-        f'if [ -f "$s/%f.missing" ]; then rm -f "$s/%f.want"; exit 1; fi; '
-        f"i=$((i+1)); if [ $i -ge 20 ]; then i=0; "
-        f'a=$(stat -c %%Y "$s/.alive" 2>/dev/null || echo 0); '
-        f"if [ $(($(date +%%s)-a)) -gt {HEARTBEAT_STALE_S} ]; then exit 126; fi; fi; "
-        f"sleep 0.05; done"
-    )
 
 
 def recovery_settings(plan: RestorePlan, spool_dir: Path) -> dict[str, str]:

@@ -16,8 +16,6 @@ from typing import Any
 from stellarbase.backup import auth, codec, walnames
 from stellarbase.backup.archiver import SEGMENT_HEADER_LEN, ArchiveError, check_segment_header
 from stellarbase.backup.catalog import (
-    BACKUPS_PREFIX,
-    MANIFEST,
     WAL_PREFIX,
     Catalog,
     Manifest,
@@ -25,7 +23,8 @@ from stellarbase.backup.catalog import (
     continuity,
     load_catalog,
 )
-from stellarbase.backup.repo import Repository, RepositoryError
+from stellarbase.backup.manifest import manifest_key
+from stellarbase.backup.store import Repository, RepositoryError
 from stellarbase.errors import StellarError
 
 VERIFY_CONCURRENCY = 8
@@ -150,7 +149,7 @@ def check_object(
 
 
 def check_manifest(catalog: Catalog, backup: Manifest) -> list[Problem]:
-    subject = f"{BACKUPS_PREFIX}{backup.id}/{MANIFEST}"
+    subject = manifest_key(backup.id)
     problems: list[Problem] = []
     present = {i.key: i for i in catalog.backup_objects.get(backup.id, ())}
     if backup.system_identifier != catalog.system_identifier:
@@ -207,9 +206,7 @@ def verify(
     started = time.monotonic()
     catalog = load_catalog(repo, key, tampered_ok=True)
     problems = [Problem(name, why) for name, why in catalog.tampered.items()]
-    problems += [
-        Problem(f"{BACKUPS_PREFIX}{i}/{MANIFEST}", why) for i, why in catalog.unreadable.items()
-    ]
+    problems += [Problem(manifest_key(i), why) for i, why in catalog.unreadable.items()]
     keys: list[tuple[str, Part | None, Manifest | None]] = [
         (WAL_PREFIX + n, None, None) for n in sorted(catalog.wal)
     ]
@@ -224,7 +221,7 @@ def verify(
         try:
             problems += check_continuity(catalog, backup)
         except StellarError as exc:  # a history file not authentic: named by its message
-            problems.append(Problem(f"{BACKUPS_PREFIX}{backup.id}/{MANIFEST}", exc.message))
+            problems.append(Problem(manifest_key(backup.id), exc.message))
     return VerifyReport(
         repository=repo.description,
         objects=len(keys),
