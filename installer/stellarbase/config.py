@@ -348,9 +348,9 @@ class Config(Model):
                 "backups archive the WAL of the local PostgreSQL: with an external server, "
                 "set backup.repository=none and back it up where it runs"
             )
-        if self.backup.repository == "s3" and self.s3 is None:
+        if self.backup.location.kind == values.RepositoryKind.S3 and self.s3 is None:
             raise ValueError("backup.repository is s3 but there is no s3 section: configure s3")
-        if self.backup.repository.startswith("file://") and self.tier != Tier.PILOT:
+        if self.backup.location.directory is not None and self.tier != Tier.PILOT:
             raise ValueError(
                 "a file:// backup repository is for the pilot tier only: use s3 (object storage)"
             )

@@ -27,9 +27,9 @@ def check_install(loaded: LoadedConfig, paths: HostPaths) -> None:
     """Raise a config error (exit 3) naming the key and where it was set; changes nothing."""
     config = loaded.config
     require_external_urls(loaded)
-    repo = config.backup.repository
-    problem = values.repository_location_problem(repo.removeprefix("file://"))
-    if repo.startswith("file://") and problem:
+    where = config.backup.location.directory
+    problem = values.repository_location_problem(where) if where is not None else None
+    if problem:
         raise _error(loaded, "backup.repository", problem, "e.g. file:///srv/stellarbase-backups")
     if config.backup.enabled:
         problem = systemd.calendar_problem(config.backup.schedule)

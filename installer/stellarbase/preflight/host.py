@@ -210,15 +210,15 @@ def disk_finding(paths: HostPaths, minimum_gib: float) -> Finding:
 
 def backup_finding(config: Config, paths: HostPaths) -> Finding:
     """Where backups go: off (a warning beyond the pilot), S3 (checked by s3.*), or a dir."""
-    repo = config.backup.repository
-    if repo == "none":
+    repo = config.backup.location
+    if not repo.enabled:
         hint = "set backup.repository=s3 (with an s3 section) to archive WAL and back up daily"
         if config.tier == "pilot":
             return noted("host.backup", "backups are off", hint)
         return warned("host.backup", "backups are off", f"backups on the {config.tier} tier", hint)
-    if repo == "s3":
+    if repo.directory is None:
         return passed("host.backup", f"WAL and base backups to s3://{_bucket(config)}")
-    target = paths.at(repo.removeprefix("file://"))
+    target = paths.at(repo.directory)
     at = _nearest_existing(target)
     if not at.is_dir() or not os.access(at, os.W_OK | os.X_OK):
         return failed(
