@@ -1,8 +1,8 @@
-"""The command line: parse arguments and dispatch; no logic here."""
+"""The command line: parse arguments and call a verb of `stellarbase.commands`; each
+command returns that verb's result, which `stellarbase.cli.main` prints."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
@@ -10,13 +10,23 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import typer
 from typer.exceptions import TyperException
 
-from stellarbase import __version__
-from stellarbase.backup.cli import backup_app
+from stellarbase.cli.backup import backup_app
+from stellarbase.cli.options import (
+    ConfigFile,
+    Debug,
+    Output,
+    Root,
+    Sets,
+    Skip,
+    TierOpt,
+    Yes,
+)
+from stellarbase.cli.session import SESSION, begin
 from stellarbase.errors import ExitCode, StellarError
-from stellarbase.output import Format, emit, emit_error
 from stellarbase.paths import HostPaths
+from stellarbase.result import Format, Result
 
-# Each command imports what it needs (config, operations, drivers) itself: `--help` and
+# Each command imports what it needs (config, commands, drivers) itself: `--help` and
 # `preflight` then pay only for their own modules, not for every command's.
 if TYPE_CHECKING:
     from stellarbase import configload
@@ -32,30 +42,6 @@ config_app = typer.Typer(help="Show the merged configuration or its JSON Schema.
 app.add_typer(config_app, name="config")
 app.add_typer(backup_app, name="backup")
 
-
-class _Session:
-    output: Format = Format.TEXT
-    debug: bool = False
-
-
-_session = _Session()
-
-Root = Annotated[
-    Path, typer.Option("--root", help="Host root all paths hang off (a test dir; / is live).")
-]
-Output = Annotated[Format, typer.Option("--output", "-o", help="text for people, json for tools.")]
-Debug = Annotated[bool, typer.Option("--debug", help="Debug logs and tracebacks.")]
-Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
-ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="Site config file (YAML).")]
-Sets = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        help="Override one key: --set worker.instances=3 (not secrets: use the site file "
-        "or STELLARBASE_SECTION__KEY).",
-    ),
-]
-TierOpt = Annotated[str | None, typer.Option("--tier", help="pilot, department or enterprise.")]
 Binary = Annotated[
     Path | None,
     typer.Option("--binary", help="Binary to install (default: this packaged binary)."),
@@ -66,7 +52,6 @@ Bundle = Annotated[
         "--bundle", help="Release bundle (.tar.gz) to install, verified before any change."
     ),
 ]
-
 RetireLocal = Annotated[
     bool,
     typer.Option(
@@ -75,10 +60,6 @@ RetireLocal = Annotated[
         "(move the data first).",
     ),
 ]
-Skip = Annotated[
-    list[str] | None,
-    typer.Option("--skip", help="Skip a preflight check or family by name (repeatable)."),
-]
 AllowDowngrade = Annotated[
     bool,
     typer.Option(
@@ -86,14 +67,27 @@ AllowDowngrade = Annotated[
         help="Install a release older than the installed one (never a revoked one).",
     ),
 ]
+# install never asks; scripts written for other commands pass --yes to it all the same.
+IgnoredYes = Annotated[bool, typer.Option("--yes", "-y", hidden=True, help="No-op for install.")]
 
 
-def _begin(output: Format, debug: bool) -> None:
-    from stellarbase import log as logsetup
-
-    _session.output, _session.debug = output, debug
-    logsetup.setup("debug" if debug else "warning")
-    logsetup.bind_correlation_id()
+def invoke(argv: list[str]) -> Result:
+    """Run the command line's command; command-line mistakes become a usage result."""
+    try:
+        returned = app(args=argv, standalone_mode=False)  # a typer.Exit comes back as its code
+    except typer.Abort:
+        raise KeyboardInterrupt from None
+    except typer.Exit as exc:
+        return Result(SESSION.command, exit_code=exc.exit_code, written=True)
+    except TyperException as exc:  # bad command line: typer's own usage errors
+        show = getattr(exc, "show", None)
+        if show:
+            show()
+        return Result(SESSION.command, exit_code=int(ExitCode.USAGE), written=True)
+    if isinstance(returned, Result):
+        return returned
+    code = returned if isinstance(returned, int) else 0  # --help, or a command that printed
+    return Result(SESSION.command, exit_code=code, written=True)
 
 
 def _load(config: Path | None, sets: list[str] | None, tier: str | None) -> configload.LoadedConfig:
@@ -122,11 +116,11 @@ def install(
     retire_local: RetireLocal = False,
     allow_downgrade: AllowDowngrade = False,
     output: Output = Format.TEXT,
-    yes: Yes = False,
+    yes: IgnoredYes = False,
     debug: Debug = False,
-) -> None:
+) -> Result:
     """Converge this host to healthy StellarBase services (a re-run changes nothing)."""
-    _begin(output, debug)
+    begin("install", output, debug)
     if bundle is not None and binary is not None:
         raise StellarError(
             "--bundle and --binary both name the binary to install",
@@ -136,19 +130,17 @@ def install(
     loaded = _load(config, set_, tier)
     paths = HostPaths(root)
     _validate(loaded, paths)
-    from stellarbase import operations
+    from stellarbase.commands import install as verb
 
     if bundle is not None:
-        result = operations.install_bundle(
+        return verb.install_bundle(
             loaded, paths, bundle, skip or [], retire_local=retire_local,
             allow_downgrade=allow_downgrade,
         )  # fmt: skip
-    else:
-        result = operations.install(
-            loaded, paths, binary, skip or [], retire_local=retire_local,
-            allow_downgrade=allow_downgrade,
-        )  # fmt: skip
-    emit(result, output)
+    return verb.install(
+        loaded, paths, binary, skip or [], retire_local=retire_local,
+        allow_downgrade=allow_downgrade,
+    )  # fmt: skip
 
 
 @app.command()
@@ -161,15 +153,14 @@ def plan(
     retire_local: RetireLocal = False,
     output: Output = Format.TEXT,
     debug: Debug = False,
-) -> None:
+) -> Result:
     """Show what install would change, with a diff for every file."""
-    _begin(output, debug)
+    begin("plan", output, debug, show_diff=True)
     loaded = _load(config, set_, tier)
     _validate(loaded, HostPaths(root))
-    from stellarbase import operations
+    from stellarbase.commands.plan import dry_run
 
-    result = operations.dry_run(loaded, HostPaths(root), binary, retire_local=retire_local)
-    emit(result, output, show_diff=True)
+    return dry_run(loaded, HostPaths(root), binary, retire_local=retire_local)
 
 
 @app.command()
@@ -181,15 +172,12 @@ def preflight(
     root: Root = Path("/"),
     output: Output = Format.TEXT,
     debug: Debug = False,
-) -> None:
+) -> Result:
     """Check host, GPUs and dependencies before install: exit 0 pass, 10 warnings, 11 fail."""
-    from stellarbase import operations
+    from stellarbase.commands import doctor as verb
 
-    _begin(output, debug)
-    loaded = _load(config, set_, tier)
-    result, found = operations.preflight(loaded, HostPaths(root), skip or [])
-    emit(result, output)
-    raise typer.Exit(int(found.exit_code()))
+    begin("preflight", output, debug)
+    return verb.preflight(_load(config, set_, tier), HostPaths(root), skip or [])
 
 
 @app.command()
@@ -198,25 +186,23 @@ def doctor(
     root: Root = Path("/"),
     output: Output = Format.TEXT,
     debug: Debug = False,
-) -> None:
+) -> Result:
     """The preflight checks against the installed system, plus every unit's state."""
-    from stellarbase import operations
+    from stellarbase.commands import doctor as verb
     from stellarbase.installed_config import load_installed
 
-    _begin(output, debug)
+    begin("doctor", output, debug)
     paths = HostPaths(root)
-    result, found = operations.doctor(load_installed(paths, [], None), paths, skip or [])
-    emit(result, output)
-    raise typer.Exit(int(found.exit_code()))
+    return verb.doctor(load_installed(paths, [], None), paths, skip or [])
 
 
 @app.command()
-def status(root: Root = Path("/"), output: Output = Format.TEXT, debug: Debug = False) -> None:
+def status(root: Root = Path("/"), output: Output = Format.TEXT, debug: Debug = False) -> Result:
     """Units (state, PID, restarts), readiness, version and config source."""
-    from stellarbase import operations
+    from stellarbase.commands import status as verb
 
-    _begin(output, debug)
-    emit(operations.status(HostPaths(root)), output)
+    begin("status", output, debug)
+    return verb.status(HostPaths(root))
 
 
 @app.command("support-bundle")
@@ -238,13 +224,14 @@ def support_bundle(
     root: Root = Path("/"),
     output: Output = Format.TEXT,
     debug: Debug = False,
-) -> None:
+) -> Result:
     """One tar.gz for support: config, checks, status, units, journal, audit; secrets redacted."""
-    from stellarbase import support
+    from stellarbase.commands import support as verb
+    from stellarbase.support import Request
 
-    _begin(output, debug)
-    request = support.Request(config, tuple(set_ or ()), tier, journal_lines, output_file)
-    emit(support.support_bundle(HostPaths(root), request), output)
+    begin("support-bundle", output, debug)
+    request = Request(config, tuple(set_ or ()), tier, journal_lines, output_file)
+    return verb.support_bundle(HostPaths(root), request)
 
 
 @app.command()
@@ -254,11 +241,11 @@ def uninstall(
     output: Output = Format.TEXT,
     yes: Yes = False,
     debug: Debug = False,
-) -> None:
+) -> Result:
     """Stop and remove every unit and file the installer owns (config and data stay)."""
-    from stellarbase import operations
+    from stellarbase.commands import uninstall as verb
 
-    _begin(output, debug)
+    begin("uninstall", output, debug)
     if not yes:
         what = "everything, config and data included" if purge else "units and binaries"
         if not sys.stdin.isatty():
@@ -268,7 +255,7 @@ def uninstall(
                 code=ExitCode.USAGE,
             )
         typer.confirm(f"Remove {what}?", abort=True)
-    emit(operations.uninstall(HostPaths(root), purge=purge), output)
+    return verb.uninstall(HostPaths(root), purge=purge)
 
 
 @app.command()
@@ -284,15 +271,15 @@ def upgrade(
     allow_downgrade: AllowDowngrade = False,
     output: Output = Format.TEXT,
     debug: Debug = False,
-) -> None:
+) -> Result:
     """Verify, back up, migrate, swap and restart one unit at a time; roll back if unhealthy."""
-    from stellarbase import installed_config, upgrade
+    from stellarbase import installed_config
+    from stellarbase.commands import upgrade as verb
 
-    _begin(output, debug)
+    begin("upgrade", output, debug)
     paths = HostPaths(root)
     loaded = installed_config.load_site(paths, config, set_, tier)
-    result = upgrade.upgrade(loaded, paths, bundle, skip or [], allow_downgrade=allow_downgrade)
-    emit(result, output)
+    return verb.upgrade(loaded, paths, bundle, skip or [], allow_downgrade=allow_downgrade)
 
 
 @app.command()
@@ -301,26 +288,21 @@ def rollback(
     root: Root = Path("/"),
     output: Output = Format.TEXT,
     debug: Debug = False,
-) -> None:
+) -> Result:
     """Return to the release before the last upgrade (or --to), restart, health gate."""
-    from stellarbase import upgrade
+    from stellarbase.commands import rollback as verb
 
-    _begin(output, debug)
-    emit(upgrade.rollback(HostPaths(root), to), output)
+    begin("rollback", output, debug)
+    return verb.rollback(HostPaths(root), to)
 
 
 @app.command(hidden=True)
-def activate(root: Root = Path("/"), output: Output = Format.TEXT, debug: Debug = False) -> None:
+def activate(root: Root = Path("/"), output: Output = Format.TEXT, debug: Debug = False) -> Result:
     """Make this installed release current: units, rolling restart, health gate (rollback)."""
-    from stellarbase import installed_config, operations
+    from stellarbase.commands import install as verb
 
-    _begin(output, debug)
-    paths = HostPaths(root)
-    loaded = installed_config.load_installed(paths, None, None)
-    result = operations.install(
-        loaded, paths, None, preflight=False, rolling=True, action="activate"
-    )
-    emit(result, output)
+    begin("activate", output, debug)
+    return verb.activate(HostPaths(root))
 
 
 @config_app.command("show")
@@ -330,27 +312,21 @@ def config_show(
     set_: Sets = None,
     output: Output = Format.TEXT,
     debug: Debug = False,
-) -> None:
+) -> Result:
     """The merged configuration (secrets left out) and where each key came from."""
-    import yaml
+    from stellarbase.commands import config as verb
 
-    from stellarbase import config as cfg
-
-    _begin(output, debug)
-    loaded = _load(config, set_, tier)
-    data = cfg.public_dict(loaded.config)
-    if output == Format.JSON:
-        print(json.dumps({"config": data, "sources": loaded.sources}, indent=2))
-    else:
-        print(yaml.safe_dump(data, sort_keys=False), end="")
+    begin("config show", output, debug)
+    return verb.show(_load(config, set_, tier))
 
 
 @config_app.command("schema")
-def config_schema() -> None:
+def config_schema(output: Output = Format.TEXT) -> Result:
     """JSON Schema of the site config file, for editors and CI linting."""
-    from stellarbase import config as cfg
+    from stellarbase.commands import config as verb
 
-    print(json.dumps(cfg.json_schema(), indent=2))
+    SESSION.command, SESSION.output = "config schema", output
+    return verb.schema()
 
 
 @app.command("run")
@@ -367,38 +343,33 @@ def run_service(
     debug: Debug = False,
 ) -> None:
     """Run one StellarBase service in the foreground (what the systemd units start)."""
-    # `python -m stellarbase run …` and the binary take a shorter way (service.main); this
-    # one serves `stellarbase.cli.app` used as a library.
+    # `stellarbase.cli.main` takes a shorter way, without this module; this one serves
+    # `stellarbase.cli.app.app` used as a library.
     from stellarbase.service import run_service as serve
 
-    _session.debug = debug
+    SESSION.command, SESSION.debug, SESSION.service = "run", debug, True
     path = settings or HostPaths().service_settings_dir / f"{service}.json"
     serve(service, path, instance)
 
 
 @app.command("supervise-request", hidden=True)
-def supervise_request() -> None:
+def supervise_request() -> Result:
     """Answer one restart request of the agent on stdin/stdout (stellarbase-supervise@)."""
     from stellarbase import log as logsetup
     from stellarbase.agent.helper import serve_connection
 
     logsetup.setup("info", sys.stderr)
-    if not serve_connection():
-        raise typer.Exit(1)
+    answered = serve_connection()
+    return Result("supervise-request", exit_code=0 if answered else 1, written=True)
 
 
 @app.command()
-def version(output: Output = Format.TEXT) -> None:
+def version(output: Output = Format.TEXT) -> Result:
     """Print the version (-o json: with the schema range its migrations span)."""
-    if output == Format.TEXT:
-        print(__version__)
-        return
-    from stellarbase import migrate
+    from stellarbase.commands import version as verb
 
-    schema = migrate.schema_range(migrate.load_migrations()).as_dict()
-    # service_users: each service runs as its own user (a rollback to a release without
-    # it first hands the data back to `stellarbase`).
-    print(json.dumps({"version": __version__, "schema": schema, "service_users": True}))
+    SESSION.command, SESSION.output = "version", output
+    return verb.version(output)
 
 
 migrate_app = typer.Typer(help="Apply or show the versioned PostgreSQL schema migrations.")
@@ -434,14 +405,15 @@ def migrate_up(
     root: Root = Path("/"),
     output: Output = Format.TEXT,
     debug: Debug = False,
-) -> None:
+) -> Result:
     """Apply the pending migrations (config: --config, else the installed one)."""
-    from stellarbase import audit, dbcommands
+    from stellarbase import audit
+    from stellarbase.commands import migrate as verb
 
-    _begin(output, debug)
+    begin("migrate up", output, debug)
     conninfo, password = _postgres(root, config, set_, tier)
     cid = audit.current_correlation_id()
-    emit(dbcommands.migrate_up_command(conninfo, password, to=to, correlation_id=cid), output)
+    return verb.migrate_up_command(conninfo, password, to=to, correlation_id=cid)
 
 
 @migrate_app.command("status")
@@ -452,14 +424,15 @@ def migrate_status(
     root: Root = Path("/"),
     output: Output = Format.TEXT,
     debug: Debug = False,
-) -> None:
+) -> Result:
     """Every migration: applied (and when), pending, or changed since it was applied."""
-    from stellarbase import audit, dbcommands
+    from stellarbase import audit
+    from stellarbase.commands import migrate as verb
 
-    _begin(output, debug)
+    begin("migrate status", output, debug)
     conninfo, password = _postgres(root, config, set_, tier)
     cid = audit.current_correlation_id()
-    emit(dbcommands.migrate_status_command(conninfo, password, correlation_id=cid), output)
+    return verb.migrate_status_command(conninfo, password, correlation_id=cid)
 
 
 @app.command("audit")
@@ -472,48 +445,12 @@ def audit_show(
     root: Root = Path("/"),
     output: Output = Format.TEXT,
     debug: Debug = False,
-) -> None:
+) -> Result:
     """The audit log: who ran what on which host, and whether it worked."""
-    from stellarbase import audit, dbcommands
+    from stellarbase import audit
+    from stellarbase.commands import audit as verb
 
-    _begin(output, debug)
+    begin("audit", output, debug)
     start = audit.parse_since(since) if since is not None else None
     conninfo, password = _postgres(root, config, set_, tier)
-    emit(dbcommands.audit_command(conninfo, password, since=start, limit=limit), output)
-
-
-def main() -> None:
-    try:
-        code = app(standalone_mode=False)  # a typer.Exit comes back as its code here
-        if isinstance(code, int) and code:
-            sys.exit(code)
-    except StellarError as exc:
-        if _session.debug:
-            raise
-        emit_error(exc.message, exc.hint, exc.details, _session.output)
-        sys.exit(int(exc.code))
-    except typer.Abort:
-        sys.exit(int(ExitCode.INTERRUPTED))
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except TyperException as exc:  # bad command line: typer's own usage errors
-        show = getattr(exc, "show", None)
-        if show:
-            show()
-        sys.exit(int(ExitCode.USAGE))
-    except KeyboardInterrupt:
-        sys.exit(int(ExitCode.INTERRUPTED))
-    except Exception as exc:
-        if _session.debug:
-            raise
-        emit_error(
-            f"unexpected error: {exc.__class__.__name__}: {exc}",
-            "run again with --debug for the traceback, and report it",
-            [],
-            _session.output,
-        )
-        sys.exit(int(ExitCode.FAILURE))
-
-
-if __name__ == "__main__":
-    main()
+    return verb.audit_command(conninfo, password, since=start, limit=limit)

@@ -1,4 +1,4 @@
-"""`stellarbase backup …`: the command line of backups; the work is in `backup.commands`."""
+"""`stellarbase backup …`: the command line of backups; the work is in `commands.backup`."""
 
 from __future__ import annotations
 
@@ -7,38 +7,14 @@ from typing import Annotated
 
 import typer
 
-from stellarbase.output import Format
+from stellarbase.cli.options import ConfigFile, Debug, Output, Quiet, Root, Sets
+from stellarbase.cli.session import begin
+from stellarbase.result import Format, Result
 
 backup_app = typer.Typer(
     help="Base backups, WAL archive and point-in-time restore of PostgreSQL.",
     no_args_is_help=True,
 )
-
-Root = Annotated[
-    Path, typer.Option("--root", help="Host root all paths hang off (a test dir; / is live).")
-]
-Output = Annotated[Format, typer.Option("--output", "-o", help="text for people, json for tools.")]
-Debug = Annotated[bool, typer.Option("--debug", help="Debug logs and tracebacks.")]
-ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="Site config file (YAML).")]
-Sets = Annotated[list[str] | None, typer.Option("--set", help="Override one key (repeatable).")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")]
-
-
-def _begin(output: Format, debug: bool) -> None:
-    from stellarbase import cli
-
-    cli._begin(output, debug)
-
-
-def _emit(result: object, output: Format, quiet: bool = False) -> None:
-    from stellarbase.output import Result, emit
-
-    assert isinstance(result, Result)
-    if not quiet or output == Format.JSON:
-        emit(result, output)
-    code = result.info.get("exit_code", 0)
-    if code:
-        raise typer.Exit(int(code))
 
 
 @backup_app.command("now")
@@ -50,12 +26,12 @@ def backup_now(
     output: Output = Format.TEXT,
     quiet: Quiet = False,
     debug: Debug = False,
-) -> None:
+) -> Result:
     """Take a full base backup now, streamed into the repository."""
-    from stellarbase.backup import commands
+    from stellarbase.commands import backup as commands
 
-    _begin(output, debug)
-    _emit(commands.backup_now(commands.context(root, config, set_), label), output, quiet)
+    begin("backup now", output, debug, quiet=quiet)
+    return commands.backup_now(commands.context(root, config, set_), label)
 
 
 @backup_app.command("list")
@@ -65,12 +41,12 @@ def backup_list(
     root: Root = Path("/"),
     output: Output = Format.TEXT,
     debug: Debug = False,
-) -> None:
+) -> Result:
     """Backups with sizes and WAL range, and the window each can restore to."""
-    from stellarbase.backup import commands
+    from stellarbase.commands import backup as commands
 
-    _begin(output, debug)
-    _emit(commands.backup_list(commands.context(root, config, set_)), output)
+    begin("backup list", output, debug)
+    return commands.backup_list(commands.context(root, config, set_))
 
 
 @backup_app.command("verify")
@@ -80,12 +56,12 @@ def backup_verify(
     root: Root = Path("/"),
     output: Output = Format.TEXT,
     debug: Debug = False,
-) -> None:
+) -> Result:
     """Check every object's checksum and the WAL chain from each backup to the newest."""
-    from stellarbase.backup import commands
+    from stellarbase.commands import backup as commands
 
-    _begin(output, debug)
-    _emit(commands.backup_verify(commands.context(root, config, set_)), output)
+    begin("backup verify", output, debug)
+    return commands.backup_verify(commands.context(root, config, set_))
 
 
 @backup_app.command("expire")
@@ -97,12 +73,12 @@ def backup_expire(
     output: Output = Format.TEXT,
     quiet: Quiet = False,
     debug: Debug = False,
-) -> None:
+) -> Result:
     """Remove backups past the retention, and WAL no kept backup needs."""
-    from stellarbase.backup import commands
+    from stellarbase.commands import backup as commands
 
-    _begin(output, debug)
-    _emit(commands.backup_expire(commands.context(root, config, set_), dry_run), output, quiet)
+    begin("backup expire", output, debug, quiet=quiet)
+    return commands.backup_expire(commands.context(root, config, set_), dry_run)
 
 
 @backup_app.command("restore")
@@ -125,14 +101,14 @@ def backup_restore(
     root: Root = Path("/"),
     output: Output = Format.TEXT,
     debug: Debug = False,
-) -> None:
+) -> Result:
     """Restore to a time, an LSN or the latest archived WAL; PostgreSQL ends promoted."""
-    from stellarbase.backup import commands
+    from stellarbase.commands import backup as commands
 
-    _begin(output, debug)
+    begin("backup restore", output, debug)
     target = commands.parse_target(to_time, to_lsn, latest)
     ctx = commands.context(root, config, set_)
-    _emit(commands.backup_restore(ctx, target, backup_id, data_dir, force), output)
+    return commands.backup_restore(ctx, target, backup_id, data_dir, force)
 
 
 @backup_app.command("drill")
@@ -142,12 +118,12 @@ def backup_drill(
     root: Root = Path("/"),
     output: Output = Format.TEXT,
     debug: Debug = False,
-) -> None:
+) -> Result:
     """Restore the newest backup to a scratch cluster, query it, report the RTO, clean up."""
-    from stellarbase.backup import commands
+    from stellarbase.commands import backup as commands
 
-    _begin(output, debug)
-    _emit(commands.backup_drill(commands.context(root, config, set_)), output)
+    begin("backup drill", output, debug)
+    return commands.backup_drill(commands.context(root, config, set_))
 
 
 @backup_app.command("archiver", hidden=True)
@@ -160,7 +136,7 @@ def backup_archiver(
     debug: Debug = False,
 ) -> None:
     """Run the WAL archiver in the foreground (the agent runs the same loop)."""
-    from stellarbase.backup import commands
+    from stellarbase.commands import backup as commands
 
-    _begin(Format.TEXT, debug)
+    begin("backup archiver", Format.TEXT, debug)
     commands.run_archiver(commands.context(root, config, set_), pg_wal, spool)
