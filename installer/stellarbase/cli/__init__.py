@@ -19,6 +19,7 @@ from stellarbase.result import Result, render, render_error
 
 def main() -> NoReturn:
     argv = sys.argv[1:]
+    SESSION.clear()
     try:
         if len(argv) > 1 and argv[0] == "run" and argv[1] not in ("-h", "--help"):
             result = run_service(argv[1:])

@@ -11,17 +11,8 @@ import typer
 from typer.exceptions import TyperException
 
 from stellarbase.cli.backup import backup_app
-from stellarbase.cli.options import (
-    ConfigFile,
-    Debug,
-    Output,
-    Root,
-    Sets,
-    Skip,
-    TierOpt,
-    Yes,
-)
-from stellarbase.cli.session import SESSION, begin
+from stellarbase.cli.options import Common, Debug, Output, Skip, Yes, shared
+from stellarbase.cli.session import SESSION
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.paths import HostPaths
 from stellarbase.result import Format, Result
@@ -90,10 +81,17 @@ def invoke(argv: list[str]) -> Result:
     return Result(SESSION.command, exit_code=code, written=True)
 
 
-def _load(config: Path | None, sets: list[str] | None, tier: str | None) -> configload.LoadedConfig:
+def _load(opts: Common) -> configload.LoadedConfig:
     from stellarbase import configload
 
-    return configload.load_config(site_file=config, sets=sets or [], tier=tier)
+    return configload.load_config(site_file=opts.config, sets=opts.sets or [], tier=opts.tier)
+
+
+def _load_site(opts: Common) -> configload.LoadedConfig:
+    """The config given, else the installed one."""
+    from stellarbase import installed_config
+
+    return installed_config.load_site(opts.paths, opts.config, opts.sets, opts.tier)
 
 
 def _validate(loaded: configload.LoadedConfig, paths: HostPaths) -> None:
@@ -105,30 +103,25 @@ def _validate(loaded: configload.LoadedConfig, paths: HostPaths) -> None:
 
 
 @app.command()
+@shared("install", "tier", "config", "root", "output")
 def install(
-    tier: TierOpt = None,
-    config: ConfigFile = None,
-    set_: Sets = None,
-    root: Root = Path("/"),
     binary: Binary = None,
     bundle: Bundle = None,
     skip: Skip = None,
     retire_local: RetireLocal = False,
     allow_downgrade: AllowDowngrade = False,
-    output: Output = Format.TEXT,
     yes: IgnoredYes = False,
-    debug: Debug = False,
+    *,
+    opts: Common,
 ) -> Result:
     """Converge this host to healthy StellarBase services (a re-run changes nothing)."""
-    begin("install", output, debug)
     if bundle is not None and binary is not None:
         raise StellarError(
             "--bundle and --binary both name the binary to install",
             hint="give one of them",
             code=ExitCode.USAGE,
         )
-    loaded = _load(config, set_, tier)
-    paths = HostPaths(root)
+    loaded, paths = _load(opts), opts.paths
     _validate(loaded, paths)
     from stellarbase.commands import install as verb
 
@@ -144,68 +137,46 @@ def install(
 
 
 @app.command()
-def plan(
-    tier: TierOpt = None,
-    config: ConfigFile = None,
-    set_: Sets = None,
-    root: Root = Path("/"),
-    binary: Binary = None,
-    retire_local: RetireLocal = False,
-    output: Output = Format.TEXT,
-    debug: Debug = False,
-) -> Result:
+@shared("plan", "tier", "config", "root", "output", show_diff=True)
+def plan(binary: Binary = None, retire_local: RetireLocal = False, *, opts: Common) -> Result:
     """Show what install would change, with a diff for every file."""
-    begin("plan", output, debug, show_diff=True)
-    loaded = _load(config, set_, tier)
-    _validate(loaded, HostPaths(root))
+    loaded = _load(opts)
+    _validate(loaded, opts.paths)
     from stellarbase.commands.plan import dry_run
 
-    return dry_run(loaded, HostPaths(root), binary, retire_local=retire_local)
+    return dry_run(loaded, opts.paths, binary, retire_local=retire_local)
 
 
 @app.command()
-def preflight(
-    tier: TierOpt = None,
-    config: ConfigFile = None,
-    set_: Sets = None,
-    skip: Skip = None,
-    root: Root = Path("/"),
-    output: Output = Format.TEXT,
-    debug: Debug = False,
-) -> Result:
+@shared("preflight", "tier", "config", "root", "output")
+def preflight(skip: Skip = None, *, opts: Common) -> Result:
     """Check host, GPUs and dependencies before install: exit 0 pass, 10 warnings, 11 fail."""
     from stellarbase.commands import doctor as verb
 
-    begin("preflight", output, debug)
-    return verb.preflight(_load(config, set_, tier), HostPaths(root), skip or [])
+    return verb.preflight(_load(opts), opts.paths, skip or [])
 
 
 @app.command()
-def doctor(
-    skip: Skip = None,
-    root: Root = Path("/"),
-    output: Output = Format.TEXT,
-    debug: Debug = False,
-) -> Result:
+@shared("doctor", "root", "output")
+def doctor(skip: Skip = None, *, opts: Common) -> Result:
     """The preflight checks against the installed system, plus every unit's state."""
     from stellarbase.commands import doctor as verb
     from stellarbase.installed_config import load_installed
 
-    begin("doctor", output, debug)
-    paths = HostPaths(root)
-    return verb.doctor(load_installed(paths, [], None), paths, skip or [])
+    return verb.doctor(load_installed(opts.paths, [], None), opts.paths, skip or [])
 
 
 @app.command()
-def status(root: Root = Path("/"), output: Output = Format.TEXT, debug: Debug = False) -> Result:
+@shared("status", "root", "output")
+def status(*, opts: Common) -> Result:
     """Units (state, PID, restarts), readiness, version and config source."""
     from stellarbase.commands import status as verb
 
-    begin("status", output, debug)
-    return verb.status(HostPaths(root))
+    return verb.status(opts.paths)
 
 
 @app.command("support-bundle")
+@shared("support-bundle", "tier", "config", "root", "output")
 def support_bundle(
     output_file: Annotated[
         Path | None,
@@ -218,34 +189,28 @@ def support_bundle(
     journal_lines: Annotated[
         int, typer.Option("--journal-lines", min=1, help="Journal lines per unit.")
     ] = 200,
-    tier: TierOpt = None,
-    config: ConfigFile = None,
-    set_: Sets = None,
-    root: Root = Path("/"),
-    output: Output = Format.TEXT,
-    debug: Debug = False,
+    *,
+    opts: Common,
 ) -> Result:
     """One tar.gz for support: config, checks, status, units, journal, audit; secrets redacted."""
     from stellarbase.commands import support as verb
     from stellarbase.support import Request
 
-    begin("support-bundle", output, debug)
-    request = Request(config, tuple(set_ or ()), tier, journal_lines, output_file)
-    return verb.support_bundle(HostPaths(root), request)
+    request = Request(opts.config, tuple(opts.sets or ()), opts.tier, journal_lines, output_file)
+    return verb.support_bundle(opts.paths, request)
 
 
 @app.command()
+@shared("uninstall", "root", "output")
 def uninstall(
     purge: Annotated[bool, typer.Option("--purge", help="Also remove config and data.")] = False,
-    root: Root = Path("/"),
-    output: Output = Format.TEXT,
     yes: Yes = False,
-    debug: Debug = False,
+    *,
+    opts: Common,
 ) -> Result:
     """Stop and remove every unit and file the installer owns (config and data stay)."""
     from stellarbase.commands import uninstall as verb
 
-    begin("uninstall", output, debug)
     if not yes:
         what = "everything, config and data included" if purge else "units and binaries"
         if not sys.stdin.isatty():
@@ -255,69 +220,57 @@ def uninstall(
                 code=ExitCode.USAGE,
             )
         typer.confirm(f"Remove {what}?", abort=True)
-    return verb.uninstall(HostPaths(root), purge=purge)
+    return verb.uninstall(opts.paths, purge=purge)
 
 
 @app.command()
+@shared("upgrade", "tier", "config", "root", "output")
 def upgrade(
     bundle: Annotated[
         Path, typer.Option("--bundle", help="Release bundle (.tar.gz) of the new release.")
     ],
-    tier: TierOpt = None,
-    config: ConfigFile = None,
-    set_: Sets = None,
-    root: Root = Path("/"),
     skip: Skip = None,
     allow_downgrade: AllowDowngrade = False,
-    output: Output = Format.TEXT,
-    debug: Debug = False,
+    *,
+    opts: Common,
 ) -> Result:
     """Verify, back up, migrate, swap and restart one unit at a time; roll back if unhealthy."""
-    from stellarbase import installed_config
     from stellarbase.commands import upgrade as verb
 
-    begin("upgrade", output, debug)
-    paths = HostPaths(root)
-    loaded = installed_config.load_site(paths, config, set_, tier)
-    return verb.upgrade(loaded, paths, bundle, skip or [], allow_downgrade=allow_downgrade)
+    return verb.upgrade(
+        _load_site(opts), opts.paths, bundle, skip or [], allow_downgrade=allow_downgrade
+    )
 
 
 @app.command()
+@shared("rollback", "root", "output")
 def rollback(
     to: Annotated[str | None, typer.Option("--to", help="Installed release to return to.")] = None,
-    root: Root = Path("/"),
-    output: Output = Format.TEXT,
-    debug: Debug = False,
+    *,
+    opts: Common,
 ) -> Result:
     """Return to the release before the last upgrade (or --to), restart, health gate."""
     from stellarbase.commands import rollback as verb
 
-    begin("rollback", output, debug)
-    return verb.rollback(HostPaths(root), to)
+    return verb.rollback(opts.paths, to)
 
 
 @app.command(hidden=True)
-def activate(root: Root = Path("/"), output: Output = Format.TEXT, debug: Debug = False) -> Result:
+@shared("activate", "root", "output")
+def activate(*, opts: Common) -> Result:
     """Make this installed release current: units, rolling restart, health gate (rollback)."""
     from stellarbase.commands import install as verb
 
-    begin("activate", output, debug)
-    return verb.activate(HostPaths(root))
+    return verb.activate(opts.paths)
 
 
 @config_app.command("show")
-def config_show(
-    tier: TierOpt = None,
-    config: ConfigFile = None,
-    set_: Sets = None,
-    output: Output = Format.TEXT,
-    debug: Debug = False,
-) -> Result:
+@shared("config show", "tier", "config", "output")
+def config_show(*, opts: Common) -> Result:
     """The merged configuration (secrets left out) and where each key came from."""
     from stellarbase.commands import config as verb
 
-    begin("config show", output, debug)
-    return verb.show(_load(config, set_, tier))
+    return verb.show(_load(opts))
 
 
 @config_app.command("schema")
@@ -385,72 +338,43 @@ Since = Annotated[
 Limit = Annotated[int, typer.Option("--limit", min=1, help="At most this many (newest) rows.")]
 
 
-def _postgres(
-    root: Path, config: Path | None, sets: list[str] | None, tier: str | None
-) -> tuple[str, str | None]:
+def _postgres(opts: Common) -> tuple[str, str | None]:
     from stellarbase import installed_config
 
-    paths = HostPaths(root)
-    return installed_config.postgres_target(
-        installed_config.load_site(paths, config, sets, tier), paths
-    )
+    return installed_config.postgres_target(_load_site(opts), opts.paths)
 
 
 @migrate_app.command("up")
-def migrate_up(
-    to: ToVersion = None,
-    tier: TierOpt = None,
-    config: ConfigFile = None,
-    set_: Sets = None,
-    root: Root = Path("/"),
-    output: Output = Format.TEXT,
-    debug: Debug = False,
-) -> Result:
+@shared("migrate up", "tier", "config", "root", "output")
+def migrate_up(to: ToVersion = None, *, opts: Common) -> Result:
     """Apply the pending migrations (config: --config, else the installed one)."""
     from stellarbase import audit
     from stellarbase.commands import migrate as verb
 
-    begin("migrate up", output, debug)
-    conninfo, password = _postgres(root, config, set_, tier)
+    conninfo, password = _postgres(opts)
     cid = audit.current_correlation_id()
     return verb.migrate_up_command(conninfo, password, to=to, correlation_id=cid)
 
 
 @migrate_app.command("status")
-def migrate_status(
-    tier: TierOpt = None,
-    config: ConfigFile = None,
-    set_: Sets = None,
-    root: Root = Path("/"),
-    output: Output = Format.TEXT,
-    debug: Debug = False,
-) -> Result:
+@shared("migrate status", "tier", "config", "root", "output")
+def migrate_status(*, opts: Common) -> Result:
     """Every migration: applied (and when), pending, or changed since it was applied."""
     from stellarbase import audit
     from stellarbase.commands import migrate as verb
 
-    begin("migrate status", output, debug)
-    conninfo, password = _postgres(root, config, set_, tier)
+    conninfo, password = _postgres(opts)
     cid = audit.current_correlation_id()
     return verb.migrate_status_command(conninfo, password, correlation_id=cid)
 
 
 @app.command("audit")
-def audit_show(
-    since: Since = None,
-    limit: Limit = 1000,
-    tier: TierOpt = None,
-    config: ConfigFile = None,
-    set_: Sets = None,
-    root: Root = Path("/"),
-    output: Output = Format.TEXT,
-    debug: Debug = False,
-) -> Result:
+@shared("audit", "tier", "config", "root", "output")
+def audit_show(since: Since = None, limit: Limit = 1000, *, opts: Common) -> Result:
     """The audit log: who ran what on which host, and whether it worked."""
     from stellarbase import audit
     from stellarbase.commands import audit as verb
 
-    begin("audit", output, debug)
     start = audit.parse_since(since) if since is not None else None
-    conninfo, password = _postgres(root, config, set_, tier)
+    conninfo, password = _postgres(opts)
     return verb.audit_command(conninfo, password, since=start, limit=limit)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from stellarbase.cli.options import ConfigFile, Debug, Output, Quiet, Root, Sets
-from stellarbase.cli.session import begin
-from stellarbase.result import Format, Result
+from stellarbase.cli.options import Common, shared
+from stellarbase.result import Result
+
+if TYPE_CHECKING:
+    from stellarbase.commands.backup import BackupContext
 
 backup_app = typer.Typer(
     help="Base backups, WAL archive and point-in-time restore of PostgreSQL.",
@@ -17,71 +19,58 @@ backup_app = typer.Typer(
 )
 
 
+def _context(opts: Common) -> BackupContext:
+    from stellarbase.commands.backup import context
+
+    return context(opts.root, opts.config, opts.sets)
+
+
 @backup_app.command("now")
+@shared("backup now", "config", "root", "output", "quiet")
 def backup_now(
     label: Annotated[str, typer.Option("--label", help="A label kept in the manifest.")] = "",
-    config: ConfigFile = None,
-    set_: Sets = None,
-    root: Root = Path("/"),
-    output: Output = Format.TEXT,
-    quiet: Quiet = False,
-    debug: Debug = False,
+    *,
+    opts: Common,
 ) -> Result:
     """Take a full base backup now, streamed into the repository."""
-    from stellarbase.commands import backup as commands
+    from stellarbase.commands import backup as verb
 
-    begin("backup now", output, debug, quiet=quiet)
-    return commands.backup_now(commands.context(root, config, set_), label)
+    return verb.backup_now(_context(opts), label)
 
 
 @backup_app.command("list")
-def backup_list(
-    config: ConfigFile = None,
-    set_: Sets = None,
-    root: Root = Path("/"),
-    output: Output = Format.TEXT,
-    debug: Debug = False,
-) -> Result:
+@shared("backup list", "config", "root", "output")
+def backup_list(*, opts: Common) -> Result:
     """Backups with sizes and WAL range, and the window each can restore to."""
-    from stellarbase.commands import backup as commands
+    from stellarbase.commands import backup as verb
 
-    begin("backup list", output, debug)
-    return commands.backup_list(commands.context(root, config, set_))
+    return verb.backup_list(_context(opts))
 
 
 @backup_app.command("verify")
-def backup_verify(
-    config: ConfigFile = None,
-    set_: Sets = None,
-    root: Root = Path("/"),
-    output: Output = Format.TEXT,
-    debug: Debug = False,
-) -> Result:
+@shared("backup verify", "config", "root", "output")
+def backup_verify(*, opts: Common) -> Result:
     """Check every object's checksum and the WAL chain from each backup to the newest."""
-    from stellarbase.commands import backup as commands
+    from stellarbase.commands import backup as verb
 
-    begin("backup verify", output, debug)
-    return commands.backup_verify(commands.context(root, config, set_))
+    return verb.backup_verify(_context(opts))
 
 
 @backup_app.command("expire")
+@shared("backup expire", "config", "root", "output", "quiet")
 def backup_expire(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show, remove nothing.")] = False,
-    config: ConfigFile = None,
-    set_: Sets = None,
-    root: Root = Path("/"),
-    output: Output = Format.TEXT,
-    quiet: Quiet = False,
-    debug: Debug = False,
+    *,
+    opts: Common,
 ) -> Result:
     """Remove backups past the retention, and WAL no kept backup needs."""
-    from stellarbase.commands import backup as commands
+    from stellarbase.commands import backup as verb
 
-    begin("backup expire", output, debug, quiet=quiet)
-    return commands.backup_expire(commands.context(root, config, set_), dry_run)
+    return verb.backup_expire(_context(opts), dry_run)
 
 
 @backup_app.command("restore")
+@shared("backup restore", "config", "root", "output")
 def backup_restore(
     to_time: Annotated[
         str | None, typer.Option("--to-time", help="ISO 8601 time, e.g. 2026-11-22T14:00:00Z.")
@@ -96,47 +85,34 @@ def backup_restore(
     force: Annotated[
         bool, typer.Option("--force", help="Replace the live cluster (it is moved aside first).")
     ] = False,
-    config: ConfigFile = None,
-    set_: Sets = None,
-    root: Root = Path("/"),
-    output: Output = Format.TEXT,
-    debug: Debug = False,
+    *,
+    opts: Common,
 ) -> Result:
     """Restore to a time, an LSN or the latest archived WAL; PostgreSQL ends promoted."""
-    from stellarbase.commands import backup as commands
+    from stellarbase.commands import backup as verb
 
-    begin("backup restore", output, debug)
-    target = commands.parse_target(to_time, to_lsn, latest)
-    ctx = commands.context(root, config, set_)
-    return commands.backup_restore(ctx, target, backup_id, data_dir, force)
+    target = verb.parse_target(to_time, to_lsn, latest)
+    return verb.backup_restore(_context(opts), target, backup_id, data_dir, force)
 
 
 @backup_app.command("drill")
-def backup_drill(
-    config: ConfigFile = None,
-    set_: Sets = None,
-    root: Root = Path("/"),
-    output: Output = Format.TEXT,
-    debug: Debug = False,
-) -> Result:
+@shared("backup drill", "config", "root", "output")
+def backup_drill(*, opts: Common) -> Result:
     """Restore the newest backup to a scratch cluster, query it, report the RTO, clean up."""
-    from stellarbase.commands import backup as commands
+    from stellarbase.commands import backup as verb
 
-    begin("backup drill", output, debug)
-    return commands.backup_drill(commands.context(root, config, set_))
+    return verb.backup_drill(_context(opts))
 
 
 @backup_app.command("archiver", hidden=True)
+@shared("backup archiver", "config", "root")
 def backup_archiver(
     pg_wal: Annotated[Path, typer.Option("--pg-wal", help="The cluster's pg_wal directory.")],
     spool: Annotated[Path, typer.Option("--spool", help="Where the durable markers go.")],
-    config: ConfigFile = None,
-    set_: Sets = None,
-    root: Root = Path("/"),
-    debug: Debug = False,
+    *,
+    opts: Common,
 ) -> None:
     """Run the WAL archiver in the foreground (the agent runs the same loop)."""
-    from stellarbase.commands import backup as commands
+    from stellarbase.commands import backup as verb
 
-    begin("backup archiver", Format.TEXT, debug)
-    commands.run_archiver(commands.context(root, config, set_), pg_wal, spool)
+    verb.run_archiver(_context(opts), pg_wal, spool)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from stellarbase.result import Format
 
@@ -18,6 +18,11 @@ class Session:
     show_diff: bool = False
     quiet: bool = False
     service: bool = False
+
+    def clear(self) -> None:
+        """Back to the defaults, for the next command run in this process (tests)."""
+        for f in fields(self):
+            setattr(self, f.name, f.default)
 
 
 SESSION = Session()
