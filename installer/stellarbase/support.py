@@ -30,7 +30,7 @@ from typing import Any
 
 from stellarbase import __version__, configload, envfile, install_state, installed_config
 from stellarbase import config as cfg
-from stellarbase.errors import ExitCode, StellarError
+from stellarbase.errors import ExitCode, StellarError, one_line
 from stellarbase.paths import HostPaths
 from stellarbase.proc import BASE_ENV, run, running_as_root
 
@@ -407,4 +407,4 @@ def describe(exc: BaseException) -> str:
         return exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    return f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}"
+    return f"{exc.__class__.__name__}: {one_line(exc)}"

@@ -8,7 +8,7 @@ from stellarbase.apply import Executor
 from stellarbase.commands.install import make_plan
 from stellarbase.configload import LoadedConfig
 from stellarbase.paths import HostPaths
-from stellarbase.result import Result
+from stellarbase.result import Result, Status
 
 
 def dry_run(
@@ -16,6 +16,6 @@ def dry_run(
 ) -> Result:
     the_plan = make_plan(loaded, paths, binary, retire_local=retire_local)
     steps = tuple(Executor(paths, dry_run=True).apply(the_plan))
-    result = Result("plan", steps=steps)
-    summary = f"{result.changed} to change, {len(steps) - result.changed} unchanged"
+    changed = sum(1 for s in steps if s.status == Status.CHANGED)
+    summary = f"{changed} to change, {len(steps) - changed} unchanged"
     return Result("plan", messages=(summary,), steps=steps)
