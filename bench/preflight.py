@@ -59,7 +59,7 @@ def build_checks(spec: dict[str, Any], env: Mapping[str, str] | None = None) -> 
     config = load_config(sets=spec["sets"], tier=spec["tier"], env=env).config
     paths = HostPaths(Path(spec["root"]))
     try:
-        from stellarbase.operations import preflight_context
+        from stellarbase.commands.doctor import preflight_context
 
         ctx = preflight_context(config, paths)
     except ImportError:

@@ -26,7 +26,6 @@ from stellarbase import (
 )
 from stellarbase.errors import StellarError
 from stellarbase.files import copy_atomic, file_digest, symlink_atomic, write_atomic
-from stellarbase.output import Status, StepResult
 from stellarbase.paths import POSTGRES_USER, HostPaths
 from stellarbase.plan import (
     ConfigureArchiving,
@@ -50,6 +49,7 @@ from stellarbase.plan import (
     describe,
 )
 from stellarbase.proc import run
+from stellarbase.result import Status, StepResult
 
 log = structlog.get_logger()
 

@@ -64,35 +64,3 @@ def run_service(name: str, settings_path: Path, instance: int | None) -> None:
         Agent(settings).serve()
     else:
         Service(settings, instance).serve()
-
-
-def main(argv: list[str]) -> None:
-    """`stellarbase run SERVICE [--settings F] [--instance N] [--debug]`, without typer."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(
-        prog="stellarbase run",
-        description="Run one StellarBase service in the foreground (what the units start).",
-    )
-    parser.add_argument("service", choices=["api", "worker", "agent", "inference"])
-    parser.add_argument("--settings", type=Path, help="settings file")
-    parser.add_argument("--instance", type=int, help="worker instance (1…)")
-    parser.add_argument("--debug", action="store_true", help="tracebacks on errors")
-    args = parser.parse_args(argv)
-    if args.instance is not None and args.instance < 1:
-        parser.error("--instance must be 1 or more")
-    from stellarbase.paths import HostPaths
-
-    path = args.settings or HostPaths().service_settings_dir / f"{args.service}.json"
-    try:
-        run_service(args.service, path, args.instance)
-    except StellarError as exc:
-        if args.debug:
-            raise
-        from stellarbase.output import Format, emit_error
-
-        emit_error(exc.message, exc.hint, exc.details, Format.TEXT)
-        sys.exit(int(exc.code))
-    except KeyboardInterrupt:
-        sys.exit(int(ExitCode.INTERRUPTED))

@@ -1,4 +1,4 @@
-"""`stellarbase support-bundle`: one tar.gz with what support asks for first, secrets out.
+"""What `stellarbase support-bundle` collects, and how it scrubs secrets out of it.
 
 Each part is collected on its own: a part that fails (no config, no database, no
 journalctl) leaves its error in summary.json and the others go on, because a broken host is
@@ -24,15 +24,13 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from stellarbase import __version__, configload, envfile, install_state, installed_config
 from stellarbase import config as cfg
-from stellarbase.errors import ExitCode, StellarError
-from stellarbase.files import write_atomic
-from stellarbase.output import Result
+from stellarbase.errors import ExitCode, StellarError, one_line
 from stellarbase.paths import HostPaths
 from stellarbase.proc import BASE_ENV, run, running_as_root
 
@@ -76,42 +74,6 @@ class Collected:
             self.errors[part] = describe(exc)
 
 
-def support_bundle(paths: HostPaths, request: Request) -> Result:
-    """Collect every part, scrub secrets out of all of it, write one 0600 tar.gz."""
-    refuse_unprivileged(paths)
-    created = datetime.now(UTC)
-    destination = choose_destination(request.destination, created)
-    found = collect(paths, request)
-    redactions: list[dict[str, Any]] = []
-    texts = {
-        name: scrub(text, found.secrets, name, redactions) for name, text in found.members.items()
-    }
-    found.errors = {
-        part: scrub(text, found.secrets, "summary.json", redactions)
-        for part, text in found.errors.items()
-    }
-    texts["summary.json"] = (
-        json.dumps(summary(paths, request, found, created, redactions), indent=2, default=str)
-        + "\n"
-    )
-    top = destination.name.removesuffix(".tar.gz").removesuffix(".tgz")
-    write_atomic(destination, pack(texts, top, created.timestamp()), mode=0o600)
-    errors = found.errors
-    result = Result(
-        "support-bundle",
-        info={
-            "path": str(destination),
-            "members": sorted(texts),
-            "errors": errors,
-            "redactions": redactions,
-        },
-    )
-    result.lines.append(str(destination))
-    failed = f"; errors recorded for {', '.join(sorted(errors))}" if errors else ""
-    result.lines.append(f"{len(texts)} files, secrets redacted{failed}")
-    return result
-
-
 def refuse_unprivileged(paths: HostPaths) -> None:
     if paths.live and not running_as_root():
         raise StellarError(
@@ -148,9 +110,9 @@ def collect(paths: HostPaths, request: Request) -> Collected:
     gather_secrets(found, paths, request, site)
     collect_checks(found, paths, request, site)
     with found.guard("status"):
-        from stellarbase import operations
+        from stellarbase.commands.status import status
 
-        found.add_json("status.json", operations.status(paths).info)
+        found.add_json("status.json", dict(status(paths).data))
     with found.guard("state"):
         found.members["state.json"] = paths.state_file.read_text(errors="replace")
     with found.guard("units"):
@@ -179,8 +141,9 @@ def redacted_config(loaded: configload.LoadedConfig) -> dict[str, Any]:
 def collect_checks(
     found: Collected, paths: HostPaths, request: Request, site: configload.LoadedConfig | None
 ) -> None:
-    """preflight.json and doctor.json, as `preflight -o json` and `doctor -o json` print them."""
-    from stellarbase import operations
+    """preflight.json and doctor.json: the fields `preflight -o json` and `doctor -o json`
+    print under "data"."""
+    from stellarbase.commands.doctor import doctor, preflight
 
     with found.guard("preflight"):
         # Without a site config, preflight asks what `stellarbase preflight` asks: can this
@@ -188,7 +151,7 @@ def collect_checks(
         loaded = site or configload.load_config(sets=list(request.sets), tier=request.tier)
         for value in cfg.secrets_env(loaded.config).values():
             found.add_secret(value)
-        result, _ = operations.preflight(loaded, paths, [])
+        result = preflight(loaded, paths, [])
         used = "the site config" if site else "the tier defaults (the site config did not load)"
         found.add_json("preflight.json", {**result.as_dict(), "config": used})
     if site is None:
@@ -197,7 +160,7 @@ def collect_checks(
     with found.guard("doctor"):
         # Off the live system, `systemctl show` would describe this machine's units instead.
         skip = [] if paths.live else ["units"]
-        result, _ = operations.doctor(site, paths, skip)
+        result = doctor(site, paths, skip)
         found.add_json("doctor.json", result.as_dict())
 
 
@@ -444,4 +407,4 @@ def describe(exc: BaseException) -> str:
         return exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    return f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}"
+    return f"{exc.__class__.__name__}: {one_line(exc)}"

@@ -87,7 +87,7 @@ class Host:
             "install", "--config", self.write_site(self.site), "-o", "json", *args, env=env
         )
         assert out.returncode == 0, out.stdout + out.stderr
-        return json.loads(out.stdout)
+        return json.loads(out.stdout)["data"]
 
     def pids(self, units: list[str]) -> dict[str, int]:
         return {u: self.sandbox.main_pid(u) for u in units}

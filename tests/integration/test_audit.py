@@ -14,7 +14,8 @@ import psycopg
 import pytest
 import yaml
 
-from stellarbase import audit, dbcommands
+from stellarbase import audit
+from stellarbase.commands.migrate import migrate_up_command
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.migrate import BUILTIN_DIR, migrate_up
 from tests import servers
@@ -161,9 +162,7 @@ def test_failed_migrate_up_is_recorded_with_what_it_applied(
     pw = postgres_server.password
 
     with pytest.raises(StellarError) as err:
-        dbcommands.migrate_up_command(
-            db_url, pw, to=None, correlation_id="cid-up", directory=migrations
-        )
+        migrate_up_command(db_url, pw, to=None, correlation_id="cid-up", directory=migrations)
 
     assert err.value.details == ["applied before it: 0001_core.sql, 0002_audit_log.sql"]
     [row] = audit.read(db_url, pw)
@@ -187,7 +186,7 @@ def test_cli_audit_lists_the_migrate_rows(
 
     out = run_cli(env, "audit", *config, "-o", "json")
     assert out.returncode == 0, out.stderr
-    rows = json.loads(out.stdout)["rows"]
+    rows = json.loads(out.stdout)["data"]["rows"]
     assert [(r["action"], r["outcome"]) for r in rows] == [
         ("migrate up", "success"),
         ("migrate status", "success"),
@@ -220,7 +219,7 @@ def test_cli_reads_the_installed_config(
     out = run_cli(_clean_env(), "audit", "--root", str(tmp_path), "-o", "json")
 
     assert out.returncode == 0, out.stderr
-    assert [r["action"] for r in json.loads(out.stdout)["rows"]] == ["install"]
+    assert [r["action"] for r in json.loads(out.stdout)["data"]["rows"]] == ["install"]
 
 
 def test_cli_finds_a_local_postgres_through_the_install_state(
@@ -242,7 +241,7 @@ def test_cli_finds_a_local_postgres_through_the_install_state(
     out = run_cli(_clean_env(), "audit", "--root", str(tmp_path), "-o", "json")
 
     assert out.returncode == 0, out.stderr
-    assert [r["action"] for r in json.loads(out.stdout)["rows"]] == ["install"]
+    assert [r["action"] for r in json.loads(out.stdout)["data"]["rows"]] == ["install"]
 
 
 def test_cli_without_postgres_is_a_config_error(tmp_path: Path) -> None:

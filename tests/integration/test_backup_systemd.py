@@ -77,7 +77,7 @@ def test_pilot_with_a_file_repository_is_archived_backed_up_and_restorable(
     pilot = Pilot(systemd_sandbox, copy_binary(systemd_sandbox, binary))
     out = pilot.sb("install", "--tier", "pilot", *pilot.sets, "-o", "json")
     assert out.returncode == 0, out.stdout + out.stderr
-    steps = {s["step"]: s for s in json.loads(out.stdout)["steps"]}
+    steps = {s["step"]: s for s in json.loads(out.stdout)["data"]["steps"]}
     archiving = steps["configure WAL archiving"]
     assert archiving["status"] == "changed"
     assert "restarted stellarbase-postgres.service for archive_mode" in archiving["detail"]
@@ -91,7 +91,7 @@ def test_pilot_with_a_file_repository_is_archived_backed_up_and_restorable(
     # A second run changes nothing, PostgreSQL included.
     again = pilot.sb("install", "--tier", "pilot", *pilot.sets, "-o", "json")
     assert again.returncode == 0, again.stdout + again.stderr
-    changed = [s for s in json.loads(again.stdout)["steps"] if s["status"] != "unchanged"]
+    changed = [s for s in json.loads(again.stdout)["data"]["steps"] if s["status"] != "unchanged"]
     assert changed == []
 
     # The agent archives what PostgreSQL finishes; archive_command only confirms.
@@ -109,7 +109,7 @@ def test_pilot_with_a_file_repository_is_archived_backed_up_and_restorable(
     systemd_sandbox.systemctl("start", "stellarbase-backup.service")
     listing = pilot.sb("backup", "list", "-o", "json")
     assert listing.returncode == 0, listing.stdout + listing.stderr
-    assert len(json.loads(listing.stdout)["backups"]) in (1, 2)
+    assert len(json.loads(listing.stdout)["data"]["backups"]) in (1, 2)
 
     # The agent reads backup state once per collection round: wait for the next one.
     wait_for(
@@ -123,11 +123,11 @@ def test_pilot_with_a_file_repository_is_archived_backed_up_and_restorable(
 
     verify = pilot.sb("backup", "verify", "-o", "json")
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert json.loads(verify.stdout)["problems"] == []
+    assert json.loads(verify.stdout)["data"]["problems"] == []
 
     drill = pilot.sb("backup", "drill", "-o", "json")
     assert drill.returncode == 0, drill.stdout + drill.stderr
-    assert json.loads(drill.stdout)["rows"] >= 5000
+    assert json.loads(drill.stdout)["data"]["rows"] >= 5000
 
     # Point in time: an in-place restore to T brings back exactly the rows committed
     # before T; those committed after it are gone.
@@ -155,5 +155,5 @@ def test_pilot_with_a_file_repository_is_archived_backed_up_and_restorable(
     assert pilot.sql("SELECT count(*), max(n) FROM drill_rows") == "6300|7300"
     assert pilot.sql("SELECT pg_is_in_recovery()") == "f"
     audit = pilot.sb("audit", "-o", "json")
-    actions = [r["action"] for r in json.loads(audit.stdout)["rows"]]
+    actions = [r["action"] for r in json.loads(audit.stdout)["data"]["rows"]]
     assert {"backup", "backup drill", "backup restore"} <= set(actions)

@@ -130,7 +130,7 @@ def test_a_host_without_systemd_as_init_is_refused_with_a_way_forward(
 
     out = run("preflight", "--tier", "pilot", "-o", "json", "--skip", "host.ports")
     assert out.returncode == ExitCode.CHECKS_FAILED, out.stdout + out.stderr
-    found = {f["check"]: f for f in json.loads(out.stdout)["findings"]}
+    found = {f["check"]: f for f in json.loads(out.stdout)["data"]["findings"]}
     assert found["host.systemd"]["level"] == "fail", found["host.systemd"]
     assert "not booted with systemd" in found["host.systemd"]["value"]
     assert "--root" in found["host.systemd"]["hint"]

@@ -137,7 +137,7 @@ def test_refused_installs_keep_the_data_and_retire_local_leaves_it_on_disk(
     code, out, _ = install("--tier", "pilot", *ports, *external, "--retire-local", "-o", "json",
                            env=external_env)  # fmt: skip
     assert code == 0, out
-    result = json.loads(out)
+    result = json.loads(out)["data"]
     for unit in LOCAL_UNITS:
         assert sandbox.systemctl("is-active", unit, check=False).stdout.strip() == "inactive"
         assert not sandbox.path(f"/etc/systemd/system/{unit}").exists()

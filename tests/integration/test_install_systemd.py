@@ -105,7 +105,7 @@ def test_install_rerun_change_kill_uninstall(host: Host) -> None:
             and ready(f"http://127.0.0.1:{new_port}")
         ),
     )
-    status = json.loads(host.sb("status", "-o", "json", check=True).stdout)
+    status = json.loads(host.sb("status", "-o", "json", check=True).stdout)["data"]
     api = next(u for u in status["units"] if u["unit"] == "stellarbase-api.service")
     assert api["restarts"] == 1 and api["active"] == "active" and api["ready"] is True
 

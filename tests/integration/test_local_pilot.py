@@ -52,7 +52,7 @@ def test_pilot_with_no_config_runs_its_own_postgres_and_redis(
     ports = _ports()
     code, out, err = _sb(sandbox, sb, "install", "--tier", "pilot", *ports, "-o", "json")
     assert code == 0, out + err
-    result = json.loads(out)
+    result = json.loads(out)["data"]
     for unit in [*LOCAL_UNITS, *APP_UNITS]:
         assert sandbox.systemctl("is-active", unit, check=False).stdout.strip() == "active", unit
     for url in result["endpoints"].values():
@@ -95,7 +95,7 @@ def test_pilot_with_no_config_runs_its_own_postgres_and_redis(
     # semantic search needs pgvector (Debian 13's root has it, Debian 12 lacks it): status
     # says which, and with it the extension really is in the database and answers
     code, out, _ = _sb(sandbox, sb, "status", "-o", "json")
-    assert json.loads(out)["features"]["vector"] is sandbox_root.pgvector
+    assert json.loads(out)["data"]["features"]["vector"] is sandbox_root.pgvector
     code, out, _ = _sb(sandbox, sb, "status")
     assert ("semantic search: off" in out) is not sandbox_root.pgvector, out
 
@@ -114,7 +114,7 @@ def test_pilot_with_no_config_runs_its_own_postgres_and_redis(
     # a re-run changes nothing
     pids = {u: sandbox.main_pid(u) for u in [*LOCAL_UNITS, *APP_UNITS]}
     code, out, err = _sb(sandbox, sb, "install", "--tier", "pilot", *ports, "-o", "json")
-    assert code == 0 and json.loads(out)["changed"] == 0, out + err
+    assert code == 0 and json.loads(out)["data"]["changed"] == 0, out + err
     assert {u: sandbox.main_pid(u) for u in pids} == pids
 
     # restarting PostgreSQL: the services stay up and their readiness recovers
@@ -170,7 +170,7 @@ def test_pilot_with_no_config_runs_its_own_postgres_and_redis(
     # every operation left an audit row
     code, out, err = _sb(sandbox, sb, "audit", "-o", "json")
     assert code == 0, err
-    rows = json.loads(out)
+    rows = json.loads(out)["data"]
     actions = [(r["action"], r["outcome"]) for r in rows["rows"]]
     assert actions.count(("install", "success")) == 3
     assert ("install", "failure") in actions

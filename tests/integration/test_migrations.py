@@ -304,7 +304,7 @@ def test_two_hosts_migrating_at_once_apply_each_migration_once(
 
     for proc, (out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, out + err
-    applied = sorted(json.loads(out)["applied"] for out, _ in outputs)
+    applied = sorted(json.loads(out)["data"]["applied"] for out, _ in outputs)
     assert applied == [[], [1, 2]]
     rows = _query(
         postgres_server,
@@ -330,7 +330,7 @@ def test_cli_migrate_up_and_status(
 
     status = sb("migrate", "status", "--config", site, "-o", "json")
     assert status.returncode == 0, status.stderr
-    data = json.loads(status.stdout)
+    data = json.loads(status.stdout)["data"]
     assert data["version"] == 1 and data["pending"] == [2]
     assert [m["state"] for m in data["migrations"]] == ["applied", "pending"]
 
@@ -343,7 +343,7 @@ def test_cli_migrate_up_and_status(
 
     back = sb("migrate", "up", "--config", site, "--to", "1", "-o", "json")
     assert back.returncode == ExitCode.MIGRATION == 8, back.stderr
-    assert "already at version 2" in json.loads(back.stdout)["error"]
+    assert "already at version 2" in json.loads(back.stdout)["data"]["error"]
     assert "hint: migrations only go forward" in back.stderr
 
     text = sb("migrate", "status", "--config", site)

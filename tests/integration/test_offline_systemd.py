@@ -70,7 +70,7 @@ def test_bundle_installs_with_loopback_only(
         check=False, env=env, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
-    endpoints = json.loads(out.stdout)["endpoints"]
+    endpoints = json.loads(out.stdout)["data"]["endpoints"]
     for unit in UNITS:
         assert sandbox.systemctl("is-active", unit, check=False).stdout.strip() == "active", unit
     for unit, url in endpoints.items():

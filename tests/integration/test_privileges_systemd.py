@@ -73,7 +73,7 @@ def _install(sandbox: SystemdSandbox, binary: Path, s3: servers.S3Server) -> dic
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     again = sandbox.run(argv, check=False, env=env, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    steps = json.loads(again.stdout)["steps"]
+    steps = json.loads(again.stdout)["data"]["steps"]
     assert [s for s in steps if s["status"] != "unchanged"] == []
     return {"pg_port": base + 4}
 

@@ -324,7 +324,9 @@ class Transitions:
         files = self.files()
         again, step.rerun_seconds = self.install(case, "-o", "json")
         assert again.returncode == 0, again.stdout + again.stderr
-        changed = [s for s in json.loads(again.stdout)["steps"] if s["status"] != "unchanged"]
+        changed = [
+            s for s in json.loads(again.stdout)["data"]["steps"] if s["status"] != "unchanged"
+        ]
         assert changed == [], f"the re-run changed {changed}"
         assert _changes(units, self.units()) == [], "the re-run moved units"
         assert _changes(files, self.files()) == [], "the re-run changed files"

@@ -131,7 +131,7 @@ class Site:
         code, out, err = self.run("/opt/stellarbase/current/stellarbase", "backup", "list",
                                   "-o", "json")  # fmt: skip
         assert code == 0, out + err
-        return len(json.loads(out)["backups"])
+        return len(json.loads(out)["data"]["backups"])
 
     def state(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(
@@ -214,7 +214,7 @@ def test_install_upgrade_fail_rollback(systemd_sandbox: SystemdSandbox, releases
                               site.bundles[B], "-o", "json")  # fmt: skip
     assert code == 0, out + err
     assert site.backups() == 2
-    upgraded = json.loads(out)
+    upgraded = json.loads(out)["data"]
     assert (upgraded["operation"], upgraded["from"], upgraded["to"]) == ("upgrade", A, B)
     assert site.current() == f"releases/{B}" and site.state()["version"] == B
     assert site.state()["previous_version"] == A
@@ -289,7 +289,7 @@ def test_install_upgrade_fail_rollback(systemd_sandbox: SystemdSandbox, releases
     # the same command again finishes the move
     code, out, err = site.run("/opt/stellarbase/current/stellarbase", "plan", "--config",
                               config, "-o", "json")  # fmt: skip
-    names = [step["step"] for step in json.loads(out)["steps"]]
+    names = [step["step"] for step in json.loads(out)["data"]["steps"]]
     stop_after = names.index("start stellarbase-worker@1.service") + 1
     pids_b = site.pids(SERVICES)
     crash = {"STELLARBASE_STOP_AFTER_STEP": str(stop_after)}

@@ -128,7 +128,7 @@ def test_upgrade_reowns_the_data_and_rollback_hands_it_back(
     again = sb("/opt/stellarbase/current/stellarbase", "install", "--config", "/root/site.yaml",
                "-o", "json")  # fmt: skip
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
-    changed = [s for s in json.loads(again.stdout)["steps"] if s["status"] != "unchanged"]
+    changed = [s for s in json.loads(again.stdout)["data"]["steps"] if s["status"] != "unchanged"]
     assert changed == []
 
     # Rollback: the previous release gets its data back and runs healthy on it.

@@ -102,19 +102,19 @@ def test_parts_swapped_between_names_are_refused_before_restore(tmp_path: Path) 
 
 @pytest.mark.parametrize("key", [None, KEY], ids=["no-key", "key"])
 def test_verify_says_what_it_can_and_cannot_detect(tmp_path: Path, key: bytes | None) -> None:
-    from stellarbase.backup.commands import BackupContext, backup_verify
+    from stellarbase.commands.backup import BackupContext, backup_verify
     from stellarbase.paths import HostPaths
 
     ctx = BackupContext(HostPaths(tmp_path), config=None)  # type: ignore[arg-type]  # verify reads only the repository and the key
     ctx.__dict__.update(repo=FileRepository(tmp_path / "repo"), key=key)
     result = backup_verify(ctx)
-    text = "\n".join(result.lines)
-    assert result.info["authenticated"] is (key is not None)
+    text = "\n".join(result.messages)
+    assert result.data["authenticated"] is (key is not None)
     if key is None:
         assert "authenticated with backup.encryption_key: NO" in text
-        assert any("replacing objects" in d for d in result.info["does_not_detect"])
+        assert any("replacing objects" in d for d in result.data["does_not_detect"])
         assert "does not detect: a writer with bucket access replacing objects" in text
     else:
         assert "authenticated with backup.encryption_key: yes" in text
-        assert any("swapped between names" in d for d in result.info["detects"])
-    assert any("damaged or truncated" in d for d in result.info["detects"])
+        assert any("swapped between names" in d for d in result.data["detects"])
+    assert any("damaged or truncated" in d for d in result.data["detects"])

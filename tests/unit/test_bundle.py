@@ -380,22 +380,23 @@ def test_members_are_unpacked_on_disk_not_in_tmp(
 def test_install_from_bundle_installs_its_binary(
     tmp_path: Path, build: BuildFn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from stellarbase import operations
+    from stellarbase.commands.install import install_bundle
+    from stellarbase.commands.status import status
     from stellarbase.configload import load_config
     from stellarbase.paths import HostPaths
 
     paths = HostPaths(tmp_path / "root")
-    result = operations.install_bundle(load_config(env={}), paths, build(revoked=("0.0.5",)))
-    assert result.lines[0].endswith("signature and checksums OK")
-    assert f"verified with the keys of {release_key.OVERRIDE_ENV}=" in result.lines[1]
+    result = install_bundle(load_config(env={}), paths, build(revoked=("0.0.5",)))
+    assert result.messages[0].endswith("signature and checksums OK")
+    assert f"verified with the keys of {release_key.OVERRIDE_ENV}=" in result.messages[1]
     assert (paths.current / "stellarbase").read_bytes() == FAKE_BINARY
     assert json.loads(json.dumps(result.as_dict()))["changed"] > 10
     # the override stays on record after the shell that set it is gone
     monkeypatch.delenv(release_key.OVERRIDE_ENV)
-    shown = operations.status(paths)
-    assert any(line.startswith("release key: OVERRIDDEN by ") for line in shown.lines)
-    assert "revoked releases: 0.0.5" in shown.lines
-    assert shown.info["release_trust"]["key_override"]["action"] == "install"
+    shown = status(paths)
+    assert any(line.startswith("release key: OVERRIDDEN by ") for line in shown.messages)
+    assert "revoked releases: 0.0.5" in shown.messages
+    assert shown.data["release_trust"]["key_override"]["action"] == "install"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the ownership rule applies to root only")

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from stellarbase import operations
 from stellarbase.apply import Executor
+from stellarbase.commands.install import install
+from stellarbase.commands.uninstall import uninstall
 from stellarbase.configload import load_config
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.layout import POSTGRES_UNIT, REDIS_UNIT, LocalServers
@@ -60,9 +61,9 @@ def _secrets(sets: list[str]) -> dict[str, str]:
 def _install(root: Path, binary: Path, *sets: str, retire: bool = False) -> None:
     loaded = load_config(sets=list(sets), env=_secrets(list(sets)))
     if retire:
-        operations.install(loaded, HostPaths(root), binary, retire_local=True)
+        install(loaded, HostPaths(root), binary, retire_local=True)
     else:
-        operations.install(loaded, HostPaths(root), binary)
+        install(loaded, HostPaths(root), binary)
 
 
 def _pilot_with_data(root: Path, binary: Path) -> HostPaths:
@@ -82,7 +83,7 @@ def _pilot_with_data(root: Path, binary: Path) -> HostPaths:
 def _refused(root: Path, binary: Path, *sets: str, tier: str | None = None) -> StellarError:
     with pytest.raises(StellarError) as info:
         loaded = load_config(sets=list(sets), tier=tier, env=_secrets(list(sets)))
-        operations.install(loaded, HostPaths(root), binary)
+        install(loaded, HostPaths(root), binary)
     assert "\n" not in info.value.message and info.value.hint
     return info.value
 
@@ -192,12 +193,12 @@ def test_initdb_never_runs_over_a_directory_that_holds_files(tmp_path: Path) -> 
 def test_purge_still_removes_the_data(tmp_path: Path, binary: Path) -> None:
     root = tmp_path / "root"
     paths = _pilot_with_data(root, binary)
-    operations.uninstall(paths, purge=False)
+    uninstall(paths, purge=False)
     assert (paths.postgres_data / "PG_VERSION").is_file()
     assert (paths.redis_data / "appendonlydir").is_dir()
     _install(root, binary)
     assert (paths.postgres_data / "PG_VERSION").is_file()  # adopted, not initialised over
-    operations.uninstall(paths, purge=True)
+    uninstall(paths, purge=True)
     assert not paths.state_dir.exists() and not paths.etc.exists()
 
 

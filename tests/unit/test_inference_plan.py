@@ -125,6 +125,6 @@ def test_plan_cli_follows_the_fake_nvml(fake_nvml: Path, tmp_path: Path) -> None
     fewer = dict(TWO_GPUS, gpus=TWO_GPUS["gpus"][:1])  # type: ignore[index]
     fake_nvml.write_text(json.dumps(fewer))
     out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True)
-    removed = [s for s in json.loads(out.stdout)["steps"] if s["step"].startswith("remove")]
+    removed = [s for s in json.loads(out.stdout)["data"]["steps"] if s["step"].startswith("remove")]
     assert len(removed) == 1 and all(m in removed[0]["step"] for m in SLICES[1:])
     assert sorted(p.stem for p in env_dir.glob("*.env")) == SLICES[:1]

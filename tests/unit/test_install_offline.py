@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from stellarbase import install_state, operations
+from stellarbase import install_state
 from stellarbase.apply import Executor
+from stellarbase.commands.install import install
+from stellarbase.commands.install import make_plan as install_plan
+from stellarbase.commands.plan import dry_run
+from stellarbase.commands.uninstall import uninstall
 from stellarbase.configload import load_config
 from stellarbase.envfile import read_env_file
 from stellarbase.errors import ExitCode, StellarError
-from stellarbase.output import Status
 from stellarbase.paths import HostPaths
 from stellarbase.plan import (
     EnsureDatabase,
@@ -26,6 +29,7 @@ from stellarbase.plan import (
     Step,
     make_plan,
 )
+from stellarbase.result import Status
 from tests.filetree import file_states
 
 pytestmark = pytest.mark.host_commands  # systemd-sysusers --root=<tmp> creates the user
@@ -40,7 +44,7 @@ def binary(tmp_path: Path) -> Path:
 
 def _install(root: Path, binary: Path, *sets: str, env: dict[str, str] | None = None):
     loaded = load_config(sets=list(sets), env=env or {})
-    return operations.install(loaded, HostPaths(root), binary)
+    return install(loaded, HostPaths(root), binary)
 
 
 def test_second_install_changes_nothing(tmp_path: Path, binary: Path) -> None:
@@ -88,7 +92,7 @@ def test_plan_masks_secrets_and_changes_nothing(tmp_path: Path, binary: Path) ->
         sets=["dependencies.redis=external", "redis.url=redis://cache:6379/0"],
         env={"STELLARBASE_REDIS__PASSWORD": "r-pass-9"},
     )
-    result = operations.dry_run(loaded, HostPaths(root), binary)
+    result = dry_run(loaded, HostPaths(root), binary)
     assert result.changed > 10
     rendered = repr(result.as_dict())
     assert "r-pass-9" not in rendered and "secret content not shown" in rendered
@@ -125,13 +129,13 @@ def test_uninstall_keeps_config_unless_purged(tmp_path: Path, binary: Path) -> N
     root = tmp_path / "root"
     _install(root, binary)
     paths = HostPaths(root)
-    operations.uninstall(paths, purge=False)
+    uninstall(paths, purge=False)
     assert not list(paths.unit_dir.glob("stellarbase*"))
     assert not paths.opt.exists()
     assert paths.config_file.exists() and paths.state_dir.is_dir()
     assert install_state.load(paths.state_file).units == {}
     _install(root, binary)
-    operations.uninstall(paths, purge=True)
+    uninstall(paths, purge=True)
     assert not paths.etc.exists() and not paths.state_dir.exists()
     assert not paths.sysusers_file.exists()
 
@@ -184,7 +188,7 @@ def _refused(root: Path, plan: Plan) -> StellarError:
 
 def _plan(root: Path, binary: Path, *sets: str) -> Plan:
     loaded = load_config(sets=list(sets), env={})
-    return operations.make_plan(loaded, HostPaths(root), binary)
+    return install_plan(loaded, HostPaths(root), binary)
 
 
 def test_a_failure_before_any_service_saw_the_change_puts_every_file_back(

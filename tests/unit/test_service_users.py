@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from stellarbase import facts, layout, operations, render
+from stellarbase import facts, layout, render
+from stellarbase.commands.install import install
 from stellarbase.configload import load_config
 from stellarbase.envfile import read_env_file
 from stellarbase.localdeps import ServerBinary
@@ -71,7 +72,7 @@ def test_reowning_never_follows_a_link_the_old_owner_planted(tmp_path: Path) -> 
 def _legacy_host(root: Path, binary: Path) -> HostPaths:
     """A host as a release that ran everything as `stellarbase` left it: its data and
     WAL spool owned by that user, secrets.env readable by its group."""
-    operations.install(load_config(sets=["backup.repository=file:///srv/backups"], env={}),
+    install(load_config(sets=["backup.repository=file:///srv/backups"], env={}),
                        HostPaths(root), binary)  # fmt: skip
     paths = HostPaths(root)
     legacy = root / "legacy-sysusers.conf"
@@ -110,7 +111,7 @@ def test_an_install_of_the_shared_user_release_is_reowned_keeping_every_secret(
     os.chown(paths.redis_data / "evil.d", legacy_uid, legacy_uid, follow_symlinks=False)
 
     loaded = load_config(sets=["backup.repository=file:///srv/backups"], env={})
-    result = operations.install(loaded, paths, binary)
+    result = install(loaded, paths, binary)
     details = {s.step: s.detail for s in result.steps}
     pg_step = f"re-own {paths.postgres_data} from stellarbase (stellarbase-pg:stellarbase-pg)"
     assert details[pg_step] == "re-owned from stellarbase to stellarbase-pg: 7 entries"
@@ -134,7 +135,7 @@ def test_an_install_of_the_shared_user_release_is_reowned_keeping_every_secret(
     given = {**read_env_file(paths.credentials_file("api")),
              **read_env_file(paths.credentials_file("agent"))}  # fmt: skip
     assert given == secrets
-    assert operations.install(loaded, paths, binary).changed == 0
+    assert install(loaded, paths, binary).changed == 0
 
 
 def test_each_unit_names_its_own_user_and_only_its_own_credentials(binary: Path) -> None:
@@ -189,7 +190,7 @@ def test_rollback_to_the_shared_user_release_hands_the_data_back(
     root = tmp_path / "root"
     paths = _legacy_host(root, binary)
     loaded = load_config(sets=["backup.repository=file:///srv/backups"], env={})
-    operations.install(loaded, paths, binary)  # re-owned by this release
+    install(loaded, paths, binary)  # re-owned by this release
     canary, outside = _canaries(root)
     before = file_states(canary, outside)
     pg_uid, _ = facts.lookup_ids(paths, "stellarbase-pg", "root")

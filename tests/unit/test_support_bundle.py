@@ -152,7 +152,7 @@ def test_bundle_holds_every_part_and_no_secret(
     args = ["--root", str(root), "-O", str(bundle), "-o", "json", *config]
     assert _support_bundle(monkeypatch, *args) == 0
     printed = capsys.readouterr().out
-    assert json.loads(printed)["path"] == str(bundle)
+    assert json.loads(printed)["data"]["path"] == str(bundle)
     assert bundle.stat().st_mode & 0o777 == 0o600
 
     members = _members(bundle)

@@ -14,10 +14,12 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from stellarbase import __version__, cli, operations, release_key, trust
+from stellarbase import __version__, cli, release_key, trust
+from stellarbase.commands.status import status
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.paths import HostPaths
-from stellarbase.upgrade import SchemaSupport, check_move, version_key
+from stellarbase.releases import SchemaSupport, check_move
+from stellarbase.trust import version_key
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -177,7 +179,7 @@ def test_a_revoked_release_is_refused_even_with_the_flag(
     assert _upgrade(monkeypatch, *argv, "--allow-downgrade") == ExitCode.BUNDLE
     assert "release 0.0.9 is revoked" in capsys.readouterr().err
     assert not (tmp_path / "ran-0.0.9").exists()
-    assert "revoked releases: 0.0.9" in operations.status(HostPaths(root)).lines
+    assert "revoked releases: 0.0.9" in status(HostPaths(root)).messages
 
 
 def test_a_bundle_revokes_older_releases_and_the_list_only_grows(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stellarbase import operations, systemd
+from stellarbase import systemd
+from stellarbase.commands.install import install
 from stellarbase.configload import load_config
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.paths import HostPaths
@@ -38,7 +39,7 @@ def _install_refused(root: Path, binary: Path, *sets: str) -> StellarError:
     before = file_states(root)
     start = time.monotonic()
     with pytest.raises(StellarError) as info:
-        operations.install(load_config(sets=list(sets), env={}), HostPaths(root), binary)
+        install(load_config(sets=list(sets), env={}), HostPaths(root), binary)
     assert time.monotonic() - start < 1.0
     assert info.value.code == ExitCode.CONFIG, info.value.message
     assert "\n" not in info.value.message and info.value.hint
@@ -49,7 +50,7 @@ def _install_refused(root: Path, binary: Path, *sets: str) -> StellarError:
 @pytest.fixture
 def installed(tmp_path: Path, binary: Path) -> Path:
     root = tmp_path / "root"
-    operations.install(load_config(env={}), HostPaths(root), binary)
+    install(load_config(env={}), HostPaths(root), binary)
     return root
 
 
@@ -69,7 +70,7 @@ def test_a_schedule_systemd_cannot_parse_is_refused(
 @pytest.mark.parametrize("schedule", ["daily", "Mon..Fri *-*-* 02:30:00", "*-*-* 04:00 UTC"])
 def test_a_schedule_systemd_parses_is_taken(installed: Path, binary: Path, schedule: str) -> None:
     loaded = load_config(sets=[*FILE_BACKUPS, f"backup.schedule={schedule}"], env={})
-    operations.install(loaded, HostPaths(installed), binary)
+    install(loaded, HostPaths(installed), binary)
     timer = HostPaths(installed).unit_dir / "stellarbase-backup.timer"
     assert f"OnCalendar={schedule}\n" in timer.read_text()
 

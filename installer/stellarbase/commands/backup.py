@@ -1,4 +1,5 @@
-"""What `stellarbase backup …` does on an installed host: context, results, audit rows.
+"""`backup now | list | verify | expire | restore | drill`, and the hidden `archiver`: what
+they do on an installed host, with the context they share and the audit rows they leave.
 
 Backups run next to the local PostgreSQL: base backups connect as its superuser (whose
 password only root can read), the agent archives WAL as the service user.
@@ -22,8 +23,8 @@ import structlog
 
 from stellarbase import audit, envfile, installed_config
 from stellarbase.errors import ExitCode, StellarError
-from stellarbase.output import Result, Status, StepResult
 from stellarbase.paths import GROUP, POSTGRES_USER, HostPaths
+from stellarbase.result import Result, Status, StepResult
 
 if TYPE_CHECKING:
     from stellarbase import config as cfg
@@ -135,9 +136,9 @@ def backup_now(ctx: BackupContext, label: str) -> Result:
     )
     return Result(
         "backup",
-        steps=[StepResult("base backup", Status.CHANGED, manifest["id"])],
-        info={"backup": manifest, "seconds": round(seconds, 3), "audit": note},
-        lines=[line],
+        steps=(StepResult("base backup", Status.CHANGED, manifest["id"]),),
+        data={"backup": manifest, "seconds": round(seconds, 3), "audit": note},
+        messages=(line,),
     )
 
 
@@ -181,7 +182,7 @@ def backup_list(ctx: BackupContext) -> Result:
 
     listing = catalog.listing(catalog.load_catalog(ctx.repo, ctx.key, tampered_ok=True))
     lines = catalog.describe_listing(listing)
-    return Result("backup list", info=listing.as_dict(), lines=lines)
+    return Result("backup list", listing.as_dict(), tuple(lines))
 
 
 def backup_verify(ctx: BackupContext) -> Result:
@@ -208,9 +209,8 @@ def backup_verify(ctx: BackupContext) -> Result:
         "ok": not problems,
         **covered,
     }
-    if problems:
-        info["exit_code"] = int(ExitCode.BACKUP)
-    return Result("backup verify", info=info, lines=lines)
+    code = ExitCode.BACKUP if problems else ExitCode.OK
+    return Result("backup verify", info, tuple(lines), exit_code=int(code))
 
 
 def backup_expire(ctx: BackupContext, dry_run: bool) -> Result:
@@ -229,9 +229,9 @@ def backup_expire(ctx: BackupContext, dry_run: bool) -> Result:
     status = Status.CHANGED if (backups or wal) and not dry_run else Status.UNCHANGED
     return Result(
         "backup expire",
-        steps=[StepResult("expire", status, f"{len(backups)} backups, {len(wal)} WAL files")],
-        info={"backups": list(backups), "wal": list(wal), "dry_run": dry_run},
-        lines=lines,
+        steps=(StepResult("expire", status, f"{len(backups)} backups, {len(wal)} WAL files"),),
+        data={"backups": list(backups), "wal": list(wal), "dry_run": dry_run},
+        messages=tuple(lines),
     )
 
 
@@ -305,9 +305,9 @@ def backup_restore(
     ]
     return Result(
         "backup restore",
-        steps=[StepResult("restore", Status.CHANGED, f"backup {outcome.backup_id}")],
-        info={**details, "seconds": round(seconds, 3), "audit": note},
-        lines=lines,
+        steps=(StepResult("restore", Status.CHANGED, f"backup {outcome.backup_id}"),),
+        data={**details, "seconds": round(seconds, 3), "audit": note},
+        messages=tuple(lines),
     )
 
 
@@ -318,11 +318,11 @@ def backup_drill(ctx: BackupContext) -> Result:
     note = ctx.audit("backup drill", True, result.as_dict())
     return Result(
         "backup drill",
-        info={**result.as_dict(), "audit": note},
-        lines=[
+        data={**result.as_dict(), "audit": note},
+        messages=(
             f"drill: backup {result.backup_id} restored and answered in {result.rto_seconds:.1f} s"
-            f" (RTO); {result.summary}"
-        ],
+            f" (RTO); {result.summary}",
+        ),
     )
 
 

@@ -1,13 +1,12 @@
-"""The database commands (`migrate up`, `migrate status`, `audit`): each returns a Result.
+"""`migrate up` and `migrate status`: the versioned PostgreSQL schema.
 
-The migrate commands leave a row in the audit log once its table exists; on failure that is
+Both commands leave a row in the audit log once its table exists; on failure that is
 best effort, so the original error is the one the user sees.
 """
 
 from __future__ import annotations
 
-import json
-from datetime import UTC, datetime
+from datetime import UTC
 from pathlib import Path
 
 from stellarbase import audit
@@ -19,7 +18,7 @@ from stellarbase.migrate import (
     migrate_up,
     migration_status,
 )
-from stellarbase.output import Result, Status, StepResult
+from stellarbase.result import Result, Status, StepResult
 
 
 def migrate_up_command(
@@ -49,15 +48,6 @@ def migrate_up_command(
     states = migration_status(conninfo, password, directory=directory)
     version = _version(states)
     pending = sum(1 for s in states if s.state == "pending")
-    result = Result(
-        "migrate up",
-        steps=[StepResult(f"migration {m.filename}", Status.CHANGED, "applied") for m in done],
-        info={"applied": [m.version for m in done], "version": version, "pending": pending},
-        lines=[
-            ("" if done else "nothing to apply: ")
-            + f"database at version {version}; {pending} pending"
-        ],
-    )
     audit_error = audit.try_record(
         conninfo,
         password,
@@ -66,8 +56,15 @@ def migrate_up_command(
         details={"to": to, "applied": [m.version for m in done], "version": version},
         correlation_id=correlation_id,
     )
-    _note_audit(result, audit_error)
-    return result
+    note, more = _audit_note(audit_error)
+    applied = [m.version for m in done]
+    summary = ("" if done else "nothing to apply: ") + f"database at version {version}"
+    return Result(
+        "migrate up",
+        {"applied": applied, "version": version, "pending": pending, "audit": note},
+        (f"{summary}; {pending} pending", *more),
+        steps=tuple(StepResult(f"migration {m.filename}", Status.CHANGED, "applied") for m in done),
+    )
 
 
 def migrate_status_command(
@@ -100,15 +97,6 @@ def migrate_status_command(
             "`migrate up` refuses to run: restore a changed file; "
             "an unknown version needs the newer stellarbase that applied it"
         )
-    result = Result(
-        "migrate status",
-        info={
-            "version": version,
-            "pending": pending,
-            "migrations": [s.as_dict() for s in states],
-        },
-        lines=lines,
-    )
     audit_error = audit.try_record(
         conninfo,
         password,
@@ -117,23 +105,10 @@ def migrate_status_command(
         details={"version": version, "applied": applied, "pending": pending},
         correlation_id=correlation_id,
     )
-    _note_audit(result, audit_error)
-    return result
-
-
-def audit_command(
-    conninfo: str, password: str | None, *, since: datetime | None, limit: int
-) -> Result:
-    """The rows as a table for people; as a list under "rows" in JSON."""
-    rows = audit.read(conninfo, password, since=since, limit=limit)
-    lines = [
-        f"{r.at.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}  {r.outcome:<7}  {r.action:<16}  "
-        f"{r.actor}@{r.host}  {r.correlation_id}  {json.dumps(r.details, sort_keys=True)}"
-        for r in rows
-    ]
-    if not rows:
-        lines = ["no audit rows" + (f" since {since.isoformat()}" if since else "")]
-    return Result("audit", info={"rows": [r.as_dict() for r in rows]}, lines=lines)
+    note, more = _audit_note(audit_error)
+    data = {"version": version, "pending": pending,
+            "migrations": [s.as_dict() for s in states], "audit": note}  # fmt: skip
+    return Result("migrate status", data, (*lines, *more))
 
 
 def _version(states: list[MigrationState]) -> int:
@@ -144,11 +119,10 @@ def _names(migrations: list[Migration]) -> str:
     return ", ".join(m.filename for m in migrations)
 
 
-def _note_audit(result: Result, error: StellarError | None) -> None:
+def _audit_note(error: StellarError | None) -> tuple[str, tuple[str, ...]]:
+    """The result's "audit" field, and a line for people when it failed unexpectedly."""
     if error is None:
-        result.info["audit"] = "recorded"
-    elif error.code == ExitCode.MIGRATION:  # no audit_log table before its migration ran
-        result.info["audit"] = "not recorded: no audit_log table yet"
-    else:
-        result.info["audit"] = f"not recorded: {error.message}"
-        result.lines.append(f"audit log: not recorded ({error.message})")
+        return "recorded", ()
+    if error.code == ExitCode.MIGRATION:  # no audit_log table before its migration ran
+        return "not recorded: no audit_log table yet", ()
+    return f"not recorded: {error.message}", (f"audit log: not recorded ({error.message})",)
