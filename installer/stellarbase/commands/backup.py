@@ -149,19 +149,18 @@ def _require_archiving(conninfo: str) -> None:
     """
     import psycopg
 
-    try:
-        with psycopg.connect(conninfo) as conn:
-            mode = conn.execute("SHOW archive_mode").fetchone()
-            row = conn.execute(
-                "SELECT last_failed_wal, last_failed_time > coalesce(last_archived_time, "
-                "'-infinity') FROM pg_stat_archiver"
-            ).fetchone()
-    except psycopg.Error as exc:
-        raise StellarError(
-            f"cannot reach the local PostgreSQL: {str(exc).strip().splitlines()[0]}",
-            hint="is stellarbase-postgres running? `systemctl status stellarbase-postgres`",
-            code=ExitCode.DEPENDENCY,
-        ) from None
+    from stellarbase import db
+
+    hint = "is stellarbase-postgres running? `systemctl status stellarbase-postgres`"
+    with (
+        db.server_errors("cannot reach the local PostgreSQL", hint=hint, code=ExitCode.DEPENDENCY),
+        psycopg.connect(conninfo) as conn,
+    ):
+        mode = conn.execute("SHOW archive_mode").fetchone()
+        row = conn.execute(
+            "SELECT last_failed_wal, last_failed_time > coalesce(last_archived_time, "
+            "'-infinity') FROM pg_stat_archiver"
+        ).fetchone()
     if mode is None or mode[0] != "on":
         raise StellarError(
             "WAL archiving is off in the local PostgreSQL",
