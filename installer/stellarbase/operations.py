@@ -30,13 +30,15 @@ from stellarbase.apply import Executor, remove_path
 from stellarbase.config import Config
 from stellarbase.configload import LoadedConfig
 from stellarbase.errors import ExitCode, StellarError
+from stellarbase.host import for_paths
 from stellarbase.output import Result, Status
 from stellarbase.paths import HostPaths
 from stellarbase.preflight import Check, Context, Finding, failed, noted, passed, report
+from stellarbase.steps import EnsureDatabase, Migrate, Plan, WaitHealthy
 
 log = structlog.get_logger()
 
-SCHEMA_STEPS = (plan.EnsureDatabase, plan.Migrate, plan.WaitHealthy)
+SCHEMA_STEPS = (EnsureDatabase, Migrate, WaitHealthy)
 
 
 def require_root(paths: HostPaths) -> None:
@@ -116,7 +118,7 @@ def _report_result(operation: str, found: report.Report) -> Result:
 
 def make_plan(
     loaded: LoadedConfig, paths: HostPaths, binary: Path | None, *, retire_local: bool = False
-) -> plan.Plan:
+) -> Plan:
     """Every check of the config and the host first, then the plan: a refusal changes nothing."""
     validate.check_install(loaded, paths)
     require_systemd(paths)
@@ -151,20 +153,22 @@ def install(
     source = str(loaded.site_file.resolve()) if loaded.site_file else "tier defaults"
     if loaded.site_file and loaded.site_file.resolve() == paths.config_file.resolve():
         source = ""  # the installed config again (upgrade, rollback): keep where it came from
+    host = for_paths(paths)
     executor = Executor(
         paths,
+        host=host,
         config_source=f"{source} (tier {loaded.config.tier})" if source else "",
         database_url=the_plan.database[0] if the_plan.database else "",
         rolling=rolling,
         unit_timeout=loaded.config.health.timeout_seconds,
     )
     try:
-        if paths.live and preflight:  # a --root install prepares files: nothing connects
+        if host.running_system and preflight:  # a --root install prepares files only
             # Preflight guards changes; a converged host has none to make, and its health
             # gate still proves every dependency through the services' /readyz.
             # Schema steps need the servers up and are not what preflight guards.
             host_steps = [s for s in the_plan.steps if not isinstance(s, SCHEMA_STEPS)]
-            pending = Executor(paths, dry_run=True).apply(
+            pending = Executor(paths, dry_run=True, host=host).apply(
                 replace(the_plan, steps=tuple(host_steps))
             )
             if any(step.status == Status.CHANGED for step in pending):
@@ -366,7 +370,7 @@ def uninstall(paths: HostPaths, *, purge: bool) -> Result:
         known = systemd.show([layout.TARGET, *(u for u in current.units if u != layout.TARGET)])
         loaded = [u for u, s in known.items() if s.load_state == "loaded"]
         if current.database_url:  # written while a local PostgreSQL still runs
-            password = facts.generated_secrets(paths).get(plan.POSTGRES_PASSWORD)
+            password = facts.generated_secrets(paths).get(layout.POSTGRES_PASSWORD)
             details = {"purge": purge, "units": loaded}
             record_audit((current.database_url, password), "uninstall", "success", details)
         systemd.stop(loaded)

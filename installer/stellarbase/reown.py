@@ -14,7 +14,8 @@ import os
 import stat
 from pathlib import Path
 
-from stellarbase import facts, layout, systemd
+from stellarbase import facts, layout
+from stellarbase.host import Host, for_paths
 from stellarbase.paths import (
     AGENT_USER,
     GROUP,
@@ -51,13 +52,15 @@ def reown_tree(top: Path, old_uid: int, uid: int, gid: int) -> int:
     return changed
 
 
-def hand_back(paths: HostPaths, repository: str) -> list[str]:
+def hand_back(paths: HostPaths, repository: str, host: Host | None = None) -> list[str]:
     """Before a release that ran everything as one user (`stellarbase`) takes over again,
     as a rollback does: give that user back what its units open, with them stopped.
 
     The older release's install re-owns only the top of each directory, so without this
     its PostgreSQL would start over files it cannot read. Returns what was handed back.
+    `host`: where the units stop (None: the one `paths` names).
     """
+    host = host or for_paths(paths)
     try:
         legacy_uid, legacy_gid = facts.lookup_ids(paths, LEGACY_USER, GROUP)
     except KeyError:
@@ -79,8 +82,7 @@ def hand_back(paths: HostPaths, repository: str) -> list[str]:
             continue
         if owner != uid:
             continue
-        if paths.live:
-            systemd.stop([unit])
+        host.stop([unit])
         count = reown_tree(top, uid, legacy_uid, legacy_gid)
         done.append(f"{paths.host_view(top)}: {count} entries back to {LEGACY_USER}")
     return done
