@@ -88,7 +88,9 @@ class Executor:
         for index, step in enumerate(steps, start=1):
             name = describe(step)
             try:
-                detail, diff = self._do(step, current, plan)
+                result = self._take(step, name, current, plan)
+                if not self.dry_run:
+                    self._host.step_done(index)  # may end the run here (tests)
             except BaseException as exc:
                 if not isinstance(step, LEAVES_NOTHING_WHEN_FAILED):
                     self._undo = None  # it may have acted on a service or data before failing
@@ -97,18 +99,19 @@ class Executor:
                     self.results.append(StepResult(name, Status.FAILED, exc.message))
                     exc.details.extend(lines)
                 raise
-            if detail and not isinstance(step, FILE_STEPS):
-                self._undo = None  # a service or the data moved on: the files are in use
-            status = Status.CHANGED if detail else Status.UNCHANGED
-            self.results.append(StepResult(name, status, detail or "", diff))
-            if detail and not self.dry_run:
-                log.info("step", step=name, changed=detail)
-            if not self.dry_run:
-                self._host.step_done(index)
+            self.results.append(result)
         if not self.dry_run:
             current.files = list(plan.owned)
             self._save(current)
         return self.results
+
+    def _take(self, step: Step, name: str, current: install_state.State, plan: Plan) -> StepResult:
+        detail, diff = self._do(step, current, plan)
+        if detail and not isinstance(step, FILE_STEPS):
+            self._undo = None  # a service or the data moved on: the files are in use
+        if detail and not self.dry_run:
+            log.info("step", step=name, changed=detail)
+        return StepResult(name, Status.CHANGED if detail else Status.UNCHANGED, detail or "", diff)
 
     def _do(self, step: Step, current: install_state.State, plan: Plan) -> tuple[str | None, str]:
         handlers: dict[type, Callable[..., tuple[str | None, str]]] = {
