@@ -37,7 +37,6 @@ class FakeHost:
     settings: dict[str, str] = field(default_factory=dict)
     applied: set[int] = field(default_factory=set)  # migration versions
     database: bool = False
-    clock: float = 0.0
     _loaded: dict[str, bytes] = field(default_factory=dict)  # unit files systemd has read
 
     running_system = True
@@ -157,7 +156,7 @@ class FakeHost:
         self.applied.update(m.version for m in done)
         return done
 
-    # --- the health gate and the clock --------------------------------------------------
+    # --- the health gate ----------------------------------------------------------------
 
     def wait_healthy(
         self, units: list[str], ready_urls: list[tuple[str, str]], timeout: float
@@ -166,10 +165,6 @@ class FakeHost:
         down = [u for u in units if u not in self.active or u in self.unhealthy]
         if down:
             raise StellarError(f"{down[0]} is not healthy (fake host)", code=ExitCode.UNHEALTHY)
-
-    def monotonic(self) -> float:
-        self.clock += 0.001
-        return self.clock
 
     def step_done(self, index: int) -> None:
         if index == self.fail_after_step:

@@ -1,5 +1,5 @@
-"""The running system as the executor sees it: systemd, system users, the database, the
-health gate and the clock, behind one `Host`.
+"""The running system as the executor sees it: systemd, system users, the database and the
+health gate, behind one `Host`; every wait, and so the clock, is behind it too.
 
 `LiveHost` runs the real commands. `FilesOnlyHost` serves a --root install, which only
 prepares files: nothing runs there, so the executor skips the steps a plan marks as
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Protocol
 
@@ -56,11 +55,10 @@ class Host(Protocol):
     def migration_status(self, url: str, password: str | None) -> list[migrate.MigrationState]: ...
     def migrate_up(self, url: str, password: str | None) -> list[migrate.Migration]: ...
 
-    # the health gate, and the clock
+    # the health gate (it keeps the clock: every wait of a run is behind the host)
     def wait_healthy(
         self, units: list[str], ready_urls: list[tuple[str, str]], timeout: float
     ) -> None: ...
-    def monotonic(self) -> float: ...
 
     def step_done(self, index: int) -> None:
         """Called after step `index` (from 1) of a real run."""
@@ -119,9 +117,6 @@ class LiveHost:
         self, units: list[str], ready_urls: list[tuple[str, str]], timeout: float
     ) -> None:
         verify.wait_healthy(units, ready_urls, timeout)
-
-    def monotonic(self) -> float:
-        return time.monotonic()
 
     def step_done(self, index: int) -> None:
         if index == int(os.environ.get(STOP_AFTER_ENV, "0") or 0):

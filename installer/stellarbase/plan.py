@@ -15,43 +15,15 @@ from typing import Literal
 from pydantic import SecretStr
 
 from stellarbase import config as cfg
-from stellarbase import envfile, layout, render
+from stellarbase import envfile, layout, render, steps
 from stellarbase.agent.targets import targets_file
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.facts import Facts
 from stellarbase.files import digest
 from stellarbase.layout import POSTGRES_PASSWORD, REDIS_PASSWORD, Layout
 from stellarbase.localdeps import ADMIN_PASSWORD, MIN_POSTGRES, MIN_REDIS, missing_error
-from stellarbase.paths import (
-    AGENT_USER,
-    GROUP,
-    POSTGRES_USER,
-    REDIS_USER,
-    SERVICE_USERS,
-    HostPaths,
-)
+from stellarbase.paths import GROUP, POSTGRES_USER, REDIS_USER, SERVICE_USERS, HostPaths
 from stellarbase.service_settings import ServiceName, load_catalog, service_credentials
-from stellarbase.steps import (
-    SYSTEM_STEPS,
-    ConfigureArchiving,
-    CopyFile,
-    DaemonReload,
-    EnsureDatabase,
-    EnsureDataDir,
-    EnsureDir,
-    EnsureUser,
-    FirstBackup,
-    InitPostgres,
-    Migrate,
-    Plan,
-    RemoveStale,
-    StartUnit,
-    Step,
-    StopUnits,
-    Symlink,
-    WaitHealthy,
-    WriteFile,
-)
 
 
 def with_local_servers(config: cfg.Config, facts: Facts) -> cfg.Config:
@@ -137,18 +109,20 @@ def _check_inference_ports(config: cfg.Config, devices: tuple[str, ...]) -> None
 
 @dataclass
 class Draft:
-    """The plan as the planners build it: its steps, and the host paths it owns."""
+    """The plan as the planners build it: its steps so far, and the host paths it owns."""
 
     paths: HostPaths
-    steps: list[Step] = field(default_factory=list)
+    planned: list[steps.Step] = field(default_factory=list)
     owned: list[Path] = field(default_factory=list)
 
-    def add(self, *steps: Step) -> None:
-        self.steps.extend(steps)
+    def add(self, *more: steps.Step) -> None:
+        self.planned.extend(more)
 
-    def mine(self, step: EnsureDir | WriteFile | CopyFile | Symlink) -> None:
+    def mine(
+        self, step: steps.EnsureDir | steps.WriteFile | steps.CopyFile | steps.Symlink
+    ) -> None:
         """A step whose path the installer owns once applied (uninstall removes it)."""
-        self.steps.append(step)
+        self.planned.append(step)
         self.owned.append(step.path)
 
 
@@ -181,7 +155,7 @@ class Inputs:
 
 def make_plan(
     site_config: cfg.Config, paths: HostPaths, facts: Facts, *, retire_local: bool = False
-) -> Plan:
+) -> steps.Plan:
     """The steps to converge the host; raises, before any step, on a config this host
     must not take. `retire_local`: a dependency gone external leaves its local data."""
     require_local_servers(site_config, facts)
@@ -204,13 +178,13 @@ def make_plan(
     if config.postgres:
         secret = config.postgres.password
         database = (config.postgres.url, secret.get_secret_value() if secret else None)
-    steps = tuple(draft.steps)
-    return Plan(
-        steps,
+    planned = tuple(draft.planned)
+    return steps.Plan(
+        planned,
         tuple(paths.host_view(p) for p in draft.owned),
         where.endpoints,
         database,
-        frozenset(s for s in steps if isinstance(s, SYSTEM_STEPS)),
+        frozenset(s for s in planned if isinstance(s, steps.SYSTEM_STEPS)),
     )
 
 
@@ -230,51 +204,51 @@ def plan_users(draft: Draft) -> None:
     paths = draft.paths
     # Shared system directories: ensured (an empty test root lacks them) but never owned.
     for shared in ("/etc/sysusers.d", "/etc/systemd/system", "/opt", "/var/lib"):
-        draft.add(EnsureDir(paths.at(shared), "root", "root", 0o755))
+        draft.add(steps.EnsureDir(paths.at(shared), "root", "root", 0o755))
     sysusers = render.render_sysusers(paths).encode()
-    draft.mine(WriteFile(paths.sysusers_file, sysusers, "root", "root", 0o644))
+    draft.mine(steps.WriteFile(paths.sysusers_file, sysusers, "root", "root", 0o644))
     users = (POSTGRES_USER, REDIS_USER, *SERVICE_USERS.values())
-    draft.add(EnsureUser(users, paths.sysusers_file))
+    draft.add(steps.EnsureUser(users, paths.sysusers_file))
 
 
-def plan_directories(draft: Draft, config: cfg.Config, where: Layout) -> list[EnsureDataDir]:
+def plan_directories(draft: Draft, config: cfg.Config, where: Layout) -> list[steps.EnsureDataDir]:
     """The state and config directories, and the data directories: those are ensured,
     never owned (see kept_data). Returns them, to re-own once the new units are loaded."""
     paths = draft.paths
     # 0751: the local servers, not in the group, reach their data directories inside.
-    draft.mine(EnsureDir(paths.state_dir, "root", GROUP, 0o751))
+    draft.mine(steps.EnsureDir(paths.state_dir, "root", GROUP, 0o751))
     agent_unit = load_catalog().services["agent"].unit
-    data_dirs: list[EnsureDataDir] = []
+    data_dirs: list[steps.EnsureDataDir] = []
+
+    def data_dir(path: Path, user: str, mode: int, unit: str) -> None:
+        data_dirs.append(steps.EnsureDataDir(path, user, user, mode, (unit,)))
+
     if where.local.postgres:  # 0750 with group access (initdb -g): the agent reads the WAL
-        data_dirs.append(EnsureDataDir(paths.postgres_data, POSTGRES_USER, POSTGRES_USER, 0o750,
-                                       (layout.POSTGRES_UNIT,)))  # fmt: skip
+        data_dir(paths.postgres_data, POSTGRES_USER, 0o750, layout.POSTGRES_UNIT)
     if where.local.redis:
-        data_dirs.append(EnsureDataDir(paths.redis_data, REDIS_USER, REDIS_USER, 0o750,
-                                       (layout.REDIS_UNIT,)))  # fmt: skip
+        data_dir(paths.redis_data, REDIS_USER, 0o750, layout.REDIS_UNIT)
     if where.backups:  # 0755: archive_command runs as the PostgreSQL user and reads the markers
-        data_dirs.append(EnsureDataDir(paths.wal_spool, AGENT_USER, AGENT_USER, 0o755,
-                                       (agent_unit,)))  # fmt: skip
+        agent = SERVICE_USERS["agent"]
+        data_dir(paths.wal_spool, agent, 0o755, agent_unit)
         repo = config.backup.repository
         if repo.startswith("file://"):  # ensured, never owned: uninstall keeps backups
-            where_to = paths.at(repo.removeprefix("file://"))
-            data_dirs.append(EnsureDataDir(where_to, AGENT_USER, AGENT_USER, 0o750,
-                                           (agent_unit,)))  # fmt: skip
+            data_dir(paths.at(repo.removeprefix("file://")), agent, 0o750, agent_unit)
     draft.add(*data_dirs)
     # 0751: Redis, not in the group, reaches its own two files (root:stellarbase-redis).
-    draft.mine(EnsureDir(paths.etc, "root", GROUP, 0o751))
-    draft.mine(EnsureDir(paths.service_settings_dir, "root", GROUP, 0o750))
+    draft.mine(steps.EnsureDir(paths.etc, "root", GROUP, 0o751))
+    draft.mine(steps.EnsureDir(paths.service_settings_dir, "root", GROUP, 0o750))
     return data_dirs
 
 
 def plan_release(draft: Draft, facts: Facts) -> None:
     """This release's binary under releases/, and `current` pointing at it."""
     paths = draft.paths
-    draft.mine(EnsureDir(paths.opt, "root", "root", 0o755))
-    draft.mine(EnsureDir(paths.releases, "root", "root", 0o755))
+    draft.mine(steps.EnsureDir(paths.opt, "root", "root", 0o755))
+    draft.mine(steps.EnsureDir(paths.releases, "root", "root", 0o755))
     binary = paths.release_binary(facts.version)
-    draft.mine(EnsureDir(binary.parent, "root", "root", 0o755))
-    draft.mine(CopyFile(binary, facts.binary, facts.binary_digest, "root", "root", 0o755))
-    draft.mine(Symlink(paths.current, f"releases/{facts.version}"))
+    draft.mine(steps.EnsureDir(binary.parent, "root", "root", 0o755))
+    draft.mine(steps.CopyFile(binary, facts.binary, facts.binary_digest, "root", "root", 0o755))
+    draft.mine(steps.Symlink(paths.current, f"releases/{facts.version}"))
 
 
 def plan_config(
@@ -285,25 +259,27 @@ def plan_config(
     paths, local = draft.paths, where.local
     site = render.render_site_config(site_config).encode()  # as given: local stays local
     secrets = render.render_secrets(config).encode()
-    draft.mine(WriteFile(paths.config_file, site, "root", GROUP, 0o640))
+    draft.mine(steps.WriteFile(paths.config_file, site, "root", GROUP, 0o640))
     # Root only: what install reads back. Each service gets its own secrets from a file
     # of its own in the credentials directory, which systemd reads as root.
-    draft.mine(WriteFile(paths.secrets_file, secrets, "root", "root", 0o600, secret=True))
-    draft.mine(EnsureDir(paths.credentials_dir, "root", "root", 0o700))
+    draft.mine(steps.WriteFile(paths.secrets_file, secrets, "root", "root", 0o600, secret=True))
+    draft.mine(steps.EnsureDir(paths.credentials_dir, "root", "root", 0o700))
     per_unit: dict[str, bytes] = {}
     if local.postgres:
         admin = {ADMIN_PASSWORD: facts.secret(ADMIN_PASSWORD)}
         admin_env = envfile.render_env_file(admin, "Local PostgreSQL superuser; root only.")
         draft.mine(
-            WriteFile(paths.admin_secrets_file, admin_env.encode(), "root", "root", 0o600, True)
+            steps.WriteFile(
+                paths.admin_secrets_file, admin_env.encode(), "root", "root", 0o600, True
+            )
         )
         pw = facts.secret(ADMIN_PASSWORD)
-        draft.add(InitPostgres(local.postgres.path, paths.postgres_data, pw))
+        draft.add(steps.InitPostgres(local.postgres.path, paths.postgres_data, pw))
     if local.redis:
         redis_conf = render.render_redis_conf(config, paths).encode()
         redis_auth = render.render_redis_auth(facts.secret(REDIS_PASSWORD)).encode()
-        draft.mine(WriteFile(paths.redis_conf, redis_conf, "root", REDIS_USER, 0o640))
-        draft.mine(WriteFile(paths.redis_auth, redis_auth, "root", REDIS_USER, 0o640, True))
+        draft.mine(steps.WriteFile(paths.redis_conf, redis_conf, "root", REDIS_USER, 0o640))
+        draft.mine(steps.WriteFile(paths.redis_auth, redis_auth, "root", REDIS_USER, 0o640, True))
         per_unit[layout.REDIS_UNIT] = redis_conf + b"\0" + redis_auth
     settings: dict[str, bytes] = {}
     credentials: dict[str, bytes] = {}
@@ -314,21 +290,23 @@ def plan_config(
         if service_credentials(config, name):
             credentials[name] = render.render_credentials(config, name).encode()
             where_to = paths.credentials_file(name)
-            draft.mine(WriteFile(where_to, credentials[name], "root", "root", 0o600, True))
+            draft.mine(steps.WriteFile(where_to, credentials[name], "root", "root", 0o600, True))
         settings[name] = render.render_service_settings(config, name).encode()
         settings_file = paths.service_settings_dir / f"{name}.json"
-        draft.mine(WriteFile(settings_file, settings[name], "root", GROUP, 0o640))
+        draft.mine(steps.WriteFile(settings_file, settings[name], "root", GROUP, 0o640))
     if where.devices:
-        draft.mine(EnsureDir(paths.inference_env_dir, "root", GROUP, 0o750))
+        draft.mine(steps.EnsureDir(paths.inference_env_dir, "root", GROUP, 0o750))
         for unit in where.inference:
             device = unit.name.split("@", 1)[1].removesuffix(".service")
             per_unit[unit.name] = render.render_inference_env(unit.port).encode()
             env_file = paths.inference_env_dir / f"{device}.env"
-            draft.mine(WriteFile(env_file, per_unit[unit.name], "root", GROUP, 0o640))
+            draft.mine(steps.WriteFile(env_file, per_unit[unit.name], "root", GROUP, 0o640))
     return Inputs(facts.binary_digest, {}, settings, credentials, per_unit)
 
 
-def plan_units(draft: Draft, config: cfg.Config, where: Layout) -> tuple[dict[str, str], WriteFile]:
+def plan_units(
+    draft: Draft, config: cfg.Config, where: Layout
+) -> tuple[dict[str, str], steps.WriteFile]:
     """Every unit file and the target's link. Returns the unit files, and the agent's
     targets file, which plan_start writes once the schema is current (owned from here)."""
     paths = draft.paths
@@ -337,14 +315,18 @@ def plan_units(draft: Draft, config: cfg.Config, where: Layout) -> tuple[dict[st
     # before the services restart: a run that fails earlier never has the agent probe
     # ports nothing listens on yet.
     agent_targets = render.render_agent_targets(where).encode()
-    targets = WriteFile(targets_file(paths), agent_targets, "root", GROUP, 0o640)
+    targets = steps.WriteFile(targets_file(paths), agent_targets, "root", GROUP, 0o640)
     draft.owned.append(targets.path)
     unit_files = render.unit_files(config, paths, where)
     for unit_name, content in unit_files.items():
-        draft.mine(WriteFile(paths.unit_dir / unit_name, content.encode(), "root", "root", 0o644))
+        draft.mine(
+            steps.WriteFile(paths.unit_dir / unit_name, content.encode(), "root", "root", 0o644)
+        )
     wants = paths.unit_dir / "multi-user.target.wants"
-    draft.add(EnsureDir(wants, "root", "root", 0o755))
-    draft.mine(Symlink(wants / layout.TARGET, paths.host_view(paths.unit_dir / layout.TARGET)))
+    draft.add(steps.EnsureDir(wants, "root", "root", 0o755))
+    draft.mine(
+        steps.Symlink(wants / layout.TARGET, paths.host_view(paths.unit_dir / layout.TARGET))
+    )
     return unit_files, targets
 
 
@@ -366,9 +348,9 @@ def plan_cleanup(draft: Draft, config: cfg.Config, facts: Facts, where: Layout) 
     wanted = where.wanted_units()
     gone = tuple(u for u in facts.previous_units if u not in wanted and u != layout.TARGET)
     if gone:
-        draft.add(StopUnits(gone))
+        draft.add(steps.StopUnits(gone))
     if stale:
-        draft.add(RemoveStale(tuple(stale)))
+        draft.add(steps.RemoveStale(tuple(stale)))
 
 
 def plan_start(
@@ -376,52 +358,56 @@ def plan_start(
     config: cfg.Config,
     facts: Facts,
     where: Layout,
-    data_dirs: list[EnsureDataDir],
+    data_dirs: list[steps.EnsureDataDir],
     inputs: Inputs,
-    targets: WriteFile,
+    targets: steps.WriteFile,
 ) -> None:
     """Load the units; re-own what an older release's one user still owns; start the local
     servers; the database, archiving and the schema; then every unit, the target last."""
     loaded = [u for u in inputs.unit_files if not u.endswith("@.service")]  # via instances
-    draft.add(DaemonReload(tuple(dict.fromkeys([*loaded, *where.wanted_units()]))))
+    draft.add(steps.DaemonReload(tuple(dict.fromkeys([*loaded, *where.wanted_units()]))))
     draft.add(*(replace(d, reown=True) for d in data_dirs))
     for unit_name in where.local.units():
         unit_input = inputs.unit_files[unit_name].encode() + b"\0"
-        draft.add(StartUnit(unit_name, digest(unit_input + inputs.per_unit.get(unit_name, b""))))
+        draft.add(
+            steps.StartUnit(unit_name, digest(unit_input + inputs.per_unit.get(unit_name, b"")))
+        )
     timeout = config.health.timeout_seconds
     if where.local.postgres:
         port, admin = config.local.postgres.port, facts.secret(ADMIN_PASSWORD)
-        draft.add(EnsureDatabase(port, admin, facts.secret(POSTGRES_PASSWORD), timeout))
+        draft.add(steps.EnsureDatabase(port, admin, facts.secret(POSTGRES_PASSWORD), timeout))
         archiving = archive_settings(config, draft.paths, where.backups)
-        draft.add(ConfigureArchiving(port, admin, archiving, layout.POSTGRES_UNIT, timeout))
+        draft.add(steps.ConfigureArchiving(port, admin, archiving, layout.POSTGRES_UNIT, timeout))
     if config.postgres:
         secret = config.postgres.password
         password = secret.get_secret_value() if secret else None
-        draft.add(Migrate(config.postgres.url, password, timeout))
+        draft.add(steps.Migrate(config.postgres.url, password, timeout))
     draft.add(targets)
     socket = inputs.of_files(layout.SUPERVISE_SOCKET, layout.SUPERVISE_TEMPLATE)
-    draft.add(StartUnit(layout.SUPERVISE_SOCKET, socket))
+    draft.add(steps.StartUnit(layout.SUPERVISE_SOCKET, socket))
     ready = dict(where.ready_urls)
     for unit in where.services:
         draft.add(
-            StartUnit(
+            steps.StartUnit(
                 unit.name, inputs.of(unit), port=unit.port, ready_url=ready.get(unit.name, "")
             )
         )
     if where.backups:
         timer = inputs.of_files(layout.BACKUP_TIMER, layout.BACKUP_UNIT, sep=b"")
-        draft.add(StartUnit(layout.BACKUP_TIMER, timer))
+        draft.add(steps.StartUnit(layout.BACKUP_TIMER, timer))
     # Restarting the target would restart every service (PartOf=): only ever start it.
-    draft.add(StartUnit(layout.TARGET, "", restart_on_change=False))
+    draft.add(steps.StartUnit(layout.TARGET, "", restart_on_change=False))
 
 
 def plan_health(draft: Draft, config: cfg.Config, where: Layout) -> None:
     """The health gate over every unit but the timer; then, with backups newly on, the
     first base backup (after the gate: the agent must archive for a backup to complete)."""
     units = (*where.local.units(), layout.SUPERVISE_SOCKET, *(u.name for u in where.services))
-    draft.add(WaitHealthy((*units, layout.TARGET), where.ready_urls, config.health.timeout_seconds))
+    draft.add(
+        steps.WaitHealthy((*units, layout.TARGET), where.ready_urls, config.health.timeout_seconds)
+    )
     if where.backups:
-        draft.add(FirstBackup(layout.BACKUP_UNIT))
+        draft.add(steps.FirstBackup(layout.BACKUP_UNIT))
 
 
 def archive_settings(
