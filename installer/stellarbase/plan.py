@@ -172,20 +172,27 @@ def make_plan(
     unit_files, targets = plan_units(draft, config, where)
     inputs = replace(inputs, unit_files=unit_files)
     plan_cleanup(draft, config, facts, where)
-    plan_start(draft, config, facts, where, data_dirs, inputs, targets)
+    plan_reload(draft, where, unit_files, data_dirs)
+    plan_local_servers(draft, where, inputs)
+    plan_database(draft, config, facts, where)
+    plan_start(draft, where, inputs, targets)
     plan_health(draft, config, where)
-    database = None
-    if config.postgres:
-        secret = config.postgres.password
-        database = (config.postgres.url, secret.get_secret_value() if secret else None)
     planned = tuple(draft.planned)
     return steps.Plan(
         planned,
         tuple(paths.host_view(p) for p in draft.owned),
         where.endpoints,
-        database,
+        database(config),
         frozenset(s for s in planned if isinstance(s, steps.SYSTEM_STEPS)),
     )
+
+
+def database(config: cfg.Config) -> tuple[str, str | None] | None:
+    """The URL and password of the services' database, when there is one."""
+    if not config.postgres:
+        return None
+    secret = config.postgres.password
+    return config.postgres.url, secret.get_secret_value() if secret else None
 
 
 def refuse_postgres_leftovers(paths: HostPaths, facts: Facts) -> None:
@@ -353,46 +360,46 @@ def plan_cleanup(draft: Draft, config: cfg.Config, facts: Facts, where: Layout) 
         draft.add(steps.RemoveStale(tuple(stale)))
 
 
-def plan_start(
-    draft: Draft,
-    config: cfg.Config,
-    facts: Facts,
-    where: Layout,
-    data_dirs: list[steps.EnsureDataDir],
-    inputs: Inputs,
-    targets: steps.WriteFile,
+def plan_reload(
+    draft: Draft, where: Layout, unit_files: dict[str, str], data_dirs: list[steps.EnsureDataDir]
 ) -> None:
-    """Load the units; re-own what an older release's one user still owns; start the local
-    servers; the database, archiving and the schema; then every unit, the target last."""
-    loaded = [u for u in inputs.unit_files if not u.endswith("@.service")]  # via instances
+    """Load the new units; then re-own what an older release's one user still owns, now
+    that nothing starts a server as that user any more."""
+    loaded = [u for u in unit_files if not u.endswith("@.service")]  # via instances
     draft.add(steps.DaemonReload(tuple(dict.fromkeys([*loaded, *where.wanted_units()]))))
     draft.add(*(replace(d, reown=True) for d in data_dirs))
-    for unit_name in where.local.units():
-        unit_input = inputs.unit_files[unit_name].encode() + b"\0"
-        draft.add(
-            steps.StartUnit(unit_name, digest(unit_input + inputs.per_unit.get(unit_name, b"")))
-        )
+
+
+def plan_local_servers(draft: Draft, where: Layout, inputs: Inputs) -> None:
+    for unit in where.local.units():
+        server = inputs.unit_files[unit].encode() + b"\0" + inputs.per_unit.get(unit, b"")
+        draft.add(steps.StartUnit(unit, digest(server)))
+
+
+def plan_database(draft: Draft, config: cfg.Config, facts: Facts, where: Layout) -> None:
+    """The local database, role and archiving settings; then the schema."""
     timeout = config.health.timeout_seconds
     if where.local.postgres:
         port, admin = config.local.postgres.port, facts.secret(ADMIN_PASSWORD)
         draft.add(steps.EnsureDatabase(port, admin, facts.secret(POSTGRES_PASSWORD), timeout))
         archiving = archive_settings(config, draft.paths, where.backups)
         draft.add(steps.ConfigureArchiving(port, admin, archiving, layout.POSTGRES_UNIT, timeout))
-    if config.postgres:
-        secret = config.postgres.password
-        password = secret.get_secret_value() if secret else None
-        draft.add(steps.Migrate(config.postgres.url, password, timeout))
+    schema = database(config)
+    if schema:
+        draft.add(steps.Migrate(*schema, timeout))
+
+
+def plan_start(draft: Draft, where: Layout, inputs: Inputs, targets: steps.WriteFile) -> None:
+    """The agent's targets, then every unit in start order, the target last."""
     draft.add(targets)
     socket = inputs.of_files(layout.SUPERVISE_SOCKET, layout.SUPERVISE_TEMPLATE)
     draft.add(steps.StartUnit(layout.SUPERVISE_SOCKET, socket))
     ready = dict(where.ready_urls)
     for unit in where.services:
-        draft.add(
-            steps.StartUnit(
-                unit.name, inputs.of(unit), port=unit.port, ready_url=ready.get(unit.name, "")
-            )
-        )
+        ready_url = ready.get(unit.name, "")
+        draft.add(steps.StartUnit(unit.name, inputs.of(unit), port=unit.port, ready_url=ready_url))
     if where.backups:
+        # Its two files joined without a separator, as ever: a new digest restarts it.
         timer = inputs.of_files(layout.BACKUP_TIMER, layout.BACKUP_UNIT, sep=b"")
         draft.add(steps.StartUnit(layout.BACKUP_TIMER, timer))
     # Restarting the target would restart every service (PartOf=): only ever start it.
@@ -403,9 +410,8 @@ def plan_health(draft: Draft, config: cfg.Config, where: Layout) -> None:
     """The health gate over every unit but the timer; then, with backups newly on, the
     first base backup (after the gate: the agent must archive for a backup to complete)."""
     units = (*where.local.units(), layout.SUPERVISE_SOCKET, *(u.name for u in where.services))
-    draft.add(
-        steps.WaitHealthy((*units, layout.TARGET), where.ready_urls, config.health.timeout_seconds)
-    )
+    timeout = config.health.timeout_seconds
+    draft.add(steps.WaitHealthy((*units, layout.TARGET), where.ready_urls, timeout))
     if where.backups:
         draft.add(steps.FirstBackup(layout.BACKUP_UNIT))
 
