@@ -1,4 +1,8 @@
-"""The executor: the only code that changes the host. Every step checks first, then acts."""
+"""The executor: the only code that changes the host. Every step checks first, then acts.
+
+Files under the root it writes itself; everything else goes through its `Host` (host.py).
+A host with no running system (--root) skips the steps the plan marks as needing one.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import difflib
 import errno
 import os
 import shutil
-import signal
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,20 +17,13 @@ from pathlib import Path
 
 import structlog
 
-from stellarbase import (
-    __version__,
-    facts,
-    install_state,
-    localdeps,
-    migrate,
-    reown,
-    systemd,
-    verify,
-)
+from stellarbase import __version__, facts, install_state, localdeps, reown, systemd
 from stellarbase.errors import StellarError
 from stellarbase.files import copy_atomic, file_digest, symlink_atomic, write_atomic
-from stellarbase.paths import POSTGRES_USER, HostPaths
-from stellarbase.plan import (
+from stellarbase.host import Host, for_paths
+from stellarbase.paths import HostPaths
+from stellarbase.result import Status, StepResult
+from stellarbase.steps import (
     ConfigureArchiving,
     CopyFile,
     DaemonReload,
@@ -48,14 +44,8 @@ from stellarbase.plan import (
     WriteFile,
     describe,
 )
-from stellarbase.proc import run
-from stellarbase.result import Status, StepResult
 
 log = structlog.get_logger()
-
-# Test-only hook: SIGKILL ourselves right after step N, to prove a re-run converges.
-STOP_AFTER_ENV = "STELLARBASE_STOP_AFTER_STEP"
-MIGRATIONS_ENV = "STELLARBASE_MIGRATIONS_DIR"
 
 
 @dataclass
@@ -67,6 +57,7 @@ class Executor:
     # Rolling: restart changed units one at a time, each ready before the next (upgrades).
     rolling: bool = False
     unit_timeout: float = 60.0
+    host: Host | None = None  # None: the one `paths` names (host.for_paths)
     results: list[StepResult] = field(default_factory=list)
     # Unit states from one `systemctl show` of every unit of the plan; emptied whenever
     # systemd is told to change something, so a guard never reads a stale state.
@@ -78,22 +69,28 @@ class Executor:
     # converges from there), and in a dry run.
     _undo: list[_Kept] | None = None
 
+    def __post_init__(self) -> None:
+        self._host: Host = self.host or for_paths(self.paths)
+
     def apply(self, plan: Plan) -> list[StepResult]:
         current = install_state.load(self.paths.state_file)
+        # The one decision a files-only host makes: what needs a running system is skipped.
+        steps = [s for s in plan.steps if self._host.running_system or s not in plan.needs_system]
         self._plan_units = list(
             dict.fromkeys(
                 unit
-                for step in plan.steps
+                for step in steps
                 if isinstance(step, StartUnit | StopUnits | DaemonReload)
                 for unit in ((step.unit,) if isinstance(step, StartUnit) else step.units)
             )
         )
-        stop_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
         self._undo = None if self.dry_run else [_keep(self.paths.state_file)]
-        for index, step in enumerate(plan.steps, start=1):
+        for index, step in enumerate(steps, start=1):
             name = describe(step)
             try:
-                detail, diff = self._do(step, current, plan)
+                result = self._take(step, name, current, plan)
+                if not self.dry_run:
+                    self._host.step_done(index)  # may end the run here (tests)
             except BaseException as exc:
                 if not isinstance(step, LEAVES_NOTHING_WHEN_FAILED):
                     self._undo = None  # it may have acted on a service or data before failing
@@ -102,18 +99,19 @@ class Executor:
                     self.results.append(StepResult(name, Status.FAILED, exc.message))
                     exc.details.extend(lines)
                 raise
-            if detail and not isinstance(step, FILE_STEPS):
-                self._undo = None  # a service or the data moved on: the files are in use
-            status = Status.CHANGED if detail else Status.UNCHANGED
-            self.results.append(StepResult(name, status, detail or "", diff))
-            if detail and not self.dry_run:
-                log.info("step", step=name, changed=detail)
-            if index == stop_after and not self.dry_run:
-                os.kill(os.getpid(), signal.SIGKILL)
+            self.results.append(result)
         if not self.dry_run:
             current.files = list(plan.owned)
             self._save(current)
         return self.results
+
+    def _take(self, step: Step, name: str, current: install_state.State, plan: Plan) -> StepResult:
+        detail, diff = self._do(step, current, plan)
+        if detail and not isinstance(step, FILE_STEPS):
+            self._undo = None  # a service or the data moved on: the files are in use
+        if detail and not self.dry_run:
+            log.info("step", step=name, changed=detail)
+        return StepResult(name, Status.CHANGED if detail else Status.UNCHANGED, detail or "", diff)
 
     def _do(self, step: Step, current: install_state.State, plan: Plan) -> tuple[str | None, str]:
         handlers: dict[type, Callable[..., tuple[str | None, str]]] = {
@@ -166,9 +164,9 @@ class Executor:
                 _restore(each)
             except OSError as exc:
                 failed.append(f"{each.path}: {exc.strerror or exc}")
-        if self.paths.live and any(k.path.parent == self.paths.unit_dir for k in kept):
+        if any(k.path.parent == self.paths.unit_dir for k in kept):
             self._units = {}
-            systemd.daemon_reload()
+            self._host.daemon_reload()
         changed = len({k.path for k in kept[1:]})
         if failed:
             log.error("could not put back every file", failed=failed)
@@ -182,7 +180,7 @@ class Executor:
 
     def _show(self, units: list[str]) -> dict[str, systemd.UnitStatus]:
         if any(u not in self._units for u in units):
-            self._units = systemd.show(list(dict.fromkeys([*self._plan_units, *units])))
+            self._units = self._host.show(list(dict.fromkeys([*self._plan_units, *units])))
         return {u: self._units[u] for u in units}
 
     def _save(self, current: install_state.State) -> None:
@@ -207,10 +205,7 @@ class Executor:
         if not missing:
             return None, ""
         if not self.dry_run:
-            argv = ["systemd-sysusers", str(step.sysusers)]
-            if not self.paths.live:
-                argv = ["systemd-sysusers", f"--root={self.paths.root}", str(step.sysusers)]
-            run(argv)
+            self._host.sysusers(step.sysusers)
         return "created system users " + ", ".join(missing), ""
 
     def _ensure_dir(self, step: EnsureDir, _: install_state.State) -> tuple[str | None, str]:
@@ -255,13 +250,12 @@ class Executor:
         if self.dry_run:
             return detail, ""
         self._undo = None  # the units stop: the host is past putting files back
-        if self.paths.live:
-            running = [u for u, s in self._show(list(step.units)).items()
-                       if s.active_state != "inactive"]  # fmt: skip
-            if running:
-                self._units = {}
-                systemd.stop(running)
-                detail += " (stopped " + ", ".join(running) + " meanwhile)"
+        running = [u for u, s in self._show(list(step.units)).items()
+                   if s.active_state != "inactive"]  # fmt: skip
+        if running:
+            self._units = {}
+            self._host.stop(running)
+            detail += " (stopped " + ", ".join(running) + " meanwhile)"
         count = reown.reown_tree(step.path, old_uid, uid, gid)
         fd = os.open(step.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
@@ -328,8 +322,8 @@ class Executor:
             return None, ""
         if not self.dry_run:
             self._units = {}
-            systemd.stop(running)
-            systemd.reset_failed(list(step.units))
+            self._host.stop(running)
+            self._host.reset_failed(list(step.units))
             for unit in step.units:
                 current.units.pop(unit, None)
                 current.ports.pop(unit, None)
@@ -342,7 +336,7 @@ class Executor:
             return None, ""
         if not self.dry_run:
             self._units = {}
-            systemd.daemon_reload()
+            self._host.daemon_reload()
         return "units changed on disk: " + ", ".join(stale), ""
 
     def _start_unit(self, step: StartUnit, current: install_state.State) -> tuple[str | None, str]:
@@ -361,18 +355,19 @@ class Executor:
             self._save(current)
             # A deliberate restart is no crash loop: it must not use up StartLimitBurst,
             # or a few upgrades and rollbacks in a row would leave the unit refusing to start.
-            systemd.reset_failed([step.unit])
+            self._host.reset_failed([step.unit])
         if running and self.rolling:
-            systemd.restart(step.unit, wait=True)
+            self._host.restart(step.unit, wait=True)
             if step.ready_url:
-                verify.wait_healthy([step.unit], [(step.unit, step.ready_url)], self.unit_timeout)
+                ready = [(step.unit, step.ready_url)]
+                self._host.wait_healthy([step.unit], ready, self.unit_timeout)
             detail = "restarted and ready: inputs changed"
         elif running:
-            systemd.restart(step.unit)
+            self._host.restart(step.unit)
             detail = "restarted: inputs changed"
         else:
-            systemd.reset_failed([step.unit])
-            systemd.start(step.unit)
+            self._host.reset_failed([step.unit])
+            self._host.start(step.unit)
             detail = "started"
         current.units[step.unit] = step.digest
         if step.port:
@@ -386,7 +381,7 @@ class Executor:
         if localdeps.cluster_ready(step.data_dir):
             return None, ""
         if not self.dry_run:
-            localdeps.init_cluster(step.bindir, step.data_dir, POSTGRES_USER, step.admin_password)
+            self._host.init_cluster(step.bindir, step.data_dir, step.admin_password)
         return "initdb with data checksums and scram-sha-256", ""
 
     def _configure_archiving(
@@ -394,7 +389,7 @@ class Executor:
     ) -> tuple[str | None, str]:
         if self.dry_run:
             return None, ""  # needs the server running; the real run reports what it changed
-        changed, restart = localdeps.configure_settings(
+        changed, restart = self._host.configure_settings(
             step.port, step.admin_password, step.settings, step.timeout
         )
         if not changed:
@@ -402,8 +397,8 @@ class Executor:
         detail = "set " + ", ".join(changed)
         if restart:
             self._units = {}
-            systemd.restart(step.unit)
-            localdeps.wait_until_up(step.port, step.admin_password, step.timeout)
+            self._host.restart(step.unit)
+            self._host.wait_until_up(step.port, step.admin_password, step.timeout)
             detail += f"; restarted {step.unit} for " + ", ".join(restart)
         return detail, ""
 
@@ -413,7 +408,7 @@ class Executor:
         if current.features.get("first_backup"):
             return None, ""
         if not self.dry_run:
-            systemd.start(step.unit)  # runs on; `stellarbase backup list` shows it
+            self._host.start(step.unit)  # runs on; `stellarbase backup list` shows it
             current.features["first_backup"] = True
             self._save(current)
         return "started; it runs in the background", ""
@@ -423,7 +418,7 @@ class Executor:
     ) -> tuple[str | None, str]:
         if self.dry_run:
             return None, ""  # needs the server running; the real run reports what it made
-        changed, vector = localdeps.ensure_database(
+        changed, vector = self._host.ensure_database(
             step.port, step.admin_password, step.app_password, step.timeout
         )
         if current.features.get("vector") != vector:
@@ -432,10 +427,8 @@ class Executor:
         return (", ".join(changed) or None), ""
 
     def _migrate(self, step: Migrate, _: install_state.State) -> tuple[str | None, str]:
-        # Test-only: a directory of migrations other than the shipped ones.
-        directory = Path(os.environ.get(MIGRATIONS_ENV) or migrate.BUILTIN_DIR)
         try:
-            states = migrate.migration_status(step.url, step.password, directory=directory)
+            states = self._host.migration_status(step.url, step.password)
         except StellarError:
             if self.dry_run:  # a local server not started yet: everything is pending
                 return "all migrations pending", ""
@@ -447,7 +440,7 @@ class Executor:
             return None, ""
         if self.dry_run:
             return "apply " + ", ".join(f"{m.version:04d}_{m.name}" for m in pending), ""
-        done = migrate.migrate_up(step.url, step.password, directory=directory)
+        done = self._host.migrate_up(step.url, step.password)
         if not done:
             return None, ""
         return "applied " + ", ".join(m.filename.removesuffix(".sql") for m in done), ""
@@ -455,7 +448,7 @@ class Executor:
     def _wait_healthy(self, step: WaitHealthy, _: install_state.State) -> tuple[str | None, str]:
         if self.dry_run:
             return None, ""
-        verify.wait_healthy(list(step.units), list(step.ready_urls), step.timeout)
+        self._host.wait_healthy(list(step.units), list(step.ready_urls), step.timeout)
         return None, ""
 
 

@@ -1,4 +1,7 @@
-"""Read-only facts about the host: users, ports, the installed state, the running binary."""
+"""Read-only facts about the host: users, ports, the installed state, the running binary.
+
+Below the planner: it gathers `Facts`, which plan reads; it imports neither plan nor render.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import errno
 import re
 import socket
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stellarbase import __version__, gpu, install_state, localdeps, resources
@@ -14,10 +17,32 @@ from stellarbase.config import Config, DependencyMode
 from stellarbase.envfile import read_env_file
 from stellarbase.errors import ExitCode, StellarError
 from stellarbase.files import file_digest
-from stellarbase.layout import LocalServers
+from stellarbase.layout import POSTGRES_PASSWORD, REDIS_PASSWORD, LocalServers
 from stellarbase.localdeps import ADMIN_PASSWORD, ServerBinary
 from stellarbase.paths import HostPaths
-from stellarbase.plan import POSTGRES_PASSWORD, REDIS_PASSWORD, Facts
+
+NO_LOCAL_SERVERS = LocalServers()
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the planner needs to know of the host (gathered read-only by `gather`)."""
+
+    version: str
+    binary: Path  # the executable to install as this release
+    binary_digest: str
+    previous_files: tuple[str, ...] = ()  # host paths an earlier install owns
+    previous_units: tuple[str, ...] = ()  # units an earlier install started
+    local: LocalServers = NO_LOCAL_SERVERS  # binaries of local dependencies
+    found: tuple[tuple[str, tuple[ServerBinary, ...]], ...] = ()  # all servers seen, by dep
+    gpu_devices: tuple[str, ...] = ()  # CUDA_VISIBLE_DEVICES ids that get an inference unit
+    # Passwords the installer generates (local servers), reused from the last install.
+    generated: tuple[tuple[str, str], ...] = ()
+    local_data: tuple[str, ...] = ()  # dependencies whose local data directory holds files
+    postgres_leftovers: bool = False  # its data directory holds files but no cluster
+
+    def secret(self, name: str) -> str:
+        return dict(self.generated)[name]
 
 
 def gather(paths: HostPaths, binary: Path | None, config: Config) -> Facts:

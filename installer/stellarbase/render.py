@@ -1,4 +1,5 @@
-"""Pure rendering of unit files and config files from the validated config."""
+"""Pure rendering of unit files and config files from the validated config and its Layout.
+The planner is its one caller in the package (tests call render_units, which makes one)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import jinja2
 import yaml
 
 from stellarbase import config as cfg
-from stellarbase import envfile, resources
+from stellarbase import envfile, layout, resources
 from stellarbase.agent import SUPERVISE_SOCKET as SUPERVISE_SOCKET_PATH
 from stellarbase.agent.targets import Target, Targets, render_targets, targets_file
 from stellarbase.layout import (
@@ -20,8 +21,8 @@ from stellarbase.layout import (
     SUPERVISE_SOCKET,
     SUPERVISE_TEMPLATE,
     TARGET,
+    Layout,
     LocalServers,
-    UnitInstance,
 )
 from stellarbase.paths import (
     AGENT_USER,
@@ -58,36 +59,6 @@ def environment() -> jinja2.Environment:
     )
 
 
-def unit_instances(config: cfg.Config) -> list[UnitInstance]:
-    """Every service unit to run, in start order. An upgrade restarts them in this order,
-    each ready before the next: the workers one at a time, then the API, then the agent,
-    whose readiness sums up all the others."""
-    catalog = load_catalog().services
-    template = catalog["worker"].unit
-    out = [
-        UnitInstance(template.replace("@", f"@{n}"), template, "worker", port)
-        for n, port in enumerate(config.worker_ports(), start=1)
-    ]
-    out.append(UnitInstance(catalog["api"].unit, catalog["api"].unit, "api", config.api.port))
-    out.append(
-        UnitInstance(catalog["agent"].unit, catalog["agent"].unit, "agent", config.agent.port)
-    )
-    return out
-
-
-def inference_instances(config: cfg.Config, devices: tuple[str, ...]) -> list[UnitInstance]:
-    """One inference unit per GPU or MIG instance; ports count up from inference.port."""
-    return [
-        UnitInstance(
-            INFERENCE_TEMPLATE.replace("@", f"@{device}"),
-            INFERENCE_TEMPLATE,
-            "inference",
-            config.inference.port + n,
-        )
-        for n, device in enumerate(devices)
-    ]
-
-
 def render_inference_env(port: int) -> str:
     return f'# The port of this inference unit; its command may use ${{PORT}}.\nPORT="{port}"\n'
 
@@ -95,7 +66,13 @@ def render_inference_env(port: int) -> str:
 def render_units(
     config: cfg.Config, paths: HostPaths, local: LocalServers, devices: tuple[str, ...] = ()
 ) -> dict[str, str]:
+    """Unit file name → content, for a caller without a Layout of its own."""
+    return unit_files(config, paths, layout.compute(config, local, devices))
+
+
+def unit_files(config: cfg.Config, paths: HostPaths, where: Layout) -> dict[str, str]:
     """Unit file name → content, for the target, the local servers and every service."""
+    local, devices = where.local, where.devices
     env = environment()
     out: dict[str, str] = {}
     if devices:
@@ -157,33 +134,28 @@ def render_units(
     out[SUPERVISE_TEMPLATE] = env.get_template(f"{SUPERVISE_TEMPLATE}.j2").render(
         binary=binary, targets_file=paths.host_view(targets_file(paths))
     )
-    services = [*unit_instances(config), *inference_instances(config, devices)]
-    wants = [*local.units(), SUPERVISE_SOCKET, *(u.name for u in services)]
-    if backups_on(config, local):
+    if where.backups:
         out[BACKUP_UNIT] = env.get_template(f"{BACKUP_UNIT}.j2").render(
             binary=binary,
             postgres_unit=POSTGRES_UNIT,
-            rw_paths=[paths.host_view(paths.state_dir), *backup_paths(config, paths)[1:]],
+            rw_paths=[paths.host_view(paths.state_dir), *repository_dirs(config)],
             group=GROUP,
-            file_repository=config.backup.repository.startswith("file://"),
+            file_repository=config.backup.location.directory is not None,
         )
         out[BACKUP_TIMER] = env.get_template(f"{BACKUP_TIMER}.j2").render(
             schedule=config.backup.schedule
         )
-        wants.append(BACKUP_TIMER)
-    out[TARGET] = env.get_template(f"{TARGET}.j2").render(wants=wants)
+    out[TARGET] = env.get_template(f"{TARGET}.j2").render(wants=where.wanted_units())
     return out
 
 
-def render_agent_targets(
-    config: cfg.Config, local: LocalServers, devices: tuple[str, ...], probed: set[str]
-) -> str:
-    """What the agent watches: every unit of the target; `probed` ones serve /healthz."""
-    units = [Target(unit=u) for u in local.units()]
+def render_agent_targets(where: Layout) -> str:
+    """What the agent watches: every unit of the target; the probed ones serve /healthz."""
+    units = [Target(unit=u) for u in where.local.units()]
     units.append(Target(unit=SUPERVISE_SOCKET))
-    for u in [*unit_instances(config), *inference_instances(config, devices)]:
-        units.append(Target(unit=u.name, port=u.port, probe=u.name in probed))
-    if backups_on(config, local):
+    for u in where.services:
+        units.append(Target(unit=u.name, port=u.port, probe=u.name in where.probed))
+    if where.backups:
         units.append(Target(unit=BACKUP_TIMER))
     return render_targets(Targets(units=tuple(units)))
 
@@ -199,19 +171,17 @@ def own_ports(config: cfg.Config, name: str) -> list[str]:
     return ports
 
 
-def backups_on(config: cfg.Config, local: LocalServers) -> bool:
-    """WAL archiving and base backups run next to the local PostgreSQL."""
-    return config.backup.enabled and local.postgres is not None
-
-
 def backup_paths(config: cfg.Config, paths: HostPaths) -> list[str]:
     """What the agent writes when backups are on: the WAL spool, and a file repository."""
     if not config.backup.enabled:
         return []
-    found = [paths.host_view(paths.wal_spool)]
-    if config.backup.repository.startswith("file://"):
-        found.append(config.backup.repository.removeprefix("file://"))
-    return found
+    return [paths.host_view(paths.wal_spool), *repository_dirs(config)]
+
+
+def repository_dirs(config: cfg.Config) -> list[str]:
+    """The file:// repository's directory, or nothing (s3, or backups off)."""
+    where = config.backup.location.directory
+    return [where] if where is not None else []
 
 
 def render_redis_conf(config: cfg.Config, paths: HostPaths) -> str:

@@ -14,7 +14,8 @@ import os
 import stat
 from pathlib import Path
 
-from stellarbase import facts, layout, systemd
+from stellarbase import facts, layout
+from stellarbase.host import Host, for_paths
 from stellarbase.paths import (
     AGENT_USER,
     GROUP,
@@ -24,6 +25,7 @@ from stellarbase.paths import (
     HostPaths,
 )
 from stellarbase.service_settings import load_catalog
+from stellarbase.values import RepositoryLocation
 
 
 def reown_tree(top: Path, old_uid: int, uid: int, gid: int) -> int:
@@ -51,13 +53,15 @@ def reown_tree(top: Path, old_uid: int, uid: int, gid: int) -> int:
     return changed
 
 
-def hand_back(paths: HostPaths, repository: str) -> list[str]:
+def hand_back(paths: HostPaths, repository: str, host: Host | None = None) -> list[str]:
     """Before a release that ran everything as one user (`stellarbase`) takes over again,
     as a rollback does: give that user back what its units open, with them stopped.
 
     The older release's install re-owns only the top of each directory, so without this
     its PostgreSQL would start over files it cannot read. Returns what was handed back.
+    `host`: where the units stop (None: the one `paths` names).
     """
+    host = host or for_paths(paths)
     try:
         legacy_uid, legacy_gid = facts.lookup_ids(paths, LEGACY_USER, GROUP)
     except KeyError:
@@ -68,8 +72,9 @@ def hand_back(paths: HostPaths, repository: str) -> list[str]:
         (paths.redis_data, REDIS_USER, layout.REDIS_UNIT),
         (paths.wal_spool, AGENT_USER, agent),
     ]
-    if repository.startswith("file://"):
-        dirs.append((paths.at(repository.removeprefix("file://")), AGENT_USER, agent))
+    repo_dir = RepositoryLocation.parse(repository).directory  # the one parser of the text
+    if repo_dir is not None:
+        dirs.append((paths.at(repo_dir), AGENT_USER, agent))
     done: list[str] = []
     for top, user, unit in dirs:
         try:
@@ -79,8 +84,7 @@ def hand_back(paths: HostPaths, repository: str) -> list[str]:
             continue
         if owner != uid:
             continue
-        if paths.live:
-            systemd.stop([unit])
+        host.stop([unit])
         count = reown_tree(top, uid, legacy_uid, legacy_gid)
         done.append(f"{paths.host_view(top)}: {count} entries back to {LEGACY_USER}")
     return done

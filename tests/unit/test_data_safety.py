@@ -15,18 +15,12 @@ from stellarbase.commands.install import install
 from stellarbase.commands.uninstall import uninstall
 from stellarbase.configload import load_config
 from stellarbase.errors import ExitCode, StellarError
+from stellarbase.facts import Facts
 from stellarbase.layout import POSTGRES_UNIT, REDIS_UNIT, LocalServers
 from stellarbase.localdeps import ServerBinary
 from stellarbase.paths import HostPaths
-from stellarbase.plan import (
-    Facts,
-    InitPostgres,
-    Plan,
-    RemoveStale,
-    StartUnit,
-    StopUnits,
-    make_plan,
-)
+from stellarbase.plan import make_plan
+from stellarbase.steps import InitPostgres, Plan, RemoveStale, StartUnit, StopUnits
 from tests.filetree import file_states
 
 pytestmark = pytest.mark.host_commands  # systemd-sysusers --root=<tmp> creates the user

@@ -12,9 +12,11 @@ import pytest
 
 from stellarbase import gpu, layout
 from stellarbase.configload import load_config
+from stellarbase.facts import Facts
 from stellarbase.gpu.fake import FAKE_ENV, FakeSource
 from stellarbase.paths import HostPaths
-from stellarbase.plan import Facts, StartUnit, WaitHealthy, make_plan
+from stellarbase.plan import make_plan
+from stellarbase.steps import StartUnit, WaitHealthy
 
 TWO_GPUS = {
     "driver_version": "550.54.15",

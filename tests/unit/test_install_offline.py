@@ -19,17 +19,11 @@ from stellarbase.commands.uninstall import uninstall
 from stellarbase.configload import load_config
 from stellarbase.envfile import read_env_file
 from stellarbase.errors import ExitCode, StellarError
+from stellarbase.facts import Facts
 from stellarbase.paths import HostPaths
-from stellarbase.plan import (
-    EnsureDatabase,
-    Facts,
-    Migrate,
-    Plan,
-    RemoveStale,
-    Step,
-    make_plan,
-)
+from stellarbase.plan import make_plan
 from stellarbase.result import Status
+from stellarbase.steps import EnsureDatabase, Migrate, Plan, RemoveStale, Step
 from tests.filetree import file_states
 
 pytestmark = pytest.mark.host_commands  # systemd-sysusers --root=<tmp> creates the user

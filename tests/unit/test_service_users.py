@@ -16,9 +16,10 @@ from stellarbase import facts, layout, render
 from stellarbase.commands.install import install
 from stellarbase.configload import load_config
 from stellarbase.envfile import read_env_file
+from stellarbase.facts import Facts
 from stellarbase.localdeps import ServerBinary
 from stellarbase.paths import LEGACY_USER, HostPaths
-from stellarbase.plan import Facts, with_local_servers
+from stellarbase.plan import with_local_servers
 from stellarbase.reown import hand_back, reown_tree
 from stellarbase.service_settings import service_credentials
 from tests.filetree import file_states

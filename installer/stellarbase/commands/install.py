@@ -15,19 +15,21 @@ from stellarbase.commands.doctor import preflight_context
 from stellarbase.commands.guards import record_audit, require_root, require_systemd
 from stellarbase.configload import LoadedConfig
 from stellarbase.errors import StellarError
+from stellarbase.host import for_paths
 from stellarbase.paths import HostPaths
 from stellarbase.preflight import report
 from stellarbase.releases import hand_over, remember_release, verified_release
 from stellarbase.result import Result, Status
+from stellarbase.steps import EnsureDatabase, Migrate, Plan, WaitHealthy
 
 log = structlog.get_logger()
 
-SCHEMA_STEPS = (plan.EnsureDatabase, plan.Migrate, plan.WaitHealthy)
+SCHEMA_STEPS = (EnsureDatabase, Migrate, WaitHealthy)
 
 
 def make_plan(
     loaded: LoadedConfig, paths: HostPaths, binary: Path | None, *, retire_local: bool = False
-) -> plan.Plan:
+) -> Plan:
     """Every check of the config and the host first, then the plan: a refusal changes nothing."""
     validate.check_install(loaded, paths)
     require_systemd(paths)
@@ -62,20 +64,22 @@ def install(
     source = str(loaded.site_file.resolve()) if loaded.site_file else "tier defaults"
     if loaded.site_file and loaded.site_file.resolve() == paths.config_file.resolve():
         source = ""  # the installed config again (upgrade, rollback): keep where it came from
+    host = for_paths(paths)
     executor = Executor(
         paths,
+        host=host,
         config_source=f"{source} (tier {loaded.config.tier})" if source else "",
         database_url=the_plan.database[0] if the_plan.database else "",
         rolling=rolling,
         unit_timeout=loaded.config.health.timeout_seconds,
     )
     try:
-        if paths.live and preflight:  # a --root install prepares files: nothing connects
+        if host.running_system and preflight:  # a --root install prepares files only
             # Preflight guards changes; a converged host has none to make, and its health
             # gate still proves every dependency through the services' /readyz.
             # Schema steps need the servers up and are not what preflight guards.
             host_steps = [s for s in the_plan.steps if not isinstance(s, SCHEMA_STEPS)]
-            pending = Executor(paths, dry_run=True).apply(
+            pending = Executor(paths, dry_run=True, host=host).apply(
                 replace(the_plan, steps=tuple(host_steps))
             )
             if any(step.status == Status.CHANGED for step in pending):
@@ -85,17 +89,17 @@ def install(
                 report.refuse_on_failure(found)
         steps = tuple(executor.apply(the_plan))
     except StellarError as exc:
-        if paths.live:
+        if host.running_system:
             details = {**(audit_details or {}), "error": exc.message, "skipped_checks": skip}
             record_audit(the_plan.database, action, "failure", details)
         raise
     changed = [s.step for s in steps if s.status == Status.CHANGED]
-    if paths.live:
+    if host.running_system:
         details = {**(audit_details or {}), "changed": changed, "skipped_checks": skip,
                    "version": __version__}  # fmt: skip
         record_audit(the_plan.database, action, "success", details)
     messages = [f"{len(changed)} changed, {len(steps) - len(changed)} unchanged"]
-    if paths.live:
+    if host.running_system:
         messages.append("endpoints (each serves /healthz, /readyz, /metrics):")
         messages += [f"  {unit:<32} {url}" for unit, url in the_plan.endpoints]
     return Result(action, {"endpoints": dict(the_plan.endpoints)}, tuple(messages), steps=steps)

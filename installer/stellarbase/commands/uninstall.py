@@ -7,7 +7,7 @@ from pathlib import Path
 
 import structlog
 
-from stellarbase import facts, install_state, layout, plan, systemd
+from stellarbase import facts, install_state, layout, systemd
 from stellarbase.apply import remove_path
 from stellarbase.commands.guards import record_audit, require_root, require_systemd
 from stellarbase.paths import HostPaths
@@ -24,7 +24,7 @@ def uninstall(paths: HostPaths, *, purge: bool) -> Result:
         known = systemd.show([layout.TARGET, *(u for u in current.units if u != layout.TARGET)])
         loaded = [u for u, s in known.items() if s.load_state == "loaded"]
         if current.database_url:  # written while a local PostgreSQL still runs
-            password = facts.generated_secrets(paths).get(plan.POSTGRES_PASSWORD)
+            password = facts.generated_secrets(paths).get(layout.POSTGRES_PASSWORD)
             details = {"purge": purge, "units": loaded}
             record_audit((current.database_url, password), "uninstall", "success", details)
         systemd.stop(loaded)
