@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from stellarbase.output import Status, StepResult
 
 from stellarbase import install_state
 from stellarbase.apply import FILE_STEPS, LEAVES_NOTHING_WHEN_FAILED, Executor
@@ -34,6 +33,7 @@ from stellarbase.layout import (
 from stellarbase.localdeps import ServerBinary
 from stellarbase.paths import HostPaths
 from stellarbase.plan import make_plan
+from stellarbase.result import Status, StepResult
 from stellarbase.steps import Plan
 from tests.fakehost import FakeHost
 from tests.filetree import Entry, file_states
