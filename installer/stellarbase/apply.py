@@ -21,6 +21,7 @@ from stellarbase import __version__, facts, install_state, localdeps, reown, sys
 from stellarbase.errors import StellarError
 from stellarbase.files import copy_atomic, file_digest, symlink_atomic, write_atomic
 from stellarbase.host import Host, for_paths
+from stellarbase.install_state import State
 from stellarbase.paths import HostPaths
 from stellarbase.result import Status, StepResult
 from stellarbase.steps import (
@@ -46,6 +47,9 @@ from stellarbase.steps import (
 )
 
 log = structlog.get_logger()
+
+# What a step did: a detail when it changed something (None: nothing to do), and a diff.
+Outcome = tuple[str | None, str]
 
 
 @dataclass
@@ -105,7 +109,7 @@ class Executor:
             self._save(current)
         return self.results
 
-    def _take(self, step: Step, name: str, current: install_state.State, plan: Plan) -> StepResult:
+    def _take(self, step: Step, name: str, current: State, plan: Plan) -> StepResult:
         detail, diff = self._do(step, current, plan)
         if detail and not isinstance(step, FILE_STEPS):
             self._undo = None  # a service or the data moved on: the files are in use
@@ -113,8 +117,10 @@ class Executor:
             log.info("step", step=name, changed=detail)
         return StepResult(name, Status.CHANGED if detail else Status.UNCHANGED, detail or "", diff)
 
-    def _do(self, step: Step, current: install_state.State, plan: Plan) -> tuple[str | None, str]:
-        handlers: dict[type, Callable[..., tuple[str | None, str]]] = {
+    def _do(self, step: Step, current: State, plan: Plan) -> Outcome:
+        if self.dry_run and isinstance(step, NEED_RUNNING_SERVERS):
+            return None, ""  # the real run reports what they changed
+        handlers: dict[type, Callable[..., Outcome]] = {
             EnsureUser: self._ensure_user,
             EnsureDir: self._ensure_dir,
             EnsureDataDir: self._ensure_data_dir,
@@ -183,7 +189,7 @@ class Executor:
             self._units = self._host.show(list(dict.fromkeys([*self._plan_units, *units])))
         return {u: self._units[u] for u in units}
 
-    def _save(self, current: install_state.State) -> None:
+    def _save(self, current: State) -> None:
         if self.paths.state_dir.is_dir():
             current.version = __version__
             current.config_source = self.config_source or current.config_source
@@ -200,7 +206,7 @@ class Executor:
                 return -1, -1  # the user is created by an earlier step of the same plan
             raise
 
-    def _ensure_user(self, step: EnsureUser, _: install_state.State) -> tuple[str | None, str]:
+    def _ensure_user(self, step: EnsureUser, _: State) -> Outcome:
         missing = [u for u in step.users if not facts.user_exists(self.paths, u)]
         if not missing:
             return None, ""
@@ -208,7 +214,7 @@ class Executor:
             self._host.sysusers(step.sysusers)
         return "created system users " + ", ".join(missing), ""
 
-    def _ensure_dir(self, step: EnsureDir, _: install_state.State) -> tuple[str | None, str]:
+    def _ensure_dir(self, step: EnsureDir, _: State) -> Outcome:
         uid, gid = self._ids(step.owner, step.group)
         try:
             st = step.path.stat()
@@ -229,9 +235,7 @@ class Executor:
             os.chown(step.path, uid, gid)
         return f"owner/mode set to {step.owner}:{step.group} {step.mode:04o}", ""
 
-    def _ensure_data_dir(
-        self, step: EnsureDataDir, _: install_state.State
-    ) -> tuple[str | None, str]:
+    def _ensure_data_dir(self, step: EnsureDataDir, _: State) -> Outcome:
         """EnsureDir, and a directory still owned by the previous user re-owned whole."""
         uid, gid = self._ids(step.owner, step.group)
         try:
@@ -265,7 +269,7 @@ class Executor:
             os.close(fd)
         return f"{detail}: {count} entries", ""
 
-    def _write_file(self, step: WriteFile, _: install_state.State) -> tuple[str | None, str]:
+    def _write_file(self, step: WriteFile, _: State) -> Outcome:
         uid, gid = self._ids(step.owner, step.group)
         old = _read(step.path)
         if old == step.content and _same_meta(step.path.stat(), step.mode, uid, gid):
@@ -280,7 +284,7 @@ class Executor:
             write_atomic(step.path, step.content, mode=step.mode, uid=uid, gid=gid)
         return detail, diff
 
-    def _copy_file(self, step: CopyFile, _: install_state.State) -> tuple[str | None, str]:
+    def _copy_file(self, step: CopyFile, _: State) -> Outcome:
         uid, gid = self._ids(step.owner, step.group)
         exists = step.path.exists()
         if (
@@ -294,7 +298,7 @@ class Executor:
             copy_atomic(step.path, step.source, mode=step.mode, uid=uid, gid=gid)
         return ("replaced" if exists else "created"), ""
 
-    def _symlink(self, step: Symlink, _: install_state.State) -> tuple[str | None, str]:
+    def _symlink(self, step: Symlink, _: State) -> Outcome:
         if step.path.is_symlink() and os.readlink(step.path) == step.target:
             return None, ""
         if not self.dry_run:
@@ -302,7 +306,7 @@ class Executor:
             symlink_atomic(step.path, step.target)
         return f"now points to {step.target}", ""
 
-    def _remove_stale(self, step: RemoveStale, _: install_state.State) -> tuple[str | None, str]:
+    def _remove_stale(self, step: RemoveStale, _: State) -> Outcome:
         present = [p for p in step.paths if p.exists() or p.is_symlink()]
         if not present:
             return None, ""
@@ -313,7 +317,7 @@ class Executor:
 
     # --- units ------------------------------------------------------------------------------
 
-    def _stop_units(self, step: StopUnits, current: install_state.State) -> tuple[str | None, str]:
+    def _stop_units(self, step: StopUnits, current: State) -> Outcome:
         running = [
             u for u, s in self._show(list(step.units)).items() if s.active_state != "inactive"
         ]
@@ -330,7 +334,7 @@ class Executor:
             self._save(current)
         return "stopped " + ", ".join(step.units), ""
 
-    def _daemon_reload(self, step: DaemonReload, _: install_state.State) -> tuple[str | None, str]:
+    def _daemon_reload(self, step: DaemonReload, _: State) -> Outcome:
         stale = [u for u, s in self._show(list(step.units)).items() if s.need_daemon_reload]
         if not stale:
             return None, ""
@@ -339,7 +343,7 @@ class Executor:
             self._host.daemon_reload()
         return "units changed on disk: " + ", ".join(stale), ""
 
-    def _start_unit(self, step: StartUnit, current: install_state.State) -> tuple[str | None, str]:
+    def _start_unit(self, step: StartUnit, current: State) -> Outcome:
         status = self._show([step.unit])[step.unit]
         running = status.active_state in ("active", "activating", "reloading")
         recorded = current.units.get(step.unit)
@@ -377,18 +381,14 @@ class Executor:
 
     # --- local dependencies and the schema -------------------------------------------------
 
-    def _init_postgres(self, step: InitPostgres, _: install_state.State) -> tuple[str | None, str]:
+    def _init_postgres(self, step: InitPostgres, _: State) -> Outcome:
         if localdeps.cluster_ready(step.data_dir):
             return None, ""
         if not self.dry_run:
             self._host.init_cluster(step.bindir, step.data_dir, step.admin_password)
         return "initdb with data checksums and scram-sha-256", ""
 
-    def _configure_archiving(
-        self, step: ConfigureArchiving, _: install_state.State
-    ) -> tuple[str | None, str]:
-        if self.dry_run:
-            return None, ""  # needs the server running; the real run reports what it changed
+    def _configure_archiving(self, step: ConfigureArchiving, _: State) -> Outcome:
         changed, restart = self._host.configure_settings(
             step.port, step.admin_password, step.settings, step.timeout
         )
@@ -402,9 +402,7 @@ class Executor:
             detail += f"; restarted {step.unit} for " + ", ".join(restart)
         return detail, ""
 
-    def _first_backup(
-        self, step: FirstBackup, current: install_state.State
-    ) -> tuple[str | None, str]:
+    def _first_backup(self, step: FirstBackup, current: State) -> Outcome:
         if current.features.get("first_backup"):
             return None, ""
         if not self.dry_run:
@@ -413,11 +411,7 @@ class Executor:
             self._save(current)
         return "started; it runs in the background", ""
 
-    def _ensure_database(
-        self, step: EnsureDatabase, current: install_state.State
-    ) -> tuple[str | None, str]:
-        if self.dry_run:
-            return None, ""  # needs the server running; the real run reports what it made
+    def _ensure_database(self, step: EnsureDatabase, current: State) -> Outcome:
         changed, vector = self._host.ensure_database(
             step.port, step.admin_password, step.app_password, step.timeout
         )
@@ -426,7 +420,7 @@ class Executor:
             self._save(current)
         return (", ".join(changed) or None), ""
 
-    def _migrate(self, step: Migrate, _: install_state.State) -> tuple[str | None, str]:
+    def _migrate(self, step: Migrate, _: State) -> Outcome:
         try:
             states = self._host.migration_status(step.url, step.password)
         except StellarError:
@@ -445,12 +439,13 @@ class Executor:
             return None, ""
         return "applied " + ", ".join(m.filename.removesuffix(".sql") for m in done), ""
 
-    def _wait_healthy(self, step: WaitHealthy, _: install_state.State) -> tuple[str | None, str]:
-        if self.dry_run:
-            return None, ""
+    def _wait_healthy(self, step: WaitHealthy, _: State) -> Outcome:
         self._host.wait_healthy(list(step.units), list(step.ready_urls), step.timeout)
         return None, ""
 
+
+# Steps a dry run cannot ask: they need the servers running, which a plan never starts.
+NEED_RUNNING_SERVERS = (ConfigureArchiving, EnsureDatabase, WaitHealthy)
 
 # Steps that change only files and directories (and systemd's view of the unit files):
 # until another kind changes something, a failure can put the host back as it was.

@@ -27,6 +27,7 @@ from stellarbase.config import (
     secret_env_name,
 )
 from stellarbase.errors import ExitCode, StellarError
+from stellarbase.files import read_text
 
 
 @dataclass(frozen=True)
@@ -54,21 +55,14 @@ def tier_defaults(tier: str) -> dict[str, Any]:
     return data
 
 
+NO_FILE = "pass an existing file to --config"
+UNREADABLE = "check the path and its permissions (it must be a readable YAML file)"
+
+
 def read_site_file(path: Path) -> Layer:
     import yaml
 
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise StellarError(
-            f"{path}: no such file", hint="pass an existing file to --config", code=ExitCode.CONFIG
-        ) from None
-    except (PermissionError, IsADirectoryError, UnicodeDecodeError) as exc:
-        raise StellarError(
-            f"{path}: cannot read the config file ({exc.__class__.__name__})",
-            hint="check the path and its permissions (it must be a readable YAML file)",
-            code=ExitCode.CONFIG,
-        ) from None
+    text = read_text(path, "file", missing=NO_FILE, unreadable=UNREADABLE, code=ExitCode.CONFIG)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -10,24 +10,21 @@ import re
 from pathlib import Path
 
 from stellarbase.errors import ExitCode, StellarError
+from stellarbase.files import read_text
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Inside double quotes systemd unescapes only these; any other backslash stays as it is.
 _DOUBLE_QUOTE_ESCAPES = '"\\`$'
 
 
+ROOT_ONLY = "run as root: the file is readable by root only"
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """KEY=value pairs of a systemd EnvironmentFile; a missing file has none."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
+    text = read_text(path, "secrets", missing=None, unreadable=ROOT_ONLY, code=ExitCode.CONFIG)
+    if text is None:
         return {}
-    except (PermissionError, UnicodeDecodeError) as exc:
-        raise StellarError(
-            f"{path}: cannot read the secrets ({exc.__class__.__name__})",
-            hint="run as root: the file is readable by root only",
-            code=ExitCode.CONFIG,
-        ) from None
     return parse_env_file(text, str(path))
 
 

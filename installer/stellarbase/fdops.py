@@ -92,12 +92,17 @@ def open_dir(path: Path | str) -> int:
                     os.close(fd)
                     fd = os.open("/", DIR_FLAGS)
                 continue
-            os.close(fd)
-            fd = nfd
+            fd = _descend(fd, nfd)
         return fd
     except BaseException:
         os.close(fd)
         raise
+
+
+def _descend(fd: int, below: int) -> int:
+    """Move down one directory: `below` is the fd to go on with, `fd` is closed."""
+    os.close(fd)
+    return below
 
 
 def open_below(
@@ -117,8 +122,7 @@ def open_below(
                 nfd = os.open(name, DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
                 _refuse_link(fd, name, f"{where}/{relative}", exc)
-            os.close(fd)
-            fd = nfd
+            fd = _descend(fd, nfd)
         return fd
     except BaseException:
         os.close(fd)

@@ -14,9 +14,10 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, overload
 
 from stellarbase import fdops
+from stellarbase.errors import ExitCode, StellarError
 
 
 def digest(data: bytes) -> str:
@@ -79,3 +80,25 @@ def _remove_leftovers_at(dir_fd: int, name: str) -> None:
         if entry.startswith(prefix):
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.unlink(entry, dir_fd=dir_fd)  # a directory is not a leftover: kept
+
+
+@overload
+def read_text(path: Path, what: str, *, missing: str, unreadable: str, code: ExitCode) -> str: ...
+@overload
+def read_text(
+    path: Path, what: str, *, missing: None, unreadable: str, code: ExitCode
+) -> str | None: ...
+def read_text(
+    path: Path, what: str, *, missing: str | None, unreadable: str, code: ExitCode
+) -> str | None:
+    """A file a command needs, as text. Missing, it is None when `missing` is None, else an
+    error with that hint; unreadable, an error naming the file with the other hint."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        if missing is None:
+            return None
+        raise StellarError(f"{path}: no such {what}", hint=missing, code=code) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = f"cannot read the {what} ({exc.__class__.__name__})"
+        raise StellarError(f"{path}: {problem}", hint=unreadable, code=code) from None

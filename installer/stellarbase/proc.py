@@ -54,12 +54,8 @@ def run(
             env={**BASE_ENV, **(env or {})},
             check=False,
         )
-    except FileNotFoundError:
-        raise StellarError(
-            f"{argv[0]}: command not found",
-            hint="install it or check PATH",
-            code=ExitCode.HOST,
-        ) from None
+    except OSError as exc:
+        raise _cannot_start(argv[0], exc) from None
     except subprocess.TimeoutExpired:
         raise StellarError(
             f"command timed out after {timeout:.0f}s: {' '.join(shown)}",
@@ -69,6 +65,18 @@ def run(
     if check and proc.returncode != 0:
         raise CommandError(shown, proc.returncode, _mask(proc.stderr, secrets))
     return proc
+
+
+def _cannot_start(program: str, exc: OSError) -> StellarError:
+    if isinstance(exc, FileNotFoundError):
+        return StellarError(
+            f"{program}: command not found", hint="install it or check PATH", code=ExitCode.HOST
+        )
+    return StellarError(
+        f"cannot run {program}: {exc.strerror or exc}",
+        hint="check that it is an executable file",
+        code=ExitCode.HOST,
+    )
 
 
 def _mask(text: str, secrets: Sequence[str]) -> str:

@@ -171,26 +171,20 @@ def current_release(paths: HostPaths) -> str:
 def _run_release(
     argv: list[str], *, capture: bool, timeout: float | None
 ) -> subprocess.CompletedProcess[str]:
+    """Run another release's binary (not through `proc`: it inherits this environment, and
+    a hand-over writes straight to this terminal). Failing to start or finish is an
+    upgrade's failure."""
+    env = {**os.environ, **_CHILD_ENV}
     try:
-        return subprocess.run(
-            argv,
-            env={**os.environ, **_CHILD_ENV},
-            stdin=subprocess.DEVNULL,
-            capture_output=capture,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except OSError as exc:
+        return subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=capture,
+                              text=True, timeout=timeout, check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        why = (f"did not finish in {timeout:.0f}s" if isinstance(exc, subprocess.TimeoutExpired)
+               else f"cannot run: {exc.strerror or exc}")  # fmt: skip
         raise StellarError(
-            f"cannot run {argv[0]}: {exc.strerror or exc}",
-            hint="the release directory is damaged; install that release again from its bundle",
-            code=ExitCode.UPGRADE,
-        ) from None
-    except subprocess.TimeoutExpired:
-        raise StellarError(
-            f"{argv[0]} {argv[1]} did not finish in {timeout:.0f}s",
-            hint="see `stellarbase status` and the units' journals",
+            f"{argv[0]} {argv[1]}: {why}",
+            hint="the release directory may be damaged (install that release again from its "
+            "bundle); see `stellarbase status` and the units' journals",
             code=ExitCode.UPGRADE,
         ) from None
 

@@ -15,24 +15,23 @@ from pydantic import ValidationError
 
 from stellarbase import log as logsetup
 from stellarbase.errors import ExitCode, StellarError
+from stellarbase.files import read_text
 from stellarbase.service_runtime import Service
 from stellarbase.service_settings import ServiceSettings
 
+NOT_INSTALLED = "run `stellarbase install` first, or pass --settings"
+REWRITE = "re-run `stellarbase install` to rewrite it"
+
 
 def load_settings(path: Path) -> ServiceSettings:
+    text = read_text(path, "settings file", missing=NOT_INSTALLED, unreadable=REWRITE,
+                     code=ExitCode.CONFIG)  # fmt: skip
     try:
-        data = json.loads(path.read_text())
-        return ServiceSettings.model_validate(data).with_secrets(os.environ)
-    except FileNotFoundError:
-        raise StellarError(
-            f"{path}: no such settings file",
-            hint="run `stellarbase install` first, or pass --settings",
-            code=ExitCode.CONFIG,
-        ) from None
-    except (OSError, ValueError, ValidationError) as exc:
+        return ServiceSettings.model_validate(json.loads(text)).with_secrets(os.environ)
+    except (ValueError, ValidationError) as exc:
         raise StellarError(
             f"{path}: unreadable service settings ({exc.__class__.__name__})",
-            hint="re-run `stellarbase install` to rewrite it",
+            hint=REWRITE,
             code=ExitCode.CONFIG,
         ) from None
 

@@ -27,15 +27,11 @@ class EnsureDir:
 
 
 @dataclass(frozen=True)
-class EnsureDataDir:
+class EnsureDataDir(EnsureDir):
     """A directory of data a service user owns. One still `previous`'s (the one user of
     older releases) waits for the same step with `reown`, once the new units are loaded so
     that nothing starts a server as its old user: it stops `units` and re-owns it whole."""
 
-    path: Path
-    owner: str
-    group: str
-    mode: int
     units: tuple[str, ...]
     previous: str = LEGACY_USER
     reown: bool = False
@@ -43,6 +39,8 @@ class EnsureDataDir:
 
 @dataclass(frozen=True)
 class WriteFile:
+    """A file rendered by the planner; `secret`: its diff is never shown."""
+
     path: Path
     content: bytes
     owner: str
@@ -53,6 +51,8 @@ class WriteFile:
 
 @dataclass(frozen=True)
 class CopyFile:
+    """A file copied as it is (the release binary), compared by its digest."""
+
     path: Path
     source: Path
     digest: str
@@ -176,7 +176,7 @@ def describe(step: Step) -> str:
             return "ensure system users " + ", ".join(step.users)
         case EnsureDataDir() if step.reown:
             return f"re-own {step.path} from {step.previous} ({step.owner}:{step.group})"
-        case EnsureDir() | EnsureDataDir():
+        case EnsureDir():  # EnsureDataDir too
             return f"ensure dir {step.path} ({step.owner}:{step.group} {step.mode:04o})"
         case WriteFile() | CopyFile():
             return f"write {step.path} ({step.owner}:{step.group} {step.mode:04o})"

@@ -46,6 +46,8 @@ _BLOCK_END = "# stellarbase restore: end"
 
 
 class TargetKind(enum.StrEnum):
+    """Where recovery stops: the end of the archive, a time, or a WAL position."""
+
     LATEST = "latest"
     TIME = "time"
     LSN = "lsn"
@@ -53,6 +55,8 @@ class TargetKind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Target:
+    """A recovery target: `time` goes with TIME, `lsn` with LSN."""
+
     kind: TargetKind
     time: datetime | None = None
     lsn: int | None = None
