@@ -130,7 +130,7 @@ def test_agent_readiness_supervision_and_watchdog(
     assert "restarting an unhealthy service" in pilot.journal(AGENT)
     # Root did it, on the agent's request: the helper's own log line.
     assert f"try-restart {API} queued" in pilot.journal("stellarbase-supervise@*.service")
-    audit = json.loads(pilot.sb("audit", "-o", "json"))
+    audit = json.loads(pilot.sb("audit", "-o", "json"))["data"]
     rows = [r for r in audit["rows"] if r["action"] == "supervise restart"]
     assert rows and rows[0]["outcome"] == "success" and rows[0]["details"]["unit"] == API
 
