@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from stellarbase import install_state, release_key, systemd, trust, verify
+from stellarbase import install_state, release_key, trust, verify
 from stellarbase.agent.targets import AGENT_UNIT
 from stellarbase.commands.guards import require_systemd
+from stellarbase.host import for_paths
 from stellarbase.paths import HostPaths
 from stellarbase.result import Result
 
@@ -39,11 +40,12 @@ def status(paths: HostPaths) -> Result:
             "semantic search: off (the local PostgreSQL has no pgvector; install the "
             "pgvector package for its version and re-run install)"
         )
-    if not paths.live:
+    host = for_paths(paths)
+    if not host.running_system:  # a --root install: no unit runs to show
         return Result("status", info, tuple(lines))
     require_systemd(paths)
     units = [*current.units]
-    shown = systemd.show(units)
+    shown = host.show(units)
     agent = agent_readiness(current.ports.get(AGENT_UNIT))
     info["agent"] = agent
     if agent is not None:

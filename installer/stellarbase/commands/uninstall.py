@@ -7,9 +7,10 @@ from pathlib import Path
 
 import structlog
 
-from stellarbase import facts, install_state, layout, systemd
+from stellarbase import facts, install_state, layout
 from stellarbase.apply import remove_path
 from stellarbase.commands.guards import record_audit, require_root, require_systemd
+from stellarbase.host import for_paths
 from stellarbase.paths import HostPaths
 from stellarbase.result import Result
 
@@ -20,15 +21,15 @@ def uninstall(paths: HostPaths, *, purge: bool) -> Result:
     require_root(paths)
     require_systemd(paths)
     current = install_state.load(paths.state_file)
-    if paths.live:
-        known = systemd.show([layout.TARGET, *(u for u in current.units if u != layout.TARGET)])
-        loaded = [u for u, s in known.items() if s.load_state == "loaded"]
-        if current.database_url:  # written while a local PostgreSQL still runs
-            password = facts.generated_secrets(paths).get(layout.POSTGRES_PASSWORD)
-            details = {"purge": purge, "units": loaded}
-            record_audit((current.database_url, password), "uninstall", "success", details)
-        systemd.stop(loaded)
-        systemd.reset_failed(loaded)
+    host = for_paths(paths)  # a --root uninstall has no unit loaded: it removes files only
+    known = host.show([layout.TARGET, *(u for u in current.units if u != layout.TARGET)])
+    loaded = [u for u, s in known.items() if s.load_state == "loaded"]
+    if host.running_system and current.database_url:  # while a local PostgreSQL still runs
+        password = facts.generated_secrets(paths).get(layout.POSTGRES_PASSWORD)
+        details = {"purge": purge, "units": loaded}
+        record_audit((current.database_url, password), "uninstall", "success", details)
+    host.stop(loaded)
+    host.reset_failed(loaded)
     keep = () if purge else (paths.etc, paths.state_dir)
 
     def kept(view: str) -> bool:
@@ -46,8 +47,7 @@ def uninstall(paths: HostPaths, *, purge: bool) -> Result:
         if path.exists():
             remove_path(path)
             removed.append(paths.host_view(path))
-    if paths.live:
-        systemd.daemon_reload()
+    host.daemon_reload()
     if not purge and paths.state_dir.is_dir():
         still_ours = [view for view in current.files if kept(view)]
         install_state.save(
