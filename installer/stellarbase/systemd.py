@@ -28,13 +28,9 @@ class UnitStatus:
 
 
 def show(units: list[str]) -> dict[str, UnitStatus]:
-    """Properties of several units in one systemctl call."""
-    if not units:
-        return {}
-    out = run(["systemctl", "show", "--property=" + ",".join(("Id", *SHOW_PROPS)), *units])
+    """The state of several units in one systemctl call."""
     statuses: dict[str, UnitStatus] = {}
-    for block, unit in zip(out.stdout.strip().split("\n\n"), units, strict=False):
-        props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+    for unit, props in show_properties(units, SHOW_PROPS).items():
         statuses[unit] = UnitStatus(
             name=unit,
             load_state=props.get("LoadState", ""),
