@@ -20,7 +20,7 @@ from stellarbase.paths import HostPaths
 from stellarbase.preflight import Context, Finding, Level, run_checks
 from stellarbase.preflight import gpu as gpu_checks
 from stellarbase.preflight import host as host_checks
-from tests.servers import free_port
+from tests.servers import distinct_free_ports
 
 GIB = 1 << 30
 HOST_FINDINGS = {
@@ -261,7 +261,7 @@ def test_busy_inference_port_fails_serving() -> None:
 def free_ports() -> list[str]:
     """--set values that move every port of the config to ports free right now."""
     keys = ["api.port", "agent.port", "worker.port", "local.postgres.port", "local.redis.port"]
-    return [f"{key}={free_port()}" for key in keys]
+    return [f"{key}={port}" for key, port in zip(keys, distinct_free_ports(len(keys)), strict=True)]
 
 
 def _host_findings(
